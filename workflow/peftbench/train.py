@@ -1,0 +1,424 @@
+"""The one training loop every method runs in.
+
+AdamW (fused on CUDA) with linear warm-up and linear decay (``transformers``'
+``get_linear_schedule_with_warmup``), gradient clipping, bf16 autocast on a GPU and fp32 on a CPU,
+evaluation on every dev split at the end of each epoch, best and final dev metrics kept. Batches
+come from the tokenised Parquet cache, shuffled by the run's seed and padded per batch.
+
+Outputs of one run (all written atomically) in ``out_dir``:
+
+- ``metrics.parquet``: one row (see :func:`run` for the columns),
+- ``curve.parquet``: step, epoch, kind (train/eval), loss, lr, dev metrics per evaluation,
+- ``adapter.safetensors``: the trained parameters (method's :meth:`Method.state_to_save`),
+- ``ranks.parquet``: per-module rank/gates where the method reports them (else zero rows),
+- ``gradnorms.parquet``: per-group gradient norms when logging is on (else zero rows).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from .io import read_metadata, save_tensors, write_table
+from .methods import BuildContext, LoopState, get_method
+from .metrics import compute_metrics
+from .models import backbone_param_count, find_targets, head_module_names, is_head_param, load_classifier
+from .tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("metrics.parquet", "curve.parquet", "adapter.safetensors", "ranks.parquet", "gradnorms.parquet")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Recipe:
+    """Training hyperparameters of one run (from config: task defaults, then method overrides).
+
+    Attributes:
+        lr: peak learning rate.
+        epochs: passes over the (capped) training set.
+        batch_size: training examples per optimizer step.
+        eval_batch_size: examples per evaluation forward pass.
+        warmup_ratio: fraction of steps of linear warm-up.
+        weight_decay: AdamW decoupled weight decay (not on biases/LayerNorm).
+        max_grad_norm: gradient clipping threshold (L2 over all trainable parameters).
+        max_train_samples: cap on training examples (a fixed subset, the same for every seed and
+            method); ``None`` uses all.
+        max_eval_samples: cap on examples per dev split (fixed subset); ``None`` uses all.
+        log_every: optimizer steps between training-loss rows in ``curve.parquet``.
+        log_gradnorms: log per-group gradient norms every ``log_every`` steps; ``None`` = the
+            method's default.
+        method_options: the method's options (``methods.<name>`` in config).
+    """
+
+    lr: float = 2e-5
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    log_every: int = 10
+    log_gradnorms: bool | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        """Build from a dict, rejecting unknown keys with the list of allowed ones."""
+        allowed = set(cls.__dataclass_fields__)
+        unknown = set(d) - allowed
+        if unknown:
+            raise ValueError(f"unknown training recipe key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return cls(**d)
+
+
+class TokenizedSplit:
+    """A tokenised split held as one padded int matrix, batched with per-batch trimming.
+
+    Attributes:
+        input_ids, attention_mask, token_type_ids: ``(n, L)`` int64 tensors (``L`` the longest
+            example), padding ``pad_token_id`` / 0.
+        lengths: ``(n,)`` tokens per example.
+        labels: ``(n,)`` int64 class ids or float32 scores.
+    """
+
+    def __init__(self, path: str | Path, max_samples: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenised split {path} not found; run `snakemake {path}` (rule tokenize) first")
+        meta = read_metadata(path)
+        table = pq.read_table(path)
+        n = table.num_rows
+        if n == 0:
+            raise ValueError(f"{path} has no rows; the split is empty")
+        rows = np.arange(n)
+        if max_samples is not None and max_samples < n:
+            # A fixed subset (seed 0), the same for every method and seed of the grid.
+            rows = np.sort(np.random.default_rng(0).permutation(n)[:max_samples])
+            table = table.take(rows)
+            n = len(rows)
+        self.path = path
+        self.pad_token_id = int(meta.get("pad_token_id", 0))
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        self.lengths = torch.from_numpy(np.diff(offsets).astype(np.int64))
+        width = int(self.lengths.max())
+        self.input_ids = self._pad(ids, offsets, width, self.pad_token_id)
+        self.attention_mask = self._pad(table.column("attention_mask").combine_chunks(), offsets, width, 0)
+        self.token_type_ids = (self._pad(table.column("token_type_ids").combine_chunks(), offsets, width, 0)
+                               if "token_type_ids" in table.column_names else None)
+        label = table.column("label").to_numpy()
+        self.labels = torch.from_numpy(label.astype(np.float32 if label.dtype.kind == "f" else np.int64))
+
+    @staticmethod
+    def _pad(col, offsets: np.ndarray, width: int, pad: int) -> torch.Tensor:
+        flat = col.values.to_numpy().astype(np.int64)
+        n = len(offsets) - 1
+        out = np.full((n, width), pad, dtype=np.int64)
+        lengths = np.diff(offsets)
+        pos = np.arange(width)[None, :] < lengths[:, None]
+        out[pos] = flat[offsets[0]:offsets[-1]]
+        return torch.from_numpy(out)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The examples ``idx`` as model inputs (trimmed to their longest) plus ``labels``."""
+        width = int(self.lengths[idx].max())
+        b = {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width]}
+        if self.token_type_ids is not None:
+            b["token_type_ids"] = self.token_type_ids[idx, :width]
+        b["labels"] = self.labels[idx]
+        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+
+def _versions() -> dict[str, str]:
+    out = {"python_version": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "peftbench"):
+        try:
+            out[f"{pkg}_version"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[f"{pkg}_version"] = "unknown"
+    return out
+
+
+def _peak_mem_mib(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA max allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], device: torch.device,
+             batch_size: int, autocast: bool) -> dict[str, float]:
+    """Metrics on every dev split (see :func:`peftbench.metrics.compute_metrics`).
+
+    Logits stay on the device until the split is done; metrics are computed once per split.
+    """
+    model.eval()
+    method.on_eval_start(model)
+    out: dict[str, float] = {}
+    for name, split in splits.items():
+        logits = []
+        for start in range(0, len(split), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(split)))
+            b = split.batch(idx, device)
+            b.pop("labels")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits.append(model(**b).logits.float())
+        out.update(compute_metrics(task, torch.cat(logits).cpu().numpy(), split.labels.numpy(), name))
+    method.on_eval_end(model)
+    model.train()
+    return out
+
+
+GRAD_GROUPS = ("attention", "mlp", "embeddings", "head")
+
+
+def _grad_group(name: str) -> tuple[str, int]:
+    """(group, layer) of a parameter for gradient-norm logging; layer −1 where not per layer."""
+    import re
+
+    if is_head_param(name):
+        return "head", -1
+    if "embeddings" in name:
+        return "embeddings", -1
+    m = re.search(r"\.layer\.(\d+)\.", name)
+    layer = int(m.group(1)) if m else -1
+    if ".attention." in name:
+        return "attention", layer
+    return "mlp", layer
+
+
+def gradient_norms(model) -> list[tuple[str, int, float]]:
+    """L2 norm of the current gradients per (group, layer) and per group (layer −1).
+
+    Groups: attention, mlp (feed-forward), embeddings, head. Parameters without gradient count 0.
+    """
+    sq: dict[tuple[str, int], float] = {}
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g, layer = _grad_group(n)
+        v = float(p.grad.detach().float().pow(2).sum())
+        sq[(g, layer)] = sq.get((g, layer), 0.0) + v
+        if layer >= 0:
+            sq[(g, -1)] = sq.get((g, -1), 0.0) + v
+    return [(g, layer, math.sqrt(v)) for (g, layer), v in sorted(sq.items())]
+
+
+def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, budget: float, seed: int,
+        train_path: str | Path, dev_paths: dict[str, str | Path], out_dir: str | Path, recipe: Recipe,
+        svd_path: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
+    """Train one (model, task, method, budget, seed) and write its outputs to ``out_dir``.
+
+    Args:
+        model_name: short model name (the ``model`` wildcard).
+        model_spec: what ``models:`` maps it to (hub id, directory, ``package:NAME``).
+        task_name: GLUE task.
+        method_name: registry key.
+        budget: trainable-parameter budget, % of backbone parameters (ignored by ``full``).
+        seed: seeds data order, head init, dropout and adapter init.
+        train_path: tokenised train split.
+        dev_paths: ``{split: tokenised path}`` for every dev split of the task.
+        out_dir: run directory.
+        recipe: hyperparameters.
+        svd_path: ``factors.safetensors`` for methods that use the SVD.
+        device: ``cuda``/``cpu``; default CUDA when available.
+
+    Returns:
+        The ``metrics.parquet`` row as a dict. Columns: model, task, method, budget, seed, status,
+        metric (main metric name), dev_main, best_dev_main, best_epoch, ``dev_<m>`` and
+        ``best_dev_<m>`` per task metric, trainable_params, adapter_params, head_params,
+        backbone_params, trainable_pct (% of backbone, adapter only), train_s, samples_per_s,
+        eval_s, peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr,
+        protocol, device, versions, plus method columns (e.g. rank).
+
+    Raises:
+        TrainingDiverged: NaN/inf loss (names the step and the last finite loss).
+        FileNotFoundError, ValueError: missing inputs, bad recipe or options.
+    """
+    task = get_task(task_name)
+    method_cls = get_method(method_name)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = dev.type == "cuda"
+    out_dir = Path(out_dir)
+    if method_cls.uses_svd and svd_path is None:
+        raise ValueError(f"method {method_name} needs the SVD factors (--svd results/svd/{model_name}/factors.safetensors)")
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    train = TokenizedSplit(train_path, recipe.max_train_samples)
+    devs = {s: TokenizedSplit(p, recipe.max_eval_samples) for s, p in dev_paths.items()}
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    total_steps = steps_per_epoch * recipe.epochs
+
+    model = load_classifier(model_spec, task)
+    backbone = backbone_param_count(model)
+    ctx = BuildContext(task=task, budget=budget, backbone_params=backbone, targets=find_targets(model),
+                       head_modules=head_module_names(model), total_steps=total_steps,
+                       steps_per_epoch=steps_per_epoch, options=dict(recipe.method_options), seed=seed,
+                       device=dev, svd_path=Path(svd_path) if svd_path else None)
+    method = method_cls(ctx)
+    model = method.build(model).to(dev)
+    model.train()
+    log_gradnorms = method.log_gradnorms if recipe.log_gradnorms is None else recipe.log_gradnorms
+    lr = float(recipe.lr)
+
+    from transformers import get_linear_schedule_with_warmup
+
+    warmup = int(recipe.warmup_ratio * total_steps)
+
+    def make_optimizer():
+        return torch.optim.AdamW(method.parameter_groups(model, recipe.weight_decay), lr=lr,
+                                 fused=dev.type == "cuda")
+
+    optimizer = make_optimizer()
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    state = LoopState(step=0, epoch=0, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                      optimizer=optimizer, scheduler=scheduler)
+
+    def rebuild(transfer=None):
+        old = state.optimizer
+        new = make_optimizer()
+        old_params = {id(p) for g in old.param_groups for p in g["params"]}
+        for g in new.param_groups:
+            for p in g["params"]:
+                if id(p) in old_params and p in old.state:
+                    new.state[p] = old.state[p]
+        if transfer is not None:
+            transfer(old, new)
+        for g in new.param_groups:
+            g["initial_lr"] = lr
+        state.optimizer = new
+        state.scheduler = get_linear_schedule_with_warmup(new, warmup, total_steps, last_epoch=state.step - 1)
+
+    state.rebuild = rebuild
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    curve: list[dict[str, Any]] = []
+    gradrows: list[tuple] = []
+    evals: list[dict[str, float]] = []
+    last_finite = float("nan")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    train_s = eval_s = 0.0
+    seen = 0
+    log.info("%s/%s/%s b%s s%d: %d train examples, %d steps (%d per epoch), %d trainable parameters, device %s",
+             model_name, task_name, method_name, budget, seed, len(train), total_steps, steps_per_epoch,
+             sum(p.numel() for p in trainable), dev)
+    for epoch in range(recipe.epochs):
+        state.epoch = epoch
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(train), generator=gen)
+        loss_acc = torch.zeros((), device=dev)
+        n_acc = 0
+        for b in range(steps_per_epoch):
+            idx = perm[b * recipe.batch_size:(b + 1) * recipe.batch_size]
+            batch = train.batch(idx, dev)
+            method.on_step_start(model, state)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                outputs = model(**batch)
+                loss = outputs.loss
+                extra = method.extra_loss(model, outputs, batch, state)
+                if extra is not None:
+                    loss = loss + extra
+            loss.backward()
+            method.after_backward(model, state)
+            if log_gradnorms and (state.step % recipe.log_every == 0):
+                gradrows.extend((state.step, g, layer, v) for g, layer, v in gradient_norms(model))
+            params = [p for g in state.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+            state.optimizer.step()
+            state.scheduler.step()
+            state.step += 1
+            method.after_optimizer_step(model, state)
+            state.optimizer.zero_grad(set_to_none=True)
+            loss_acc += loss.detach().float()
+            n_acc += 1
+            seen += len(idx)
+            if state.step % recipe.log_every == 0 or b == steps_per_epoch - 1:
+                mean_loss = float(loss_acc) / n_acc  # one host sync per logged step
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"{method_name} on {task_name} (budget {budget}, seed {seed}): loss became {mean_loss} "
+                        f"at step {state.step} (epoch {epoch}); last finite loss {last_finite:.4g}. "
+                        f"Fix: lower the learning rate (now {lr:g}) or raise max_grad_norm clipping.")
+                last_finite = mean_loss
+                curve.append({"step": state.step, "epoch": state.step / steps_per_epoch, "kind": "train",
+                              "loss": mean_loss, "lr": state.scheduler.get_last_lr()[0], **state.log})
+                state.log.clear()
+                loss_acc.zero_()
+                n_acc = 0
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        train_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        m = evaluate(model, method, task, devs, dev, recipe.eval_batch_size, autocast)
+        eval_s += time.perf_counter() - t1
+        evals.append(m)
+        curve.append({"step": state.step, "epoch": float(epoch + 1), "kind": "eval", "lr": state.scheduler.get_last_lr()[0],
+                      "dev_main": m[task.main_metric], **{f"dev_{k}": v for k, v in m.items()}})
+        log.info("epoch %d/%d: loss %.4f, dev %s = %.4f (%.1f s train, %.1f s eval)", epoch + 1, recipe.epochs,
+                 last_finite, task.main_metric, m[task.main_metric], train_s, eval_s)
+
+    best = int(np.argmax([e[task.main_metric] for e in evals]))
+    counts = method.param_counts(model)
+    row: dict[str, Any] = {
+        "model": model_name, "task": task_name, "method": method_name,
+        "budget": 100.0 if method_cls.budget_free else float(budget), "seed": int(seed),
+        "status": "ok", "error": None, "metric": task.main_metric,
+        "dev_main": evals[-1][task.main_metric], "best_dev_main": evals[best][task.main_metric],
+        "best_epoch": best + 1,
+    }
+    for k in task.metric_names():
+        row[f"dev_{k}"] = evals[-1][k]
+        row[f"best_dev_{k}"] = evals[best][k]
+    row.update({
+        "trainable_params": counts["adapter_params"] + counts["head_params"], **counts,
+        "backbone_params": backbone, "trainable_pct": 100.0 * counts["adapter_params"] / backbone,
+        "train_s": train_s, "samples_per_s": seen / max(train_s, 1e-9), "eval_s": eval_s,
+        "peak_mem_mib": _peak_mem_mib(dev), "steps": state.step, "epochs": recipe.epochs,
+        "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),
+        "batch_size": recipe.batch_size, "lr": lr,
+        "protocol": "final epoch (dev_*) and best epoch (best_dev_*) on the GLUE dev split; one run per seed",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
+        **_versions(), **method.summary(model),
+    })
+    keys = {"model": model_name, "task": task_name, "method": method_name, "budget": row["budget"], "seed": int(seed)}
+    tables = method.tables(model)
+    ranks = tables.get("ranks", pd.DataFrame(columns=["module", "layer", "kind", "rank", "score"]))
+    save_tensors(method.state_to_save(model), out_dir / "adapter.safetensors",
+                 metadata={k: str(v) for k, v in keys.items()})
+    write_table(_with_keys(pd.DataFrame(curve), keys), out_dir / "curve.parquet")
+    write_table(_with_keys(ranks, keys), out_dir / "ranks.parquet")
+    grad = pd.DataFrame(gradrows, columns=["step", "group", "layer", "grad_norm"])
+    write_table(_with_keys(grad, keys), out_dir / "gradnorms.parquet")
+    write_table(pd.DataFrame([row]), out_dir / "metrics.parquet")  # last: its presence marks a finished run
+    return row
+
+
+def _with_keys(df: pd.DataFrame, keys: dict[str, Any]) -> pd.DataFrame:
+    df = df.copy()
+    for i, (k, v) in enumerate(keys.items()):
+        df.insert(i, k, v)
+    return df

@@ -1,0 +1,19 @@
+rule svd:
+    """Top-k SVD of every target matrix (attention q/k/v/output, feed-forward in/out)."""
+    output:
+        factors="results/svd/{model}/factors.safetensors",
+        spectrum="results/svd/{model}/spectrum.parquet",
+    params:
+        spec=model_spec,
+        top_k=config["svd"]["top_k"],
+    log:
+        "results/logs/svd/{model}.log",
+    benchmark:
+        "results/benchmarks/svd/{model}.tsv"
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m peftbench svd --model-name {wildcards.model} --model {params.spec:q}"
+        " --top-k {params.top_k} --factors {output.factors} --spectrum {output.spectrum} > {log} 2>&1"
