@@ -396,6 +396,7 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
     row.update({
         "trainable_params": counts["adapter_params"] + counts["head_params"], **counts,
         "backbone_params": backbone, "trainable_pct": 100.0 * counts["adapter_params"] / backbone,
+        "budget_params": method.budget_count(model), "budget_pct": 100.0 * method.budget_count(model) / backbone,
         "train_s": train_s, "samples_per_s": seen / max(train_s, 1e-9), "eval_s": eval_s,
         "peak_mem_mib": _peak_mem_mib(dev), "steps": state.step, "epochs": recipe.epochs,
         "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),

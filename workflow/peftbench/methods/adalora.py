@@ -38,6 +38,7 @@ class AdaLoRA(Method):
     """AdaLoRA via peft, with its schedule derived from the real number of steps."""
 
     name = "adalora"
+    identity_at_init = True
     default_options = {"init_ratio": 1.5, "alpha": None, "dropout": 0.1, "tinit": 0.1, "tfinal": 0.2,
                        "delta_t": 10, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1}
 
@@ -77,6 +78,11 @@ class AdaLoRA(Method):
     def after_optimizer_step(self, model: nn.Module, state: LoopState) -> None:
         # peft: after optimizer.step(), before zero_grad(), with the global step.
         model.base_model.update_and_allocate(state.step)
+
+    def budget_count(self, model: nn.Module) -> int:
+        """Parameters of the final allocation: ``target_r`` per matrix on average (P, Λ, Q)."""
+        r = self.schedule()["target_r"]
+        return sum(r * (t.d_in + t.d_out + 1) for t in self.ctx.targets)
 
     def current_ranks(self, model: nn.Module) -> list[int]:
         """Unmasked singular values per target (the rank each matrix holds now)."""

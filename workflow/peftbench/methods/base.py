@@ -115,6 +115,8 @@ class Method:
             stored under budget 100.
         default_options: option defaults, overridden by ``methods.<name>`` in config.
         log_gradnorms: default for logging per-group gradient norms (config can turn it on for all).
+        identity_at_init: the wrapped model's output equals the pretrained model's before the
+            first optimizer step (LoRA's zero-init B, spectral adapters' zero-init deltas …).
     """
 
     name: ClassVar[str] = ""
@@ -122,6 +124,7 @@ class Method:
     budget_free: ClassVar[bool] = False
     default_options: ClassVar[dict[str, Any]] = {}
     log_gradnorms: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
 
     def __init__(self, ctx: BuildContext):
         unknown = set(ctx.options) - set(self.default_options)
@@ -178,6 +181,15 @@ class Method:
                 else:
                     adapter += p.numel()
         return {"adapter_params": adapter, "head_params": head}
+
+    def budget_count(self, model: nn.Module) -> int:
+        """Adapter parameters that count against the budget.
+
+        Default: every trainable non-head parameter. AdaLoRA overrides it with the count its
+        final (pruned) rank allocation holds, since it allocates ``init_r`` but masks down to
+        ``target_r``.
+        """
+        return self.param_counts(model)["adapter_params"]
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """Extra columns for ``metrics.parquet`` (e.g. ``rank``); keys become column names."""

@@ -30,6 +30,7 @@ class LoRA(Method):
     """Uniform-rank LoRA via peft."""
 
     name = "lora"
+    identity_at_init = True
     default_options = {"alpha": 16, "dropout": 0.1}
 
     def rank(self) -> int:
