@@ -1,11 +1,15 @@
 # Shared helpers: the package on PYTHONPATH, config checks, the run grid and input functions.
+import json
 import os
+import shlex
 import sys
 
 PACKAGE_DIR = os.path.join(workflow.basedir, "workflow")
-# Rules call `python -m peftbench`; the package is used from this checkout, installed or not.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (PACKAGE_DIR, os.environ.get("PYTHONPATH")) if p
+# Rules call `python -m peftbench`; the package is used from this checkout, installed or not
+# (also inside --sdm conda environments and on cluster nodes that share the file system).
+# (braces doubled twice: once for this f-string, once for Snakemake's shell formatting)
+shell.prefix(
+    f"set -euo pipefail; export PYTHONPATH={shlex.quote(PACKAGE_DIR)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 )
 sys.path.insert(0, PACKAGE_DIR)
 
@@ -64,3 +68,26 @@ def eval_splits(task):
 def glue_dir_arg():
     d = config["data"].get("glue_dir")
     return f"--glue-dir {d}" if d else ""
+
+
+def train_inputs(w):
+    """Tokenised train and dev splits, plus the SVD factors for methods that use them."""
+    inputs = {
+        "train": f"results/data/{w.model}/{w.task}/train.parquet",
+        **{s: f"results/data/{w.model}/{w.task}/{s}.parquet" for s in eval_splits(w.task)},
+    }
+    if get_method(w.method).uses_svd:
+        inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
+    return inputs
+
+
+def train_args(w, input):
+    """`--dev SPLIT=PATH` for every dev split, and `--svd` where the method needs it."""
+    dev = " ".join(f"--dev {s}={input[s]}" for s in eval_splits(w.task))
+    svd = f" --svd {input.svd}" if get_method(w.method).uses_svd else ""
+    return dev + svd
+
+
+def train_recipe(w):
+    """The run's resolved training recipe as JSON (a param: changing it reruns the run)."""
+    return json.dumps(pbconfig.recipe_for(config, w.task, w.method), sort_keys=True)

@@ -1,22 +1,3 @@
-import json
-
-
-def train_inputs(w):
-    inputs = {
-        "train": f"results/data/{w.model}/{w.task}/train.parquet",
-        **{s: f"results/data/{w.model}/{w.task}/{s}.parquet" for s in eval_splits(w.task)},
-    }
-    if get_method(w.method).uses_svd:
-        inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
-    return inputs
-
-
-def train_args(w, input):
-    dev = " ".join(f"--dev {s}={input[s]}" for s in eval_splits(w.task))
-    svd = f" --svd {input.svd}" if get_method(w.method).uses_svd else ""
-    return dev + svd
-
-
 rule train:
     """Train one (model, task, method, budget, seed) in the one training loop."""
     input:
@@ -29,7 +10,7 @@ rule train:
         gradnorms="results/runs/{model}/{task}/{method}/b{budget}/s{seed}/gradnorms.parquet",
     params:
         spec=model_spec,
-        recipe=lambda w: json.dumps(pbconfig.recipe_for(config, w.task, w.method), sort_keys=True),
+        recipe=train_recipe,
         args=train_args,
         out=lambda w, output: os.path.dirname(output.metrics),
     log:
