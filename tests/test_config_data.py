@@ -85,3 +85,46 @@ def test_model_specs(tmp_path):
         resolve_model("./models/missing")
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model(str(tmp_path))
+
+
+def _mirror(tmp_path, task, split, df):
+    d = tmp_path / "glue" / task
+    d.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(d / f"{split}.parquet")
+    return tmp_path / "glue"
+
+
+def test_bad_labels_name_file_and_rows(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"sentence": ["a", "b", "c", "d"], "label": [0, 1, 2, 1], "idx": range(4)})
+    with pytest.raises(DataError, match=r"cola/train\.parquet: label out of range.*0\.\.1.*row\(s\) 2"):
+        load_split(get_task("cola"), "train", _mirror(tmp_path, "cola", "train", df))
+    sts = pd.DataFrame({"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [2.5, 7.0], "idx": [0, 1]})
+    with pytest.raises(DataError, match=r"scores in \[0, 5\].*row\(s\) 1"):
+        load_split(get_task("stsb"), "validation", _mirror(tmp_path, "stsb", "validation", sts))
+
+
+def test_nan_text_and_empty_split(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"sentence": ["a", None, "c"], "label": [0, 1, 1], "idx": range(3)})
+    with pytest.raises(DataError, match=r"column 'sentence' has missing text.*row\(s\) 1"):
+        load_split(get_task("sst2"), "train", _mirror(tmp_path, "sst2", "train", df))
+    empty = pd.DataFrame({"sentence": pd.Series([], dtype=str), "label": pd.Series([], dtype="int64"),
+                          "idx": pd.Series([], dtype="int32")})
+    with pytest.raises(DataError, match="is empty"):
+        load_split(get_task("sst2"), "validation", _mirror(tmp_path, "sst2", "validation", empty))
+
+
+def test_missing_column_is_named(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"text": ["a"], "label": [0], "idx": [0]})
+    with pytest.raises(DataError, match=r"missing column\(s\) \['sentence'\]"):
+        load_split(get_task("sst2"), "train", _mirror(tmp_path, "sst2", "train", df))
+
+
+def test_hidden_test_labels_are_allowed(glue_dir):
+    df = load_split(get_task("cola"), "test", glue_dir)
+    assert (df["label"] == -1).all()

@@ -58,7 +58,18 @@ def load_split(task: TaskSpec, split: str, glue_dir: str | Path | None = None) -
         except ImportError:
             df = pd.read_parquet(path)
         else:
-            df = load_dataset("parquet", data_files={split: str(path)}, split=split).to_pandas()
+            try:
+                df = load_dataset("parquet", data_files={split: str(path)}, split=split).to_pandas()
+            except Exception as exc:  # datasets cannot read an empty or corrupt file
+                import pyarrow.parquet as pq
+
+                try:
+                    empty = pq.ParquetFile(path).metadata.num_rows == 0
+                except Exception:
+                    empty = False
+                if empty:
+                    raise DataError(f"{path}: split {split} of {task.name} is empty") from exc
+                raise DataError(f"{path}: cannot be read as Parquet ({exc}); re-create the file") from exc
         source = str(path)
     else:
         try:
@@ -75,4 +86,39 @@ def load_split(task: TaskSpec, split: str, glue_dir: str | Path | None = None) -
         raise DataError(f"{source}: missing column(s) {missing}; expected {[*task.text_columns, 'label', 'idx']}")
     if "idx" not in df.columns:
         df["idx"] = range(len(df))
+    check_split(task, split, df, source)
     return df
+
+
+def _rows(mask) -> str:
+    rows = list(mask[mask].index[:10])
+    more = int(mask.sum()) - len(rows)
+    return ", ".join(map(str, rows)) + (f" and {more} more" if more > 0 else "")
+
+
+def check_split(task: TaskSpec, split: str, df: pd.DataFrame, source: str) -> None:
+    """Reject data the task cannot train or be scored on.
+
+    Raises:
+        DataError: an empty split, a missing/NaN text, or a label out of range for the task
+            (classes ``0..num_labels-1``; STS-B scores 0–5; ``-1`` is allowed only in ``test``
+            splits, whose labels GLUE hides). The message names the file and the rows.
+    """
+    if len(df) == 0:
+        raise DataError(f"{source}: split {split} of {task.name} is empty")
+    for col in task.text_columns:
+        bad = df[col].isna()
+        if bad.any():
+            raise DataError(f"{source}: column {col!r} has missing text (NaN/None) in row(s) {_rows(bad)}; "
+                            f"drop or fill those rows")
+    label = pd.to_numeric(df["label"], errors="coerce")
+    hidden = split.startswith("test") & (label == -1)
+    if task.is_regression:
+        bad = (label.isna() | (label < 0) | (label > 5)) & ~hidden
+        allowed = "scores in [0, 5]"
+    else:
+        bad = (label.isna() | ~label.isin(range(task.num_labels))) & ~hidden
+        allowed = f"class ids 0..{task.num_labels - 1}"
+    if bad.any():
+        raise DataError(f"{source}: label out of range for {task.name} (allowed: {allowed}) in row(s) "
+                        f"{_rows(bad)}; values {sorted(set(df.loc[bad, 'label'].astype(str)))[:5]}")
