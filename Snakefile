@@ -13,6 +13,10 @@ configfile: "config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/svd.smk"
 include: "workflow/rules/tokenize.smk"

@@ -124,10 +124,16 @@ def test_training_is_deterministic_on_cpu(tiny_model_dir, tiny_data, tmp_path):
     assert a["dev_accuracy"].iloc[0] == b["dev_accuracy"].iloc[0]
 
 
-def test_nan_loss_stops_with_step_and_last_loss(tiny_model_dir, tiny_data, tmp_path, caplog):
-    with pytest.raises(SystemExit):
-        _train(tiny_model_dir, tiny_data, tmp_path, "full", lr=1e6, max_grad_norm=1e9, epochs=2)
-    assert "TrainingDiverged" in caplog.text and "at step" in caplog.text and "last finite loss" in caplog.text
+def test_nan_loss_is_a_failed_run_with_step_and_last_loss(tiny_model_dir, tiny_data, tmp_path, caplog):
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "full", lr=1e6, max_grad_norm=1e9, epochs=2, log_every=1)
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert row["status"] == "failed"
+    assert "loss became nan at step" in row["error"] and "last finite loss" in row["error"]
+    assert "lower the learning rate (now 1e+06)" in row["error"]
+    assert np.isnan(row["dev_main"])
+    assert "loss became nan" in caplog.text
+    for f in ("curve.parquet", "ranks.parquet", "gradnorms.parquet", "adapter.safetensors"):
+        assert (out / f).is_file()
 
 
 def test_aggregate_records_missing_runs(tiny_model_dir, tiny_data, tmp_path):

@@ -20,7 +20,7 @@ SEEDS = [1, 2]
 def e2e_config(glue_dir: Path, methods: list[str]) -> dict:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["data"].update(glue_dir=str(glue_dir), max_train_samples=48, max_eval_samples=48)
-    cfg["grid"].update(tasks=TASKS, methods=methods, budgets=[0.5], seeds=SEEDS)
+    cfg["grid"].update(tasks=TASKS, methods=methods, budgets=[0.6], seeds=SEEDS)
     cfg["training"]["defaults"].update(epochs=2, batch_size=16, max_length=48, log_every=1)
     cfg["analysis"]["bootstrap_resamples"] = 2000
     return cfg
@@ -54,7 +54,7 @@ def test_runs_table_from_real_data(workflow_run):
     assert set(runs["status"]) == {"ok"}
     assert set(runs["method"]) == set(methods) and set(runs["task"]) == set(TASKS)
     assert set(runs.loc[runs.method == "full", "budget"]) == {100.0}
-    assert set(runs.loc[runs.method != "full", "budget"]) == {0.5}
+    assert set(runs.loc[runs.method != "full", "budget"]) == {0.6}
     for col in ["model", "seed", "metric", "dev_main", "best_dev_main", "trainable_params", "adapter_params",
                 "head_params", "backbone_params", "trainable_pct", "train_s", "samples_per_s", "peak_mem_mib",
                 "torch_version", "transformers_version", "peft_version", "protocol"]:

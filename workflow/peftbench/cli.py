@@ -46,8 +46,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     recipe = Recipe.from_dict(json.loads(a.recipe) if a.recipe else {})
     row = run(model_name=a.model_name, model_spec=a.model, task_name=a.task, method_name=a.method,
               budget=a.budget, seed=a.seed, train_path=a.train, dev_paths=dict(a.dev), out_dir=a.out,
-              recipe=recipe, svd_path=a.svd, device=a.device)
-    print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "metric", "dev_main",
+              recipe=recipe, svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir)
+    print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "status", "metric", "dev_main",
                                           "trainable_params", "train_s")}))
 
 
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--svd", default=None, help="factors.safetensors (spectral methods)")
     s.add_argument("--recipe", default=None, help="training recipe as JSON (see peftbench.train.Recipe)")
     s.add_argument("--device", default=None)
+    s.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint directory (resume from it after a kill); omit to run without checkpoints")
     s.add_argument("--out", required=True, help="run directory")
     s.set_defaults(func=cmd_train)
 

@@ -63,6 +63,9 @@ class Recipe:
         log_every: optimizer steps between training-loss rows in ``curve.parquet``.
         log_gradnorms: log per-group gradient norms every ``log_every`` steps; ``None`` = the
             method's default.
+        checkpoint_every: optimizer steps between checkpoints (also one after every epoch's
+            evaluation); 0 turns checkpoints off. Needs a checkpoint directory.
+        keep_checkpoints: keep the last checkpoint after the run's outputs are complete.
         method_options: the method's options (``methods.<name>`` in config).
     """
 
@@ -77,6 +80,8 @@ class Recipe:
     max_eval_samples: int | None = None
     log_every: int = 10
     log_gradnorms: bool | None = None
+    checkpoint_every: int = 200
+    keep_checkpoints: bool = False
     method_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -228,8 +233,16 @@ def gradient_norms(model) -> list[tuple[str, int, float]]:
 
 def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, budget: float, seed: int,
         train_path: str | Path, dev_paths: dict[str, str | Path], out_dir: str | Path, recipe: Recipe,
-        svd_path: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
+        svd_path: str | Path | None = None, device: str | None = None,
+        checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one (model, task, method, budget, seed) and write its outputs to ``out_dir``.
+
+    With ``checkpoint_dir``, the run saves a checkpoint (trainable parameters, optimizer,
+    scheduler, RNG states, data position, method state, the curve so far) every
+    ``recipe.checkpoint_every`` steps and after each epoch, and a rerun after a kill resumes from
+    it and ends with the same metrics as an uninterrupted run (bitwise on a CPU). A NaN/inf loss
+    ends the run as ``status = "failed"`` (outputs written, error in the ``error`` column, the last
+    checkpoint kept for inspection).
 
     Args:
         model_name: short model name (the ``model`` wildcard).
@@ -244,6 +257,8 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
         recipe: hyperparameters.
         svd_path: ``factors.safetensors`` for methods that use the SVD.
         device: ``cuda``/``cpu``; default CUDA when available.
+        checkpoint_dir: where checkpoints go (outside the outputs, so Snakemake does not delete
+            them when the job fails); ``None`` disables checkpoints.
 
     Returns:
         The ``metrics.parquet`` row as a dict. Columns: model, task, method, budget, seed, status,
@@ -254,7 +269,6 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
         protocol, device, versions, plus method columns (e.g. rank).
 
     Raises:
-        TrainingDiverged: NaN/inf loss (names the step and the last finite loss).
         FileNotFoundError, ValueError: missing inputs, bad recipe or options.
     """
     task = get_task(task_name)
@@ -315,84 +329,46 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
     state.rebuild = rebuild
     trainable = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed)
-    curve: list[dict[str, Any]] = []
-    gradrows: list[tuple] = []
-    evals: list[dict[str, float]] = []
-    last_finite = float("nan")
+    p = _Progress()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    train_s = eval_s = 0.0
-    seen = 0
+    ckpt = Checkpointer(checkpoint_dir, _fingerprint(model_name, model_spec, task_name, method_name, budget, seed,
+                                                     recipe, train_path)) if checkpoint_dir else None
+    if ckpt is not None and ckpt.exists():
+        resumed = ckpt.load(model, method, state, gen, p, dev, make_optimizer, warmup, total_steps, lr)
+        if resumed:
+            log.info("resumed from %s at step %d (epoch %d)", ckpt.path, state.step, p.epoch)
     log.info("%s/%s/%s b%s s%d: %d train examples, %d steps (%d per epoch), %d trainable parameters, device %s",
              model_name, task_name, method_name, budget, seed, len(train), total_steps, steps_per_epoch,
-             sum(p.numel() for p in trainable), dev)
-    for epoch in range(recipe.epochs):
-        state.epoch = epoch
-        t0 = time.perf_counter()
-        perm = torch.randperm(len(train), generator=gen)
-        loss_acc = torch.zeros((), device=dev)
-        n_acc = 0
-        for b in range(steps_per_epoch):
-            idx = perm[b * recipe.batch_size:(b + 1) * recipe.batch_size]
-            batch = train.batch(idx, dev)
-            method.on_step_start(model, state)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                outputs = model(**batch)
-                loss = outputs.loss
-                extra = method.extra_loss(model, outputs, batch, state)
-                if extra is not None:
-                    loss = loss + extra
-            loss.backward()
-            method.after_backward(model, state)
-            if log_gradnorms and (state.step % recipe.log_every == 0):
-                gradrows.extend((state.step, g, layer, v) for g, layer, v in gradient_norms(model))
-            params = [p for g in state.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-            state.optimizer.step()
-            state.scheduler.step()
-            state.step += 1
-            method.after_optimizer_step(model, state)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss_acc += loss.detach().float()
-            n_acc += 1
-            seen += len(idx)
-            if state.step % recipe.log_every == 0 or b == steps_per_epoch - 1:
-                mean_loss = float(loss_acc) / n_acc  # one host sync per logged step
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(
-                        f"{method_name} on {task_name} (budget {budget}, seed {seed}): loss became {mean_loss} "
-                        f"at step {state.step} (epoch {epoch}); last finite loss {last_finite:.4g}. "
-                        f"Fix: lower the learning rate (now {lr:g}) or raise max_grad_norm clipping.")
-                last_finite = mean_loss
-                curve.append({"step": state.step, "epoch": state.step / steps_per_epoch, "kind": "train",
-                              "loss": mean_loss, "lr": state.scheduler.get_last_lr()[0], **state.log})
-                state.log.clear()
-                loss_acc.zero_()
-                n_acc = 0
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        train_s += time.perf_counter() - t0
-        t1 = time.perf_counter()
-        m = evaluate(model, method, task, devs, dev, recipe.eval_batch_size, autocast)
-        eval_s += time.perf_counter() - t1
-        evals.append(m)
-        curve.append({"step": state.step, "epoch": float(epoch + 1), "kind": "eval", "lr": state.scheduler.get_last_lr()[0],
-                      "dev_main": m[task.main_metric], **{f"dev_{k}": v for k, v in m.items()}})
-        log.info("epoch %d/%d: loss %.4f, dev %s = %.4f (%.1f s train, %.1f s eval)", epoch + 1, recipe.epochs,
-                 last_finite, task.main_metric, m[task.main_metric], train_s, eval_s)
+             sum(q.numel() for q in trainable), dev)
+    error = None
+    try:
+        _loop(model, method, task, train, devs, recipe, state, gen, p, dev, autocast, log_gradnorms, lr, ckpt,
+              label=f"{method_name} on {task_name} (budget {budget}, seed {seed})")
+    except TrainingDiverged as exc:
+        error = str(exc)
+        log.error("%s", exc)
 
-    best = int(np.argmax([e[task.main_metric] for e in evals]))
+    evals = p.evals
     counts = method.param_counts(model)
     row: dict[str, Any] = {
         "model": model_name, "task": task_name, "method": method_name,
         "budget": 100.0 if method_cls.budget_free else float(budget), "seed": int(seed),
-        "status": "ok", "error": None, "metric": task.main_metric,
-        "dev_main": evals[-1][task.main_metric], "best_dev_main": evals[best][task.main_metric],
-        "best_epoch": best + 1,
+        "status": "ok" if error is None else "failed", "error": error, "metric": task.main_metric,
     }
-    for k in task.metric_names():
-        row[f"dev_{k}"] = evals[-1][k]
-        row[f"best_dev_{k}"] = evals[best][k]
+    if error is None:
+        best = int(np.argmax([e[task.main_metric] for e in evals]))
+        row.update({"dev_main": evals[-1][task.main_metric], "best_dev_main": evals[best][task.main_metric],
+                    "best_epoch": best + 1})
+        for k in task.metric_names():
+            row[f"dev_{k}"] = evals[-1][k]
+            row[f"best_dev_{k}"] = evals[best][k]
+    else:
+        row.update({"dev_main": float("nan"), "best_dev_main": float("nan"), "best_epoch": -1})
+        for k in task.metric_names():
+            row[f"dev_{k}"] = row[f"best_dev_{k}"] = float("nan")
+    train_s, eval_s, seen = p.train_s, p.eval_s, p.seen
+    curve, gradrows = p.curve, p.gradrows
     row.update({
         "trainable_params": counts["adapter_params"] + counts["head_params"], **counts,
         "backbone_params": backbone, "trainable_pct": 100.0 * counts["adapter_params"] / backbone,
@@ -415,7 +391,193 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
     grad = pd.DataFrame(gradrows, columns=["step", "group", "layer", "grad_norm"])
     write_table(_with_keys(grad, keys), out_dir / "gradnorms.parquet")
     write_table(pd.DataFrame([row]), out_dir / "metrics.parquet")  # last: its presence marks a finished run
+    if ckpt is not None and error is None and not recipe.keep_checkpoints:
+        ckpt.remove()
     return row
+
+
+@dataclass
+class _Progress:
+    """Everything of the loop's progress that a checkpoint must carry besides tensors."""
+
+    epoch: int = 0            # epoch being run
+    b_next: int = 0           # next batch index within that epoch
+    gen_state: Any = None     # data-order generator state at the start of ``epoch``
+    curve: list = field(default_factory=list)
+    gradrows: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    last_finite: float = float("nan")
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    seen: int = 0
+    loss_sum: float = 0.0     # training loss summed since the last logged step
+    n_acc: int = 0
+
+
+def _loop(model, method, task, train, devs, recipe, state, gen, p: _Progress, dev, autocast, log_gradnorms, lr,
+          ckpt, label: str) -> None:
+    """Run the epochs from ``p``'s position; raises TrainingDiverged on a NaN/inf loss."""
+    steps_per_epoch = state.steps_per_epoch
+    for epoch in range(p.epoch, recipe.epochs):
+        state.epoch = p.epoch = epoch
+        if p.b_next == 0:
+            p.gen_state = gen.get_state()
+        else:
+            gen.set_state(p.gen_state)
+        perm = torch.randperm(len(train), generator=gen)
+        t0 = time.perf_counter()
+        loss_acc = torch.full((), p.loss_sum, device=dev)
+        for b in range(p.b_next, steps_per_epoch):
+            idx = perm[b * recipe.batch_size:(b + 1) * recipe.batch_size]
+            batch = train.batch(idx, dev)
+            method.on_step_start(model, state)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                outputs = model(**batch)
+                loss = outputs.loss
+                extra = method.extra_loss(model, outputs, batch, state)
+                if extra is not None:
+                    loss = loss + extra
+            loss.backward()
+            method.after_backward(model, state)
+            if log_gradnorms and (state.step % recipe.log_every == 0):
+                p.gradrows.extend((state.step, g, layer, v) for g, layer, v in gradient_norms(model))
+            params = [q for g in state.optimizer.param_groups for q in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+            state.optimizer.step()
+            state.scheduler.step()
+            state.step += 1
+            method.after_optimizer_step(model, state)
+            state.optimizer.zero_grad(set_to_none=True)
+            loss_acc += loss.detach().float()
+            p.n_acc += 1
+            p.seen += len(idx)
+            if state.step % recipe.log_every == 0 or b == steps_per_epoch - 1:
+                mean_loss = float(loss_acc) / p.n_acc  # one host sync per logged step
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"{label}: loss became {mean_loss} at step {state.step} (epoch {epoch + 1}); last finite "
+                        f"loss {'none logged yet' if math.isnan(p.last_finite) else f'{p.last_finite:.4g}'}. Fix: lower the learning rate (now {lr:g}) or the gradient "
+                        f"clipping threshold max_grad_norm (now {recipe.max_grad_norm:g}).")
+                p.last_finite = mean_loss
+                p.curve.append({"step": state.step, "epoch": state.step / steps_per_epoch, "kind": "train",
+                                "loss": mean_loss, "lr": state.scheduler.get_last_lr()[0], **state.log})
+                state.log.clear()
+                loss_acc.zero_()
+                p.n_acc = 0
+            p.b_next = b + 1
+            if ckpt is not None and recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 \
+                    and p.b_next < steps_per_epoch:
+                p.loss_sum = float(loss_acc)
+                elapsed = time.perf_counter() - t0
+                p.train_s += elapsed
+                ckpt.save(model, method, state, p)
+                t0 = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        p.train_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        m = evaluate(model, method, task, devs, dev, recipe.eval_batch_size, autocast)
+        p.eval_s += time.perf_counter() - t1
+        p.evals.append(m)
+        p.curve.append({"step": state.step, "epoch": float(epoch + 1), "kind": "eval",
+                        "lr": state.scheduler.get_last_lr()[0], "dev_main": m[task.main_metric],
+                        **{f"dev_{k}": v for k, v in m.items()}})
+        log.info("epoch %d/%d: loss %.4f, dev %s = %.4f (%.1f s train, %.1f s eval)", epoch + 1, recipe.epochs,
+                 p.last_finite, task.main_metric, m[task.main_metric], p.train_s, p.eval_s)
+        p.epoch, p.b_next, p.loss_sum = epoch + 1, 0, 0.0
+        p.gen_state = gen.get_state()  # the data order of the next epoch starts here
+        if ckpt is not None and recipe.checkpoint_every and epoch + 1 < recipe.epochs:
+            ckpt.save(model, method, state, p)
+
+
+def _fingerprint(*parts) -> str:
+    """A hash of what defines a run; a checkpoint of another configuration is not resumed."""
+    import hashlib
+    import json
+
+    raw = json.dumps([str(x) if not isinstance(x, Recipe) else x.__dict__ for x in parts], sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+    """Saves and restores one run's last checkpoint (``checkpoint.pt``, written atomically).
+
+    A checkpoint holds the trainable parameters (and any parameter that ever was trainable),
+    optimizer and scheduler states, the RNG states (torch, CUDA, numpy, the data-order
+    generator), the loop's progress and :meth:`Method.checkpoint_state`.
+    """
+
+    def __init__(self, directory: str | Path, fingerprint: str):
+        self.dir = Path(directory)
+        self.path = self.dir / "checkpoint.pt"
+        self.fingerprint = fingerprint
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, model, method, state: LoopState, p: _Progress) -> None:
+        from .io import atomic_path
+
+        payload = {
+            "fingerprint": self.fingerprint,
+            "step": state.step,
+            "params": {n: q.detach().cpu().clone() for n, q in model.named_parameters() if q.requires_grad},
+            "method": method.checkpoint_state(model),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "progress": p.__dict__,
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            torch.save(payload, tmp)
+        log.info("checkpoint at step %d -> %s", state.step, self.path)
+
+    def load(self, model, method, state: LoopState, gen, p: _Progress, dev, make_optimizer, warmup: int,
+             total_steps: int, lr: float) -> bool:
+        """Restore a checkpoint into the freshly built run; False (and a warning) if it belongs to
+        another configuration or cannot be read."""
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated file cannot happen (atomic), but be safe
+            log.warning("cannot read checkpoint %s (%s); starting from scratch", self.path, exc)
+            return False
+        if payload.get("fingerprint") != self.fingerprint:
+            log.warning("checkpoint %s belongs to another configuration of this run; starting from scratch", self.path)
+            return False
+        method.restore_checkpoint_state(model, payload["method"])
+        named = dict(model.named_parameters())
+        for n, t in payload["params"].items():
+            if n not in named or named[n].shape != t.shape:
+                raise RuntimeError(f"checkpoint {self.path}: parameter {n} does not fit the model "
+                                   f"({None if n not in named else tuple(named[n].shape)} vs {tuple(t.shape)}); "
+                                   f"delete the checkpoint to start over")
+            with torch.no_grad():
+                named[n].copy_(t.to(named[n].device))
+        from transformers import get_linear_schedule_with_warmup
+
+        state.optimizer = make_optimizer()
+        # The schedule first (it writes the step-0 lr into the groups), then the saved groups' lr.
+        state.scheduler = get_linear_schedule_with_warmup(state.optimizer, warmup, total_steps)
+        state.optimizer.load_state_dict(payload["optimizer"])
+        state.scheduler.load_state_dict(payload["scheduler"])
+        state.step = payload["step"]
+        p.__dict__.update(payload["progress"])
+        gen.set_state(p.gen_state)
+        torch.set_rng_state(payload["rng"]["torch"])
+        np.random.set_state(payload["rng"]["numpy"])
+        if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        return True
+
+    def remove(self) -> None:
+        if self.path.is_file():
+            self.path.unlink()
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
 
 
 def _with_keys(df: pd.DataFrame, keys: dict[str, Any]) -> pd.DataFrame:

@@ -13,6 +13,8 @@ rule train:
         recipe=train_recipe,
         args=train_args,
         out=lambda w, output: os.path.dirname(output.metrics),
+        # Outside the outputs: Snakemake deletes a failed job's outputs, never this directory.
+        checkpoints="results/checkpoints/{model}/{task}/{method}/b{budget}/s{seed}",
     log:
         "results/logs/train/{model}/{task}/{method}/b{budget}/s{seed}.log",
     benchmark:
@@ -26,4 +28,4 @@ rule train:
         "python -m peftbench train --model-name {wildcards.model} --model {params.spec:q}"
         " --task {wildcards.task} --method {wildcards.method} --budget {wildcards.budget}"
         " --seed {wildcards.seed} --train {input.train} {params.args} --recipe {params.recipe:q}"
-        " --out {params.out} > {log} 2>&1"
+        " --checkpoint-dir {params.checkpoints} --out {params.out} > {log} 2>&1"

@@ -79,6 +79,23 @@ class AdaLoRA(Method):
         # peft: after optimizer.step(), before zero_grad(), with the global step.
         model.base_model.update_and_allocate(state.step)
 
+    def checkpoint_state(self, model: nn.Module) -> dict:
+        """peft's RankAllocator EMAs (importance, uncertainty) and the current rank pattern."""
+        alloc = model.base_model.rankallocator
+        clone = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}  # noqa: E731
+        return {"ipt": clone(alloc.ipt), "exp_avg_ipt": clone(alloc.exp_avg_ipt),
+                "exp_avg_unc": clone(alloc.exp_avg_unc),
+                "rank_pattern": model.peft_config["default"].rank_pattern}
+
+    def restore_checkpoint_state(self, model: nn.Module, state: dict) -> None:
+        if not state:
+            return
+        alloc = model.base_model.rankallocator
+        dev = next(model.parameters()).device
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(alloc, key, {k: v.to(dev) for k, v in state[key].items()})
+        model.peft_config["default"].rank_pattern = state["rank_pattern"]
+
     def budget_count(self, model: nn.Module) -> int:
         """Parameters of the final allocation: ``target_r`` per matrix on average (P, Λ, Q)."""
         r = self.schedule()["target_r"]

@@ -199,6 +199,18 @@ class Method:
         """Per-module tables; ``{"ranks": df}`` with columns module, layer, kind, rank, score."""
         return {}
 
+    def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:
+        """Method state a checkpoint must carry to resume bitwise (EMAs, allocations …).
+
+        Trainable parameters, optimizer and RNG states are saved by the loop; return here only
+        what lives in the method (or in modules outside the parameters). Default: nothing.
+        """
+        return {}
+
+    def restore_checkpoint_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Restore :meth:`checkpoint_state` into a freshly built model, before its parameters are
+        loaded (a method that resized modules must resize them again here)."""
+
     def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors written to ``adapter.safetensors``: by default every trainable parameter."""
         return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}

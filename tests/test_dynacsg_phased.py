@@ -1,0 +1,299 @@
+"""dynacsg (dynamic conditional spectral gates) and phased (phase-wise LoRA switching) on a tiny BERT."""
+import copy
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from peftbench.cli import main
+from peftbench.methods import BuildContext, LoopState, get_method
+from peftbench.methods.dynacsg import (DynamicSpectralLinear, GateHyperNetwork, choose_size, gumbel_sigmoid_st,
+                                       spectral_correction)
+from peftbench.methods.phased import STRATEGIES, boundary_steps, phase_at
+from peftbench.models import backbone_param_count, find_targets, head_module_names, load_classifier
+from peftbench.svd import compute_svd, load_factors
+from peftbench.tasks import get_task
+from peftbench.train import gradient_norms
+
+
+@pytest.fixture(scope="module")
+def tiny_svd(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("svd")
+    compute_svd(str(tiny_model_dir), "tiny", 64, out / "factors.safetensors", out / "spectrum.parquet", device="cpu")
+    return out / "factors.safetensors"
+
+
+def _ctx(model, method, budget=2.0, total_steps=12, options=None, svd=None):
+    return BuildContext(task=get_task("stsb"), budget=budget, backbone_params=backbone_param_count(model),
+                        targets=find_targets(model), head_modules=head_module_names(model), total_steps=total_steps,
+                        steps_per_epoch=total_steps, options=options or {}, seed=0, svd_path=svd)
+
+
+def _build(tiny_model_dir, key, **kw):
+    torch.manual_seed(0)
+    model = load_classifier(str(tiny_model_dir), get_task("stsb"))
+    ctx = _ctx(model, key, **kw)
+    method = get_method(key)(ctx)
+    model = method.build(model)
+    model.train()
+    return model, method, ctx
+
+
+def _batch(n=2, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, T), generator=g)
+    ids[:, 0] = 101
+    return {"input_ids": ids, "attention_mask": torch.ones(n, T, dtype=torch.long),
+            "labels": torch.rand(n, generator=g) * 5}
+
+
+def _train(tiny_model_dir, tiny_data, tmp_path, method, svd=None, task="stsb", budget=2.0, **recipe):
+    rec = {"lr": 1e-3, "epochs": 2, "batch_size": 16, "max_train_samples": 96, "max_eval_samples": 64,
+           "log_every": 2, **recipe}
+    out = tmp_path / f"{method}-{task}"
+    args = ["train", "--model-name", "tiny", "--model", str(tiny_model_dir), "--task", task, "--method", method,
+            "--budget", str(budget), "--seed", "1", "--train", str(tiny_data[task]["train"]),
+            "--dev", f"validation={tiny_data[task]['validation']}", "--recipe", json.dumps(rec), "--out", str(out)]
+    if svd is not None:
+        args += ["--svd", str(svd)]
+    main(args)
+    return out
+
+
+# ---------------------------------------------------------------- dynacsg ------------------------------------
+def test_per_example_correction_matches_dense_reference(tiny_model_dir, tiny_svd):
+    model, method, ctx = _build(tiny_model_dir, "dynacsg", svd=tiny_svd)
+    t = ctx.targets[4]  # intermediate: 32 -> 64
+    lin = method.linears[t.name]
+    assert isinstance(lin, DynamicSpectralLinear)
+    r, alpha = method.rank, method.options["alpha"]
+    U, S, Vh = load_factors(tiny_svd, t.name)
+    U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    x = torch.randn(2, 5, t.d_in)
+    g = torch.stack([torch.ones(r), (torch.arange(r) % 3 == 0).float()])  # 2 examples, different gates
+    lin.gate = g
+    y = lin(x)
+    W, bias = lin.base.weight.detach(), lin.base.bias.detach()
+    for b in range(2):  # materialise W_b = W + α U diag(S ⊙ g_b) Vh (test only)
+        Wb = W + alpha * U @ torch.diag(S * g[b]) @ Vh
+        assert torch.allclose(y[b], x[b] @ Wb.T + bias, atol=1e-5)
+    # Ŝ = S(1 + αg): with all gates on, the top-r part of W is scaled by (1 + α)
+    full = spectral_correction(x, U, S, Vh, torch.ones(2, r), alpha)
+    assert torch.allclose(full, alpha * x @ (U @ torch.diag(S) @ Vh).T, atol=1e-5)
+    with pytest.raises(ValueError):
+        spectral_correction(x, U, S, Vh, torch.ones(3, r), alpha)
+
+
+def test_eval_gates_deterministic_and_train_gates_straight_through(tiny_model_dir, tiny_svd):
+    model, method, ctx = _build(tiny_model_dir, "dynacsg", svd=tiny_svd)
+    batch = _batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+        g1 = {n: lin.gate.clone() for n, lin in method.linears.items()}
+        model(**inputs)
+        g2 = {n: lin.gate.clone() for n, lin in method.linears.items()}
+    for n in g1:
+        assert g1[n].shape == (2, method.rank)
+        assert set(g1[n].unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(g1[n], g2[n])
+    # eval mask = 1[logit > 0] of the hypernetwork on the [CLS] state entering the layer
+    with torch.no_grad():
+        hs = model(**inputs, output_hidden_states=True).hidden_states
+        logits0 = method.hyper(hs[0][:, 0, :], 0)
+    q0 = ctx.targets[0].name
+    assert torch.equal(method.linears[q0].gate, (logits0[:, 0, :] > 0).float())
+
+    model.train()
+    state = LoopState(step=0, epoch=0, total_steps=12, steps_per_epoch=12)
+    method.on_step_start(model, state)
+    out = model(**batch)
+    for lin in method.linears.values():
+        assert set(lin.gate.detach().unique().tolist()) <= {0.0, 1.0}  # forward values are hard
+        assert lin.gate.requires_grad
+    pen = method.extra_loss(model, out, batch, state)
+    assert pen.item() > 0 and state.log["gate_penalty"] > 0
+    out.loss.backward()  # task loss only: gradient reaches the hypernetwork through the gates
+    for name in ("fc1.weight", "fc2.weight", "layer_embedding.weight"):
+        grad = dict(method.hyper.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # the encoder itself stays frozen
+    assert all(not p.requires_grad for n, p in model.named_parameters()
+               if "dynacsg" not in n and "classifier" not in n and "pooler" not in n)
+
+
+def test_penalty_is_lambda_times_expected_open_gates(tiny_model_dir, tiny_svd):
+    model, method, ctx = _build(tiny_model_dir, "dynacsg", svd=tiny_svd, options={"lam": 0.01})
+    for mod in model.modules():  # no dropout: the reference forward sees the same contexts
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    batch = _batch(n=3)
+    state = LoopState(step=0, epoch=0, total_steps=12, steps_per_epoch=12)
+    method.on_step_start(model, state)
+    with torch.no_grad():
+        hs = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True).hidden_states
+        expected = sum(torch.sigmoid(method.hyper(hs[l][:, 0, :], l)).sum(dim=(1, 2)) for l in range(2)).mean()
+    method.on_step_start(model, state)
+    out = model(**batch)
+    pen = method.extra_loss(model, out, batch, state)
+    assert pen.item() > 0
+    assert pen.item() == pytest.approx(0.01 * expected.item(), rel=1e-5)
+    pen.backward()
+    assert method.hyper.fc2.bias.grad.abs().sum() > 0
+
+
+def test_gumbel_sigmoid_is_hard_forward_soft_backward():
+    logits = torch.randn(4, 8, requires_grad=True)
+    g = gumbel_sigmoid_st(logits, 0.5, torch.Generator().manual_seed(0))
+    assert set(g.detach().unique().tolist()) <= {0.0, 1.0}
+    (g * torch.arange(8.0)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_dynacsg_parameter_count_matches_budget(tiny_model_dir, tiny_svd):
+    model, method, ctx = _build(tiny_model_dir, "dynacsg", svd=tiny_svd)
+    counts = method.param_counts(model)
+    n = GateHyperNetwork.count(32, 2, 6, method.rank, method.hidden)
+    assert counts["adapter_params"] == n == sum(p.numel() for p in method.hyper.parameters())
+    assert counts["head_params"] == sum(p.numel() for name, p in model.named_parameters()
+                                        if p.requires_grad and ("classifier" in name or "pooler" in name))
+    assert method.rank == 32  # capped at min(d) = 32 of the tiny model, so the hidden width grew
+    assert abs(n - ctx.budget_params) <= 0.1 * ctx.budget_params
+    assert method.summary(model)["capacity_limited"] is False
+    # MiniLM-sized: d=384, 6 layers, 6 matrices per layer, 64 stored singular values, 0.5 % of 22.6M
+    B = 0.005 * 22_600_000
+    r, H = choose_size(B, 384, 6, 6, 64, 64)
+    assert abs(GateHyperNetwork.count(384, 6, 6, r, H) - B) <= 0.1 * B and r == 64
+    r, H = choose_size(B, 384, 6, 6, 64, 64, grow_hidden=False)
+    assert (r, H) == (64, 64) and GateHyperNetwork.count(384, 6, 6, r, H) < 0.9 * B  # capacity limited
+    r, H = choose_size(0.001 * 22_600_000, 384, 6, 6, 64, 64)  # tiny budget: width shrinks
+    assert abs(GateHyperNetwork.count(384, 6, 6, r, H) - 22_600) <= 2260 and H < 64
+
+
+def test_dynacsg_cli_writes_active_gates(tiny_model_dir, tiny_data, tiny_svd, tmp_path):
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "dynacsg", svd=tiny_svd)
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    ranks = pd.read_parquet(out / "ranks.parquet")
+    assert len(ranks) == 12 and {"rank", "gates", "active_frac"} <= set(ranks.columns)
+    r = row["gates_per_matrix"]
+    assert ranks["rank"].between(0, r).all() and (ranks["gates"] == r).all()
+    assert row["mean_active_gates"] == pytest.approx(ranks["rank"].mean())
+    assert row["mean_active_gates_per_layer"] == pytest.approx(ranks.groupby("layer")["rank"].sum().mean())
+    assert row["latency_ratio"] > 0 and row["capacity_limited"] in (False, 0)
+    assert abs(row["adapter_params"] - 0.02 * row["backbone_params"]) <= 0.1 * 0.02 * row["backbone_params"]
+    curve = pd.read_parquet(out / "curve.parquet")
+    assert (curve.loc[curve.kind == "train", "gate_penalty"] > 0).all()
+
+
+# ---------------------------------------------------------------- phased -------------------------------------
+def _loop_step(model, method, state, batch, grad_rows):
+    """One iteration of train.run's inner loop (same hook order)."""
+    method.on_step_start(model, state)
+    out = model(**batch)
+    loss = out.loss
+    extra = method.extra_loss(model, out, batch, state)
+    if extra is not None:
+        loss = loss + extra
+    loss.backward()
+    method.after_backward(model, state)
+    grad_rows.append((state.step, gradient_norms(model)))
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    method.after_optimizer_step(model, state)
+    state.optimizer.zero_grad(set_to_none=True)
+
+
+def test_phased_inactive_params_bitwise_frozen(tiny_model_dir):
+    from transformers import get_linear_schedule_with_warmup
+
+    model, method, ctx = _build(tiny_model_dir, "phased", total_steps=6)  # both [0,2) mlp [2,4) attn [4,6)
+    assert method.boundaries == [2, 4]
+    opt = torch.optim.AdamW(method.parameter_groups(model, 0.1), lr=1e-2)
+    sched = get_linear_schedule_with_warmup(opt, 0, 6)
+    state = LoopState(step=0, epoch=0, total_steps=6, steps_per_epoch=6, optimizer=opt, scheduler=sched)
+    batch = _batch(n=4)
+    attn = [p for j, ps in enumerate(method._params) if ctx.targets[j].kind not in ("intermediate", "output") for p in ps]
+    mlp = [p for j, ps in enumerate(method._params) if ctx.targets[j].kind in ("intermediate", "output") for p in ps]
+    rows = []
+    for _ in range(2):  # phase 0: everything trains
+        _loop_step(model, method, state, batch, rows)
+    assert all(opt.state[p]["step"] == 2 for p in attn + mlp)
+    for phase, frozen, live in ((1, attn, mlp), (1, attn, mlp), (2, mlp, attn)):
+        before = [p.detach().clone() for p in frozen]
+        st = [copy.deepcopy(opt.state[p]) for p in frozen]
+        live_before = [p.detach().clone() for p in live]
+        head_before = model.base_model.model.classifier.modules_to_save.default.weight.detach().clone()
+        _loop_step(model, method, state, batch, rows)
+        assert state.log["phase"] == phase
+        for p, b, s in zip(frozen, before, st):
+            assert torch.equal(p.detach(), b)  # bitwise unchanged, no weight decay
+            assert float(opt.state[p]["step"]) == float(s["step"])
+            assert torch.equal(opt.state[p]["exp_avg"], s["exp_avg"])
+            assert torch.equal(opt.state[p]["exp_avg_sq"], s["exp_avg_sq"])
+        assert any(not torch.equal(p.detach(), b) for p, b in zip(live, live_before))
+        assert not torch.equal(model.base_model.model.classifier.modules_to_save.default.weight, head_before)
+    # logged norms: zero for attention in the mlp phase (steps 2, 3), zero for mlp in the attn phase (step 4)
+    norms = {step: {(g, l): v for g, l, v in r} for step, r in rows}
+    assert norms[2][("attention", -1)] == 0.0 and norms[2][("mlp", -1)] > 0 and norms[2][("head", -1)] > 0
+    assert norms[4][("mlp", -1)] == 0.0 and norms[4][("attention", -1)] > 0
+    assert norms[0][("mlp", -1)] > 0 and norms[0][("attention", -1)] > 0
+    assert method.phase_steps == [2, 2, 1]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_phase_boundaries_every_strategy(tiny_model_dir, strategy):
+    model = load_classifier(str(tiny_model_dir), get_task("stsb"))
+    for total in (12, 10, 7):
+        ctx = _ctx(model, "phased", total_steps=total, options={"strategy": strategy})
+        m = get_method("phased")(ctx)
+        n = len(strategy.split("->"))
+        expected = [round(total / 3), round(2 * total / 3)] if n == 3 else [round(total / 2)]
+        assert m.boundaries == expected
+        state = LoopState(step=0, epoch=0, total_steps=total, steps_per_epoch=total)
+        phases = []
+        for s in range(total):
+            state.step = s
+            m.on_step_start(model, state)
+            phases.append(state.log["phase"])
+        assert phases == [sum(s >= b for b in expected) for s in range(total)]
+        assert m.phase_steps == [phases.count(i) for i in range(n)]
+        act = m.active_steps()
+        for j, t in enumerate(ctx.targets):
+            attn = t.kind not in ("intermediate", "output")
+            on = {"both": True, "attn": attn, "mlp": not attn, "early": t.layer < 1, "late": t.layer >= 1}
+            assert act[j] == sum(m.phase_steps[p] for p, s in enumerate(strategy.split("->")) if on[s])
+    ctx = _ctx(model, "phased", total_steps=10, options={"strategy": "both->mlp->attn", "bounds": [0.2, 0.9]})
+    assert get_method("phased")(ctx).boundaries == [2, 9]
+    assert boundary_steps([0.5], 9) == [4] and phase_at(4, [4]) == 1 and phase_at(3, [4]) == 0
+    for bad in ({"bounds": [0.5]}, {"bounds": [0.7, 0.3]}, {"strategy": "mlp"}, {"strategy": "attn->ffn"}):
+        with pytest.raises(ValueError):
+            get_method("phased")(_ctx(model, "phased", options=bad))
+
+
+def test_phased_cli_gradnorms_and_ranks(tiny_model_dir, tiny_data, tmp_path):
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "phased")  # 12 steps: both [0,4) mlp [4,8) attn [8,12)
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert row["phase_strategy"] == "both->mlp->attn" and json.loads(row["phase_boundary_steps"]) == [4, 8]
+    assert json.loads(row["phase_steps"]) == [4, 4, 4]
+    assert row["adapter_params"] == row["rank"] * 896
+    g = pd.read_parquet(out / "gradnorms.parquet")
+    grp = g[g.layer == -1].pivot(index="step", columns="group", values="grad_norm")
+    assert list(grp.index) == [0, 2, 4, 6, 8, 10]
+    assert (grp.loc[[4, 6], "attention"] == 0).all() and (grp.loc[[4, 6], "mlp"] > 0).all()
+    assert (grp.loc[[8, 10], "mlp"] == 0).all() and (grp.loc[[8, 10], "attention"] > 0).all()
+    assert (grp.loc[[0, 2], ["attention", "mlp"]] > 0).all().all() and (grp["head"] > 0).all()
+    per_layer = g[(g.layer >= 0) & (g.step == 4) & (g.group == "attention")]
+    assert len(per_layer) == 2 and (per_layer["grad_norm"] == 0).all()
+    ranks = pd.read_parquet(out / "ranks.parquet")
+    assert len(ranks) == 12 and (ranks["rank"] == row["rank"]).all()
+    attn = ~ranks["kind"].isin(["intermediate", "output"])
+    assert (ranks.loc[attn, "active_steps"] == 8).all() and (ranks.loc[~attn, "active_steps"] == 8).all()
+    curve = pd.read_parquet(out / "curve.parquet")
+    tr = curve[curve.kind == "train"].set_index("step")["phase"]
+    assert tr.loc[2] == 0 and tr.loc[6] == 1 and tr.loc[12] == 2

@@ -1,0 +1,458 @@
+"""Tests of peftbench.analysis.plots, summary and the plot/summary CLI on small hand-made tables."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import PolyCollection
+
+from peftbench.analysis import cli, plots
+from peftbench.analysis.significance import GLUE_AVG, StatsOptions, compare_methods
+from peftbench.analysis.summary import summary_markdown, write_summary
+
+OPTS = StatsOptions(resamples=500, seed=0)
+METRIC = {"cola": "matthews_correlation", "rte": "accuracy", "stsb": "pearson"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_rows(method, task, values, budget=0.2, model="m"):
+    """``values``: seed -> value, None for a failed run."""
+    full = method == "full"
+    out = []
+    for seed, v in values.items():
+        b = 100.0 if full else budget
+        out.append(dict(
+            model=model, task=task, method=method, budget=b, seed=seed,
+            status="failed" if v is None else "ok", error="RuntimeError: CUDA out of memory" if v is None else None,
+            metric=METRIC.get(task, "accuracy"), dev_main=np.nan if v is None else v,
+            best_dev_main=np.nan if v is None else v + 0.01, best_epoch=2,
+            trainable_params=22_700_000 if full else int(b * 227_000) + 770,
+            adapter_params=22_700_000 if full else int(b * 227_000), head_params=770,
+            backbone_params=22_700_000, trainable_pct=100.0 if full else b,
+            train_s=200.0 if full else 100.0 + seed, samples_per_s=400.0 if full else 700.0,
+            peak_mem_mib=3000.0 if full else 1500.0 + 100 * b, steps=300, epochs=3,
+            protocol="mean over seeds, last epoch", device="cpu"))
+    return out
+
+
+def make_runs(tasks=("cola", "rte"), budgets=(0.2,), seeds=(0, 1, 2)):
+    rows = []
+    base = {"cola": 0.50, "rte": 0.70}
+    for t in tasks:
+        for b in budgets:
+            rows += run_rows("lora", t, {s: base[t] + 0.004 * s for s in seeds}, b)
+            # adalora: clearly better, with seed-to-seed variation in the difference
+            rows += run_rows("adalora", t, {s: base[t] + 0.10 + 0.004 * s + 0.002 * (s % 2) for s in seeds}, b)
+        rows += run_rows("full", t, {s: base[t] + 0.02 - 0.003 * s for s in seeds})
+    return pd.DataFrame(rows)
+
+
+def pdf_pages(path) -> int:
+    data = path.read_bytes()
+    assert data[:5] == b"%PDF-", f"{path} is not a PDF"
+    return len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", data))
+
+
+def check_png(path):
+    assert path.exists(), path
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def texts(fig):
+    out = [t.get_text() for ax in fig.axes for t in ax.texts]
+    return out + [t.get_text() for t in fig.texts]
+
+
+def panels(fig):
+    """Axes that are panels (not colour bars)."""
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return make_runs()
+
+
+@pytest.fixture(scope="module")
+def sig(runs):
+    return compare_methods(runs, opts=OPTS)
+
+
+# ------------------------------------------------------------------------------------------
+# glue / task
+# ------------------------------------------------------------------------------------------
+
+def test_glue_panels_and_marks(runs, sig):
+    # files of every kind are checked in test_cli_plot_and_summary
+    figs = plots.plot_glue(runs, sig, OPTS)
+    assert len(figs) == 1
+    titles = [ax.get_title() for ax in panels(figs[0])]
+    assert titles == ["CoLA", "RTE", "GLUE average (2 tasks)"]
+    # adalora is better than lora on every seed: the Holm-adjusted paired t-test marks it
+    row = sig[(sig["task"] == "cola") & (sig["method"] == "adalora")].iloc[0]
+    assert row["p_ttest_holm"] < 0.05
+    ada = 100 * np.mean([0.60 + 0.004 * s + 0.002 * (s % 2) for s in range(3)])
+    assert f"{ada:.1f}" + plots._stars(row["p_ttest_holm"]) in texts(figs[0])
+    assert any("Holm-adjusted" in t for t in texts(figs[0]))
+    ticks = [t.get_text() for t in panels(figs[0])[0].get_xticklabels()]
+    assert ticks == ["full (n=3)", "lora (n=3)", "adalora (n=3)"]
+
+
+def test_glue_one_page_per_budget_with_full_on_each(tmp_path):
+    r2 = make_runs(budgets=(0.2, 0.8))
+    out = tmp_path / "comparison" / "glue.pdf"
+    figs = plots.plot_glue(r2, None, OPTS, out=out)
+    assert len(figs) == 2 and pdf_pages(out) == 2
+    check_png(out.with_suffix(".png"))
+    for fig in figs:
+        ticks = [t.get_text() for t in panels(fig)[0].get_xticklabels()]
+        assert ticks[0] == "full (n=3)"
+        assert any("No significance marks" in t for t in texts(fig))
+
+
+def test_glue_one_seed_one_task_missing_method_and_failed_runs():
+    rows = (run_rows("lora", "rte", {0: 0.7}) + run_rows("adalora", "rte", {0: None})
+            + run_rows("gsa", "cola", {0: 0.5}) + run_rows("lora", "cola", {0: 0.45}))
+    df = pd.DataFrame(rows)
+    figs = plots.plot_glue(df, compare_methods(df, opts=OPTS), OPTS)
+    fig = figs[0]
+    axes = panels(fig)
+    assert [ax.get_title() for ax in axes] == ["CoLA", "RTE", "GLUE average (2 tasks)"]
+    rte = axes[1]
+    rte_texts = [t.get_text() for t in rte.texts]
+    assert "all runs failed" in rte_texts  # adalora's only run failed
+    assert "no runs" in rte_texts  # gsa never ran rte
+    assert "70.0" in rte_texts  # lora, one seed: value annotated, no interval
+    ticks = [t.get_text() for t in rte.get_xticklabels()]
+    assert "adalora (n=0)†" in ticks
+
+
+def test_one_task_only():
+    df = pd.DataFrame(run_rows("lora", "rte", {0: 0.7, 1: 0.72}) + run_rows("adalora", "rte", {0: 0.74, 1: 0.73}))
+    fig = plots.plot_glue(df, None, OPTS)[0]
+    assert [ax.get_title() for ax in panels(fig)] == ["RTE", "GLUE average (1 task)"]
+
+
+def test_task_plot_panels_per_budget(runs, sig):
+    r2 = make_runs(budgets=(0.2, 0.8))
+    figs = plots.plot_task(r2, "rte", compare_methods(r2, opts=OPTS), OPTS)
+    assert len(figs) == 1
+    assert [ax.get_title() for ax in panels(figs[0])] == ["0.2% budget", "0.8% budget"]
+    with pytest.raises(ValueError, match="no rows for task 'mnli'.*cola, rte"):
+        plots.plot_task(runs, "mnli", sig, OPTS)
+
+
+def test_significance_table_missing_column_raises(runs, sig):
+    with pytest.raises(ValueError, match=r"missing column\(s\) p_ttest_holm"):
+        plots.plot_glue(runs, sig.drop(columns=["p_ttest_holm"]), OPTS)
+
+
+# ------------------------------------------------------------------------------------------
+# pareto / cost
+# ------------------------------------------------------------------------------------------
+
+def test_pareto_points_and_front():
+    r2 = make_runs(budgets=(0.2, 0.8))
+    figs = plots.plot_pareto(r2, OPTS)
+    assert len(figs) == 1
+    ax = panels(figs[0])[0]
+    assert ax.get_xscale() == "log"
+    assert "% of backbone" in ax.get_xlabel() and "(%)" in ax.get_ylabel()
+    # one errorbar series per method; points: lora 2 budgets, adalora 2, full 1
+    npts = {c.get_label(): len(c.lines[0].get_xdata()) for c in ax.containers}
+    assert npts == {"full": 1, "lora": 2, "adalora": 2}
+    ada = [c for c in ax.containers if c.get_label() == "adalora"][0]
+    np.testing.assert_allclose(np.asarray(ada.lines[0].get_xdata(), dtype=float), [0.2, 0.8])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "Pareto front" in legend
+
+
+def test_pareto_front_helper():
+    idx = plots.pareto_front([0.1, 0.2, 0.5, 100.0], [80.0, 79.0, 83.0, 82.0])
+    assert list(idx) == [0, 2]
+
+
+def test_cost_bars(runs):
+    figs = plots.plot_cost(runs)
+    assert len(figs) == 1
+    left, right = panels(figs[0])
+    assert left.get_ylabel() == "training time per run (s)"
+    assert right.get_ylabel() == "peak memory (MiB)"
+    assert len(left.patches) == 3 and len(right.patches) == 3  # full, lora, adalora at one budget
+    heights = {t.get_text() for t in left.texts}
+    assert {"200", "101"} <= heights  # full 200 s; lora/adalora mean of 100, 101, 102 s
+
+
+def test_cost_requires_columns(runs):
+    with pytest.raises(ValueError, match=r"missing column\(s\) peak_mem_mib"):
+        plots.plot_cost(runs.drop(columns=["peak_mem_mib"]))
+
+
+# ------------------------------------------------------------------------------------------
+# curves / ranks / spectrum / gradnorms
+# ------------------------------------------------------------------------------------------
+
+def make_curves(runs):
+    rows = []
+    for r in runs.itertuples():
+        for step in (0, 50, 100):
+            rows.append(dict(model=r.model, task=r.task, method=r.method, budget=r.budget, seed=r.seed,
+                             step=step, epoch=step / 50, kind="eval", loss=np.nan, lr=1e-4,
+                             dev_main=0.5 + step / 1000 + 0.01 * r.seed))
+            rows.append(dict(model=r.model, task=r.task, method=r.method, budget=r.budget, seed=r.seed,
+                             step=step, epoch=step / 50, kind="train", loss=0.7, lr=1e-4, dev_main=np.nan))
+    return pd.DataFrame(rows)
+
+
+def test_curves_mean_and_band(runs):
+    figs = plots.plot_curves(make_curves(runs))
+    assert len(figs) == 1
+    axes = panels(figs[0])
+    assert [ax.get_title() for ax in axes] == ["CoLA", "RTE"]
+    line = [ln for ln in axes[0].lines if ln.get_label() == "lora (n=3)"][0]
+    np.testing.assert_allclose(line.get_ydata(), 100 * (0.5 + np.array([0, 50, 100]) / 1000 + 0.01))
+    assert any(isinstance(c, PolyCollection) for c in axes[0].collections)
+    assert axes[0].get_xlabel() == "training step"
+
+
+def test_curves_one_seed_has_no_band():
+    df = pd.DataFrame(run_rows("lora", "rte", {0: 0.7}))
+    fig = plots.plot_curves(make_curves(df))[0]
+    assert not any(isinstance(c, PolyCollection) for c in panels(fig)[0].collections)
+
+
+def test_curves_without_eval_rows_raise(runs):
+    c = make_curves(runs)
+    with pytest.raises(ValueError, match="no eval rows"):
+        plots.plot_curves(c[c["kind"] == "train"])
+
+
+def make_ranks(allocating=True):
+    rows = []
+    for method in ("lora", "adalora"):
+        for seed in (0, 1):
+            for layer in range(3):
+                for kind in ("query", "value"):
+                    rank = 8.0 if method == "lora" or not allocating else float(layer * 2 + seed + (kind == "value"))
+                    rows.append(dict(model="m", task="rte", method=method, budget=0.2, seed=seed,
+                                     module=f"encoder.layer.{layer}.attention.self.{kind}", layer=layer,
+                                     kind=kind, rank=rank, score=np.nan))
+    return pd.DataFrame(rows)
+
+
+def test_ranks_heatmap_values():
+    figs = plots.plot_ranks(make_ranks())
+    assert len(figs) == 1  # only adalora allocates
+    ax = panels(figs[0])[0]
+    img = ax.images[0].get_array()
+    # cell (layer 2, value) = mean over seeds of 2*2 + seed + 1 = 5.5
+    assert img[2, 1] == pytest.approx(5.5)
+    assert img[0, 0] == pytest.approx(0.5)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["query", "value"]
+    assert "adalora" in figs[0].get_suptitle()
+
+
+def test_ranks_placeholder_when_no_method_allocates(tmp_path):
+    out = tmp_path / "ranks.pdf"
+    for table in (make_ranks(allocating=False), make_ranks().iloc[:0]):
+        figs = plots.plot_ranks(table, out=out)
+        assert len(figs) == 1 and pdf_pages(out) == 1
+        assert "no method allocates ranks in this run" in texts(figs[0])
+
+
+def make_spectrum(model="m"):
+    rows = []
+    for layer in range(2):
+        for kind in ("query", "intermediate"):
+            s = np.array([4.0, 2.0, 1.0]) * (layer + 1)
+            e = np.cumsum(s ** 2) / np.sum(s ** 2)
+            for i in range(3):
+                rows.append(dict(model=model, module=f"l{layer}.{kind}", layer=layer, kind=kind, index=i,
+                                 sigma=s[i], energy=e[i]))
+    return pd.DataFrame(rows)
+
+
+def test_spectrum():
+    # files are checked in test_cli_plot_and_summary (two spectrum files -> two pages)
+    figs = plots.plot_spectrum(pd.concat([make_spectrum("a"), make_spectrum("b")]))
+    assert len(figs) == 2
+    assert [f.get_suptitle().split(":")[0] for f in figs] == ["a", "b"]
+    axes = panels(figs[0])
+    assert len(axes) == 4  # 2 kinds x (sigma, energy)
+    assert axes[0].get_title() == "query" and axes[0].get_yscale() == "log"
+    energy = axes[2].lines[0].get_ydata()
+    np.testing.assert_allclose(energy, 100 * np.cumsum([16, 4, 1]) / 21)
+    assert len(figs[0].axes) == 5  # plus the layer colour bar
+
+
+def make_gradnorms():
+    rows = []
+    for seed in (0, 1):
+        for step in (0, 10):
+            for layer, g in enumerate((3.0, 4.0)):
+                rows.append(dict(model="m", task="rte", method="phased", budget=0.2, seed=seed, step=step,
+                                 group="attention", layer=layer, grad_norm=g * (1 + seed)))
+            rows.append(dict(model="m", task="rte", method="phased", budget=0.2, seed=seed, step=step,
+                             group="head", layer=-1, grad_norm=1.0))
+    return pd.DataFrame(rows)
+
+
+def test_gradnorms_group_norm():
+    figs = plots.plot_gradnorms(make_gradnorms())
+    assert len(figs) == 1
+    ax = panels(figs[0])[0]
+    att = [ln for ln in ax.lines if ln.get_label() == "attention"][0]
+    # sqrt(3^2 + 4^2) = 5 for seed 0, 10 for seed 1 -> mean 7.5
+    np.testing.assert_allclose(att.get_ydata(), [7.5, 7.5])
+    assert ax.get_yscale() == "log"
+
+
+def test_gradnorms_placeholder(tmp_path):
+    out = tmp_path / "gradnorms.pdf"
+    figs = plots.plot_gradnorms(make_gradnorms().iloc[:0], out=out)
+    assert pdf_pages(out) == 1
+    check_png(tmp_path / "gradnorms.png")
+    assert any("no gradient norms were logged" in t for t in texts(figs[0]))
+    # aggregate writes an empty table with the key columns only
+    keys_only = pd.DataFrame(columns=["model", "task", "method", "budget", "seed"])
+    assert any("no gradient norms were logged" in t for t in texts(plots.plot_gradnorms(keys_only)[0]))
+    assert "no method allocates ranks in this run" in texts(plots.plot_ranks(keys_only)[0])
+
+
+def test_gradnorms_missing_column_raises():
+    with pytest.raises(ValueError, match=r"gradnorms table: missing column\(s\) grad_norm"):
+        plots.plot_gradnorms(make_gradnorms().drop(columns=["grad_norm"]))
+
+
+def test_save_figures_rejects_non_pdf(tmp_path):
+    fig = plots.placeholder_figure("t", "m")
+    with pytest.raises(ValueError, match=r"\.pdf"):
+        plots.save_figures([fig], tmp_path / "x.png")
+
+
+# ------------------------------------------------------------------------------------------
+# summary.md
+# ------------------------------------------------------------------------------------------
+
+def test_summary_markdown(tmp_path):
+    df = make_runs()
+    df = pd.concat([df, pd.DataFrame(run_rows("gsa", "rte", {0: 0.7, 1: None, 2: 0.71})
+                                     + run_rows("gsa", "cola", {0: 0.5, 1: 0.51, 2: 0.52}))])
+    sig = compare_methods(df, opts=OPTS)
+    md = summary_markdown(df, sig, OPTS)
+    assert "**Protocol:** mean over seeds, last epoch" in md
+    header = [ln for ln in md.splitlines() if ln.startswith("| method | CoLA")][0]
+    assert header == "| method | CoLA (MCC) | RTE (acc) | GLUE avg (2 tasks) |"
+    ada = [ln for ln in md.splitlines() if ln.startswith("| adalora |")][0]
+    cola = np.array([0.60 + 0.004 * s + 0.002 * (s % 2) for s in range(3)])
+    p = sig[(sig["task"] == "cola") & (sig["method"] == "adalora")]["p_ttest_holm"].iloc[0]
+    stars = plots._stars(p).replace("*", "\\*")
+    assert stars
+    assert f"**{100 * cola.mean():.1f} ± {100 * cola.std(ddof=1):.1f}**{stars}" in ada  # best in column
+    assert "| lora (reference) |" in md
+    gsa = [ln for ln in md.splitlines() if ln.startswith("| gsa |")][0]
+    assert "(2/3)" in gsa  # one rte seed failed
+    assert "CUDA out of memory" in md and "## Failed runs" in md
+    assert "Holm-adjusted paired t-test" in md
+    cost = [ln for ln in md.splitlines() if ln.startswith("| full |") and "—" in ln]
+    assert cost and "22,700,000" in cost[0] and "| 200 |" in cost[0]
+    out = write_summary(df, sig, tmp_path / "c" / "summary.md", OPTS)
+    assert out.read_text(encoding="utf-8") == md
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="peftbench")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_cli_plot_and_summary(tmp_path, runs, sig):
+    paths = {}
+    for name, df in (("runs", runs), ("significance", sig), ("curves", make_curves(runs)),
+                     ("ranks", make_ranks()), ("gradnorms", make_gradnorms())):
+        paths[name] = tmp_path / f"{name}.parquet"
+        df.to_parquet(paths[name])
+    # two spectrum files (as from two svd jobs) are concatenated: here one per module kind
+    spec = [tmp_path / "s1.parquet", tmp_path / "s2.parquet"]
+    sp = make_spectrum("a")
+    sp[sp["kind"] == "query"].to_parquet(spec[0])
+    sp[sp["kind"] == "intermediate"].to_parquet(spec[1])
+    stat = ["--resamples", "500", "--seed", "0"]
+    calls = {
+        "glue": ["--runs", paths["runs"], "--significance", paths["significance"]],
+        "task": ["--runs", paths["runs"], "--significance", paths["significance"], "--task", "cola"],
+        "pareto": ["--runs", paths["runs"]],
+        "cost": ["--runs", paths["runs"]],
+        "curves": ["--curves", paths["curves"]],
+        "ranks": ["--ranks", paths["ranks"]],
+        "spectrum": ["--spectrum", *spec],
+        "gradnorms": ["--gradnorms", paths["gradnorms"]],
+    }
+    assert set(calls) == set(plots.PLOT_KINDS) == set(cli.PLOT_KINDS)
+    for kind, extra in calls.items():
+        out = tmp_path / "comparison" / f"{kind}.pdf"
+        args = parse(["plot", kind, *map(str, extra), "--out", str(out), *stat])
+        assert args.func(args) == 0
+        assert pdf_pages(out) == 1, kind
+        check_png(out.with_suffix(".png"))
+    out = tmp_path / "comparison" / "summary.md"
+    args = parse(["summary", "--runs", str(paths["runs"]), "--significance", str(paths["significance"]),
+                  "--out", str(out), *stat])
+    assert args.func(args) == 0
+    assert out.read_text(encoding="utf-8") == summary_markdown(runs, sig, OPTS)
+
+
+def test_cli_spectrum_concatenates_files(tmp_path, monkeypatch):
+    sp = make_spectrum("a")
+    files = [tmp_path / "q.parquet", tmp_path / "i.parquet", tmp_path / "b.parquet"]
+    sp[sp["kind"] == "query"].to_parquet(files[0])
+    sp[sp["kind"] == "intermediate"].to_parquet(files[1])
+    make_spectrum("b").to_parquet(files[2])
+    seen = {}
+    monkeypatch.setattr(plots, "save_figures", lambda figs, out: seen.update(figs=figs) or (out, out))
+    args = parse(["plot", "spectrum", "--spectrum", *map(str, files), "--out", str(tmp_path / "s.pdf")])
+    assert args.func(args) == 0
+    figs = seen["figs"]
+    assert len(figs) == 2  # models a and b
+    assert [ax.get_title() for ax in panels(figs[0])[:2]] == ["query", "intermediate"]
+
+
+def test_cli_register_does_not_import_plotting():
+    code = ("import argparse, sys; from peftbench.analysis import cli; "
+            "cli.register(argparse.ArgumentParser().add_subparsers()); "
+            "print(sorted(m for m in ('matplotlib', 'scipy', 'pandas') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_plot_needs_its_inputs(tmp_path, capsys):
+    args = parse(["plot", "task", "--runs", "x.parquet", "--out", str(tmp_path / "t.pdf")])
+    with pytest.raises(SystemExit):
+        args.func(args)
+    assert "needs --task" in capsys.readouterr().err
+
+
+def test_cli_plot_missing_file_names_it(tmp_path):
+    args = parse(["plot", "curves", "--curves", str(tmp_path / "curves.parquet"), "--out", str(tmp_path / "c.pdf")])
+    with pytest.raises(FileNotFoundError, match="curves.parquet.*aggregate"):
+        args.func(args)
+
+
+def test_glue_avg_rows_used_for_glue_panel(runs):
+    fig = plots.plot_glue(runs, None, OPTS)[0]
+    glue_ax = panels(fig)[-1]
+    lora = np.mean([(0.50 + 0.004 * s + 0.70 + 0.004 * s) / 2 for s in range(3)])
+    assert f"{100 * lora:.1f}" in [t.get_text() for t in glue_ax.texts]
+    assert glue_ax.get_ylabel() == "mean main metric (%)"
+    assert GLUE_AVG not in glue_ax.get_title()

@@ -1,0 +1,822 @@
+"""Comparison figures: one function per figure, each returning its Matplotlib figures (one per page).
+
+Every ``plot_*`` function takes DataFrames (not paths), builds ``matplotlib.figure.Figure``
+objects on the Agg canvas without pyplot (no global backend switch, no GUI, no figure leaks), and,
+when ``out`` is given, writes the pages to ``out`` (a multi-page PDF) and a PNG with the same
+stem beside it (:func:`save_figures`; the PNG shows the pages stacked top to bottom, at most
+:data:`PNG_MAX_PAGES`). Metric values are stored as fractions and drawn ×100.
+
+Every figure copes with one seed (no interval, no band), a method missing from a family (its
+slot says "no runs"), failed runs (counted in the tick label, never silently dropped) and a single
+task. Empty optional inputs (ranks, gradient norms) give a one-page figure saying so.
+"""
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.transforms import blended_transform_factory
+
+from .significance import (
+    FULL_BUDGET,
+    GLUE_AVG,
+    METHOD_ORDER,
+    StatsOptions,
+    budget_families,
+    family_runs,
+    method_stats,
+    order_methods,
+    order_tasks,
+)
+
+__all__ = [
+    "PLOT_KINDS",
+    "save_figures",
+    "method_colors",
+    "significance_marks",
+    "plot_glue",
+    "plot_task",
+    "plot_pareto",
+    "plot_cost",
+    "plot_curves",
+    "plot_ranks",
+    "plot_spectrum",
+    "plot_gradnorms",
+]
+
+#: The figure kinds the ``plot`` CLI knows.
+PLOT_KINDS = ("glue", "task", "pareto", "cost", "curves", "ranks", "spectrum", "gradnorms")
+#: At most this many PDF pages are stacked into the PNG preview.
+PNG_MAX_PAGES = 8
+PNG_DPI = 110
+PAGE_W = 11.7  # A4 landscape, inches
+
+TASK_LABELS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
+               "mnli": "MNLI-m", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI", GLUE_AVG: "GLUE avg"}
+METRIC_LABELS = {"matthews_correlation": "Matthews corr.", "accuracy": "accuracy",
+                 "accuracy_matched": "accuracy (matched)", "accuracy_mismatched": "accuracy (mismatched)",
+                 "f1": "F1", "pearson": "Pearson r", "spearman": "Spearman ρ"}
+#: Main metric per task, used where a table (curves) does not carry the metric name.
+DEFAULT_METRIC = {"cola": "matthews_correlation", "sst2": "accuracy", "mrpc": "accuracy",
+                  "stsb": "pearson", "qqp": "accuracy", "mnli": "accuracy_matched",
+                  "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
+KIND_ORDER = ("query", "key", "value", "attention_output", "intermediate", "output")
+GROUP_ORDER = ("embeddings", "attention", "mlp", "head")
+
+_PALETTE = (list(colormaps["tab10"].colors) + list(colormaps["Dark2"].colors)
+            + list(colormaps["Set1"].colors))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def save_figures(figs: Sequence[Figure], out: str | Path) -> tuple[Path, Path]:
+    """Write ``figs`` as the pages of the PDF ``out`` and a PNG preview beside it.
+
+    The PNG (``out`` with suffix ``.png``) stacks the first :data:`PNG_MAX_PAGES` pages
+    vertically at :data:`PNG_DPI` dpi on a white background.
+
+    Returns:
+        ``(pdf_path, png_path)``.
+
+    Raises:
+        ValueError: ``figs`` is empty or ``out`` does not end in ``.pdf``.
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".pdf":
+        raise ValueError(f"{out}: the output must be a .pdf path (a .png is written beside it)")
+    if not figs:
+        raise ValueError(f"{out}: no figures to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with PdfPages(out, metadata={"Creator": "peftbench.analysis.plots"}) as pdf:
+        for fig in figs:
+            pdf.savefig(fig)
+    images = []
+    for fig in figs[:PNG_MAX_PAGES]:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=PNG_DPI, facecolor="white")
+        buf.seek(0)
+        images.append(mpimg.imread(buf, format="png")[..., :3])
+    width = max(im.shape[1] for im in images)
+    padded = [np.pad(im, ((0, 8), (0, width - im.shape[1]), (0, 0)), constant_values=1.0) for im in images]
+    png = out.with_suffix(".png")
+    mpimg.imsave(png, np.concatenate(padded, axis=0))
+    return out, png
+
+
+def method_colors(methods: Iterable[str]) -> dict[str, tuple]:
+    """A fixed colour per method: known methods (:data:`METHOD_ORDER`) always get the same colour,
+    unknown ones follow alphabetically."""
+    known = list(METHOD_ORDER)
+    extra = sorted(set(methods) - set(known))
+    idx = {m: i for i, m in enumerate(known + extra)}
+    return {m: _PALETTE[idx[m] % len(_PALETTE)] for m in set(methods)}
+
+
+def _stars(p: float) -> str:
+    if p is None or not np.isfinite(p):
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def significance_marks(significance: pd.DataFrame | None, reference: str | None = None,
+                       p_column: str = "p_ttest_holm") -> dict:
+    """Stars per ``(model, task, budget, method)`` from the rows comparing a method with
+    ``reference`` (default: the table's ``reference`` column): ``*`` p < 0.05, ``**`` p < 0.01,
+    ``***`` p < 0.001 on ``p_column`` (Holm-adjusted paired t-test by default).
+
+    Returns:
+        ``{(model, task, budget, method): stars}``; empty when ``significance`` is None or empty.
+
+    Raises:
+        ValueError: a needed column is missing from ``significance``.
+    """
+    if significance is None or significance.empty:
+        return {}
+    need = ["model", "task", "budget", "method", "baseline", "reference", p_column]
+    missing = [c for c in need if c not in significance.columns]
+    if missing:
+        raise ValueError(f"significance table: missing column(s) {', '.join(missing)}; "
+                         "regenerate it with `snakemake results/tables/significance.parquet`")
+    base = reference if reference is not None else significance["reference"]
+    sig = significance[significance["baseline"] == base]
+    return {(r.model, r.task, float(r.budget), r.method): _stars(getattr(r, p_column))
+            for r in sig.itertuples(index=False)}
+
+
+def _reference(significance: pd.DataFrame | None, reference: str | None) -> str | None:
+    if reference:
+        return reference
+    if significance is not None and not significance.empty and "reference" in significance.columns:
+        return str(significance["reference"].iloc[0])
+    return None
+
+
+def _metric_label(metric: str) -> str:
+    """``accuracy`` → ``accuracy (%)``; correlations → ``… (×100)``."""
+    if not isinstance(metric, str) or not metric:
+        return "main metric (%)"
+    if metric.startswith("mean of main metrics"):
+        return "mean main metric (%)"
+    name = METRIC_LABELS.get(metric, metric.replace("_", " "))
+    unit = "(×100)" if any(k in metric for k in ("correlation", "pearson", "spearman")) else "(%)"
+    return f"{name} {unit}"
+
+
+def _fmt_value(v: float) -> str:
+    """Bar annotation: one decimal below 100, none above."""
+    return f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def _n_tasks(n: int) -> str:
+    return f"{n} task" if n == 1 else f"{n} tasks"
+
+
+def _task_label(task: str) -> str:
+    return TASK_LABELS.get(task, task)
+
+
+def _fmt_budget(b: float) -> str:
+    return "full (100%)" if b == FULL_BUDGET else f"{b:g}% budget"
+
+
+def _footer(fig: Figure, text: str, width: int = 190) -> None:
+    fig.text(0.005, 0.004, "\n".join(textwrap.wrap(text, width)), fontsize=7, va="bottom", ha="left",
+             color="0.25")
+
+
+def _figure(**kw) -> Figure:
+    """A Figure drawn by the Agg canvas (PDF pages go through matplotlib's PDF backend)."""
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _page(nrows: int, ncols: int, height_per_row: float = 3.6, footer_lines: int = 2,
+          width: float = PAGE_W) -> tuple[Figure, np.ndarray]:
+    h = height_per_row * nrows + 1.0 + 0.15 * footer_lines
+    fig = _figure(figsize=(width, h), layout="constrained")
+    fig.get_layout_engine().set(rect=(0, (0.15 * footer_lines + 0.1) / h, 1, 1 - (0.15 * footer_lines + 0.1) / h))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _grid(n: int, max_cols: int = 5) -> tuple[int, int]:
+    ncols = max(1, min(max_cols, n))
+    return int(math.ceil(n / ncols)), ncols
+
+
+def _drop_unused(axes: np.ndarray, used: int) -> list:
+    flat = list(axes.flat)
+    for ax in flat[used:]:
+        ax.remove()
+    return flat[:used]
+
+
+def placeholder_figure(title: str, message: str) -> Figure:
+    """A one-page figure that says ``message`` (used when an input table has nothing to draw)."""
+    fig = _figure(figsize=(PAGE_W, 4.0))
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    ax.text(0.5, 0.55, message, ha="center", va="center", fontsize=14, wrap=True)
+    ax.set_title(title, fontsize=12)
+    return fig
+
+
+def _require(df: pd.DataFrame, cols: Iterable[str], what: str, hint: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {', '.join(missing)} "
+                         f"(has: {', '.join(map(str, df.columns))}); {hint}")
+
+
+_TABLE_HINT = "regenerate it with `snakemake results/tables/{name}` (rule aggregate)"
+
+
+# --------------------------------------------------------------------------------------------
+# Method comparison panels (glue.pdf, {task}.pdf)
+# --------------------------------------------------------------------------------------------
+
+def _comparison_panel(ax, st: pd.DataFrame, seeds: pd.DataFrame, marks: dict, methods: list[str],
+                      colors: dict, reference: str | None, title: str, ylabel: str, key: tuple,
+                      highlight: bool = False, ncols: int = 5) -> None:
+    """Draw one family: x = methods; mean (point) ± CI (bar), seeds (grey dots), value + stars."""
+    st = st.set_index("method")
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    lows, highs = [], []
+    # horizontal labels need about 0.55 inch per method
+    rotate = 90 if PAGE_W / max(1, ncols) / max(1, len(methods)) < 0.55 else 0
+    for i, m in enumerate(methods):
+        if m not in st.index or st.at[m, "n_ok"] == 0:
+            why = "all runs failed" if m in st.index and st.at[m, "n_failed"] > 0 else "no runs"
+            ax.text(i, 0.03, why, transform=trans, rotation=90, ha="center", va="bottom",
+                    fontsize=7, color="0.35")
+            continue
+        r = st.loc[m]
+        mean = 100 * r["mean"]
+        lo, hi = 100 * r["ci_low"], 100 * r["ci_high"]
+        vals = 100 * seeds.loc[seeds["method"] == m, "value"].to_numpy(dtype=float)
+        k = len(vals)
+        offs = 0.25 + (np.linspace(-0.07, 0.07, k) if k > 1 else np.zeros(k))
+        ax.scatter(i + offs, vals, s=9, color="0.55", zorder=2, linewidths=0)
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color=colors[m], ms=6,
+                        capsize=3, elinewidth=1.5, zorder=3)
+        else:
+            ax.plot(i, mean, "o", color=colors[m], ms=6, zorder=3)
+        top = np.nanmax([mean, hi, *vals])
+        bottom = np.nanmin([mean, lo, *vals])
+        lows.append(bottom)
+        highs.append(top)
+        label = f"{mean:.1f}{marks.get((*key, m), '')}"
+        ax.annotate(label, (i, top), xytext=(0, 3), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=7, rotation=rotate)
+    if reference is not None and reference in st.index and st.at[reference, "n_ok"] > 0:
+        ax.axhline(100 * st.at[reference, "mean"], ls="--", lw=0.8, color=colors[reference], zorder=1)
+    if lows:
+        lo, hi = min(lows), max(highs)
+        span = max(hi - lo, 1.0)
+        ax.set_ylim(lo - 0.08 * span, hi + (0.45 if rotate else 0.2) * span)
+    else:
+        ax.set_ylim(0, 100)
+    labels = []
+    for m in methods:
+        if m in st.index:
+            r = st.loc[m]
+            dagger = "†" if (r["n_failed"] + r["n_missing"]) > 0 else ""
+            labels.append(f"{m} (n={int(r['n_ok'])}){dagger}")
+        else:
+            labels.append(f"{m} (n=0)")
+    ax.set_xticks(np.arange(len(methods)), labels=labels, rotation=45, ha="right", fontsize=7)
+    for tick, m in zip(ax.get_xticklabels(), methods):
+        tick.set_color(colors[m])
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title, fontsize=9, fontweight="bold" if highlight else "normal")
+    ax.grid(axis="y", alpha=0.3)
+    if highlight:
+        ax.set_facecolor("0.95")
+
+
+def _comparison_legend(fig: Figure, reference: str | None, colors: dict) -> None:
+    handles = [Line2D([], [], marker="o", color="0.2", ls="-", ms=6, label="mean ± CI"),
+               Line2D([], [], marker="o", color="0.55", ls="", ms=3, label="one seed")]
+    if reference is not None and reference in colors:
+        handles.append(Line2D([], [], color=colors[reference], ls="--", lw=0.8, label=f"{reference} mean (reference)"))
+    fig.legend(handles=handles, loc="outside upper right", ncols=len(handles), fontsize=8, frameon=False)
+
+
+def _comparison_footer(fig: Figure, opts: StatsOptions, reference: str | None, have_sig: bool) -> None:
+    text = (f"Points: mean over seeds of the final-epoch main metric (×100); bars: {opts.confidence:.0%} "
+            f"bootstrap CI of the mean ({opts.ci_method}, {opts.resamples:,} resamples, seed {opts.seed}); "
+            "no bar with one seed. Grey dots: single seeds. (n=k): seeds that finished; †: some seeds "
+            "failed or are missing.")
+    if have_sig and reference:
+        text += (f" * / ** / ***: Holm-adjusted paired t-test p < 0.05 / 0.01 / 0.001 vs {reference} "
+                 "(significance.parquet).")
+    else:
+        text += " No significance marks (no significance table given)."
+    _footer(fig, text)
+
+
+def _prepare(runs: pd.DataFrame, opts: StatsOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+    stats_ = method_stats(runs, opts)
+    fam = family_runs(runs, opts)
+    seeds = fam[fam["status"] == "ok"].rename(columns={opts.value: "value"})
+    return stats_, seeds[["model", "task", "budget", "method", "seed", "value"]]
+
+
+def plot_glue(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
+              opts: StatsOptions = StatsOptions(), out: str | Path | None = None,
+              reference: str | None = None) -> list[Figure]:
+    """Methods × tasks comparison with a GLUE-average panel; one page per ``(model, budget)``.
+
+    Each panel is one task (plus "GLUE avg", shaded): x = methods, point = mean over seeds of
+    ``opts.value`` ×100 with its bootstrap CI (:func:`~peftbench.analysis.significance.method_stats`),
+    grey dots = seeds, the mean annotated with stars from ``significance`` (Holm-adjusted paired
+    t-test vs the reference), dashed line = reference mean. ``full`` appears on every budget page.
+
+    Args:
+        runs: ``runs.parquet`` (see :func:`~peftbench.analysis.significance.validate_runs`).
+        significance: ``significance.parquet`` or None (no marks).
+        opts: bootstrap settings (use the ones the significance rule used).
+        out: PDF path to write (and a PNG beside it), or None.
+        reference: reference method; default: the ``reference`` column of ``significance``.
+
+    Returns:
+        One figure per page.
+
+    Raises:
+        ValueError: invalid run table or significance table (missing columns, no rows).
+    """
+    reference = _reference(significance, reference)
+    marks = significance_marks(significance, reference)
+    stats_, seeds = _prepare(runs, opts)
+    colors = method_colors(stats_["method"].unique())
+    figs = []
+    for (model, budget), sb in stats_.groupby(["model", "budget"], sort=False):
+        methods = order_methods(stats_.loc[stats_["model"] == model, "method"].unique(), reference)
+        tasks = order_tasks(sb["task"].unique())
+        nrows, ncols = _grid(len(tasks))
+        fig, axes = _page(nrows, ncols)
+        for ax, task in zip(_drop_unused(axes, len(tasks)), tasks):
+            st = sb[sb["task"] == task]
+            sd = seeds[(seeds["model"] == model) & (seeds["budget"] == budget) & (seeds["task"] == task)]
+            metric = st["metric"].iloc[0]
+            title = (f"GLUE average ({_n_tasks(int(st['n_tasks'].iloc[0]))})" if task == GLUE_AVG
+                     else _task_label(task))
+            _comparison_panel(ax, st, sd, marks, methods, colors, reference, title,
+                              _metric_label(metric), (model, task, float(budget)), task == GLUE_AVG, ncols)
+        fig.suptitle(f"{model}: GLUE dev, {_fmt_budget(budget)} (trainable % of backbone)", fontsize=11, x=0.01, ha="left")
+        _comparison_legend(fig, reference, colors)
+        _comparison_footer(fig, opts, reference, bool(marks))
+        figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+def plot_task(runs: pd.DataFrame, task: str, significance: pd.DataFrame | None = None,
+              opts: StatsOptions = StatsOptions(), out: str | Path | None = None,
+              reference: str | None = None) -> list[Figure]:
+    """One task's comparison: one page per model, one panel per budget (as in :func:`plot_glue`).
+
+    Raises:
+        ValueError: ``task`` has no rows in ``runs`` (the message lists the tasks it has), or the
+            tables are invalid.
+    """
+    if "task" in runs.columns and task not in set(runs["task"]):
+        raise ValueError(f"runs table has no rows for task {task!r}; tasks present: "
+                         f"{', '.join(order_tasks(runs['task'].unique())) or 'none'}")
+    reference = _reference(significance, reference)
+    marks = significance_marks(significance, reference)
+    stats_, seeds = _prepare(runs, opts)
+    stats_ = stats_[stats_["task"] == task]
+    seeds = seeds[seeds["task"] == task]
+    colors = method_colors(stats_["method"].unique())
+    figs = []
+    for model, sm in stats_.groupby("model", sort=False):
+        methods = order_methods(sm["method"].unique(), reference)
+        budgets = sorted(sm["budget"].unique())
+        nrows, ncols = _grid(len(budgets), 3)
+        fig, axes = _page(nrows, ncols, height_per_row=4.2)
+        for ax, b in zip(_drop_unused(axes, len(budgets)), budgets):
+            st = sm[sm["budget"] == b]
+            sd = seeds[(seeds["model"] == model) & (seeds["budget"] == b)]
+            _comparison_panel(ax, st, sd, marks, methods, colors, reference, _fmt_budget(b),
+                              _metric_label(st["metric"].iloc[0]), (model, task, float(b)), ncols=ncols)
+        fig.suptitle(f"{model}: {_task_label(task)} dev, per trainable-parameter budget "
+                     "(% of backbone)", fontsize=11, x=0.01, ha="left")
+        _comparison_legend(fig, reference, colors)
+        _comparison_footer(fig, opts, reference, bool(marks))
+        figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+# --------------------------------------------------------------------------------------------
+# Pareto and cost
+# --------------------------------------------------------------------------------------------
+
+def _param_pct(runs: pd.DataFrame) -> pd.Series:
+    if "trainable_pct" in runs.columns:
+        return runs["trainable_pct"].astype(float)
+    if {"adapter_params", "backbone_params"} <= set(runs.columns):
+        return 100.0 * runs["adapter_params"].astype(float) / runs["backbone_params"].astype(float)
+    raise ValueError("runs table: needs column trainable_pct (or adapter_params and backbone_params) "
+                     "for the Pareto plot; " + _TABLE_HINT.format(name="runs.parquet"))
+
+
+def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
+    """Indices of the points not dominated by another (smaller-or-equal x and larger y), by x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    order = np.lexsort((-y, x))
+    front, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return np.asarray(front, dtype=int)
+
+
+def plot_pareto(runs: pd.DataFrame, opts: StatsOptions = StatsOptions(), out: str | Path | None = None) -> list[Figure]:
+    """Trainable parameters (% of backbone, log x) vs GLUE average (%), one point per method and
+    budget, one page per model.
+
+    x: mean ``trainable_pct`` over the method's runs at that budget (adapter parameters as % of
+    backbone parameters); y: GLUE-average mean over seeds ×100 with its bootstrap CI
+    (:func:`~peftbench.analysis.significance.method_stats`, ``task == "glue_avg"``). Points of one
+    method are joined across budgets; the dashed step line is the Pareto front. Method/budget
+    pairs whose GLUE average is undefined (a task failed or is missing for every seed) are listed
+    in the footer instead of drawn.
+
+    Raises:
+        ValueError: invalid run table, or no parameter-count columns.
+    """
+    stats_ = method_stats(runs, opts)
+    runs = runs.assign(_pct=_param_pct(runs))
+    colors = method_colors(stats_["method"].unique())
+    glue = stats_[stats_["task"] == GLUE_AVG]
+    full_like = {m for m, b in runs.groupby("method")["budget"] if bool((b.astype(float) == FULL_BUDGET).all())}
+    figs = []
+    for model, rm in runs.groupby("model", sort=False):
+        fig, axes = _page(1, 1, height_per_row=6.0)
+        ax = axes[0, 0]
+        pts, skipped = [], []
+        for (method, b), g in rm.groupby(["method", "budget"], sort=False):
+            row = glue[(glue["model"] == model) & (glue["method"] == method)]
+            # full-like methods are copied into every budget family with identical statistics
+            row = row.head(1) if method in full_like else row[row["budget"] == b]
+            x = float(g["_pct"].mean())
+            if row.empty or row["n_ok"].iloc[0] == 0 or not np.isfinite(x):
+                skipped.append(f"{method} {b:g}%")
+                continue
+            r = row.iloc[0]
+            pts.append(dict(method=method, budget=b, x=x, y=100 * r["mean"], lo=100 * r["ci_low"],
+                            hi=100 * r["ci_high"], n=int(r["n_ok"])))
+        p = pd.DataFrame(pts, columns=["method", "budget", "x", "y", "lo", "hi", "n"])
+        for method in order_methods(p["method"].unique()):
+            q = p[p["method"] == method].sort_values("x")
+            c = colors[method]
+            yerr = np.vstack([q["y"] - q["lo"], q["hi"] - q["y"]])
+            yerr = np.where(np.isfinite(yerr), yerr, 0.0)
+            ax.errorbar(q["x"], q["y"], yerr=yerr, fmt="o-", color=c, ms=7, capsize=3, lw=1.2,
+                        label=method)
+            for r in q.itertuples():
+                ax.annotate(f"{r.y:.1f} ({r.budget:g}%)" if r.budget != FULL_BUDGET else f"{r.y:.1f}",
+                            (r.x, r.y), xytext=(5, 4), textcoords="offset points", fontsize=7, color=c)
+        if len(p):
+            f = p.iloc[pareto_front(p["x"], p["y"])]
+            ax.step(f["x"], f["y"], where="post", ls="--", color="0.3", lw=0.9, label="Pareto front", zorder=0)
+            ax.set_xscale("log")
+            ax.margins(x=0.15, y=0.15)
+        else:
+            ax.text(0.5, 0.5, "no method has a complete GLUE average", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=12)
+        ax.set_xlabel("trainable adapter parameters (% of backbone parameters, log scale)")
+        tasks = glue.loc[glue["model"] == model, "tasks"]
+        ax.set_ylabel("GLUE average of main metrics (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.suptitle(f"{model}: accuracy vs trainable parameters", fontsize=11, x=0.01, ha="left")
+        text = (f"Points: GLUE average (mean over seeds of the per-seed mean main metric over tasks: "
+                f"{tasks.iloc[0] if len(tasks) else '-'}), bars: {opts.confidence:.0%} bootstrap CI. "
+                "Labels: value (budget).")
+        if skipped:
+            text += " Not drawn (GLUE average undefined, a task failed or is missing): " + ", ".join(skipped) + "."
+        _footer(fig, text)
+        figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+def plot_cost(runs: pd.DataFrame, out: str | Path | None = None) -> list[Figure]:
+    """Training cost per method and budget: one page per model with two panels.
+
+    Left: training wall time per run (s), the mean over tasks of the per-task mean over seeds of
+    ``train_s`` (ok runs). Right: peak memory (MiB), the maximum ``peak_mem_mib`` over ok runs.
+    Bars are grouped by method, one bar per budget (``full`` once), values annotated.
+
+    Raises:
+        ValueError: missing ``train_s``/``peak_mem_mib`` columns, or no ok runs.
+    """
+    _require(runs, ["model", "task", "method", "budget", "status", "train_s", "peak_mem_mib"],
+             "runs table", _TABLE_HINT.format(name="runs.parquet"))
+    ok = runs[runs["status"] == "ok"]
+    if ok.empty:
+        raise ValueError("runs table: no run with status 'ok', nothing to plot in cost.pdf")
+    figs = []
+    for model, rm in ok.groupby("model", sort=False):
+        colors_b = {}
+        per_task = rm.groupby(["method", "budget", "task"])["train_s"].mean()
+        t = per_task.groupby(["method", "budget"]).mean()
+        mem = rm.groupby(["method", "budget"])["peak_mem_mib"].max()
+        ntask = per_task.groupby(["method", "budget"]).size()
+        methods = order_methods(rm["method"].unique())
+        budgets = sorted(b for b in rm["budget"].unique() if b != FULL_BUDGET)
+        budgets_all = budgets + ([FULL_BUDGET] if (rm["budget"] == FULL_BUDGET).any() else [])
+        cmap = colormaps["viridis"]
+        for i, b in enumerate(budgets):
+            colors_b[b] = cmap(0.15 + 0.7 * i / max(1, len(budgets) - 1))
+        colors_b[FULL_BUDGET] = "0.45"
+        fig, axes = _page(1, 2, height_per_row=5.0)
+        width = 0.8 / max(1, len(budgets))
+        for ax, series, ylabel, fmt in ((axes[0, 0], t, "training time per run (s)", _fmt_value),
+                                        (axes[0, 1], mem, "peak memory (MiB)", _fmt_value)):
+            for i, m in enumerate(methods):
+                bs = [b for b in budgets_all if (m, b) in series.index and np.isfinite(series.loc[(m, b)])]
+                for j, b in enumerate(bs):
+                    x = i + (j - (len(bs) - 1) / 2) * width
+                    v = float(series.loc[(m, b)])
+                    ax.bar(x, v, width=width * 0.95, color=colors_b[b])
+                    ax.annotate(fmt(v), (x, v), xytext=(0, 2), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=6.5, rotation=90)
+            ax.set_xticks(np.arange(len(methods)), labels=methods, rotation=45, ha="right", fontsize=8)
+            ax.set_ylabel(ylabel)
+            ax.margins(y=0.18)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(handles=[Patch(color=colors_b[b], label=_fmt_budget(b)) for b in budgets_all],
+                      fontsize=7, title="budget (% of backbone)", title_fontsize=7)
+        axes[0, 0].set_title("training wall time (mean over tasks of the mean over seeds)", fontsize=9)
+        axes[0, 1].set_title("peak memory (max over runs)", fontsize=9)
+        fig.suptitle(f"{model}: training cost per method", fontsize=11, x=0.01, ha="left")
+        nt = ", ".join(f"{m} {b:g}%: {n}" for (m, b), n in ntask.items() if n != ntask.max())
+        dev = ", ".join(sorted(map(str, rm["device"].unique()))) if "device" in rm.columns else "?"
+        _footer(fig, f"Only runs with status ok. Device: {dev}. Tasks averaged per bar: {int(ntask.max())}"
+                + (f" (fewer for {nt})." if nt else "."))
+        figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+# --------------------------------------------------------------------------------------------
+# Learning curves, ranks, spectra, gradient norms
+# --------------------------------------------------------------------------------------------
+
+def plot_curves(curves: pd.DataFrame, out: str | Path | None = None, reference: str | None = None) -> list[Figure]:
+    """Dev main metric (×100) vs training step, mean over seeds with a ±1 SD band, per task.
+
+    One page per ``(model, budget)`` (``full``, budget 100, appears on every budget page), one
+    panel per task, one line per method. Uses the ``kind == "eval"`` rows with a finite
+    ``dev_main``; with one seed there is no band.
+
+    Raises:
+        ValueError: missing columns, or no eval rows with a finite ``dev_main``.
+    """
+    _require(curves, ["model", "task", "method", "budget", "seed", "step", "kind", "dev_main"],
+             "curves table", _TABLE_HINT.format(name="curves.parquet"))
+    ev = curves[(curves["kind"] == "eval") & np.isfinite(curves["dev_main"].astype(float))]
+    if ev.empty:
+        raise ValueError("curves table: no eval rows with a finite dev_main; were the runs evaluated?")
+    ev = budget_families(ev.assign(budget=ev["budget"].astype(float)))
+    colors = method_colors(ev["method"].unique())
+    figs = []
+    for (model, budget), g in ev.groupby(["model", "budget"], sort=False):
+        tasks = order_tasks(g["task"].unique())
+        nrows, ncols = _grid(len(tasks), 3)
+        fig, axes = _page(nrows, ncols, height_per_row=3.3)
+        for ax, task in zip(_drop_unused(axes, len(tasks)), tasks):
+            gt = g[g["task"] == task]
+            for m in order_methods(gt["method"].unique(), reference):
+                a = gt[gt["method"] == m].groupby("step")["dev_main"].agg(["mean", "std", "count"]).sort_index()
+                x, y = a.index.to_numpy(), 100 * a["mean"].to_numpy()
+                n = int(gt.loc[gt["method"] == m, "seed"].nunique())
+                ax.plot(x, y, "-", marker="." if len(x) < 30 else None, color=colors[m], lw=1.3,
+                        label=f"{m} (n={n})")
+                ax.annotate(f"{y[-1]:.1f}", (x[-1], y[-1]), xytext=(3, 0), textcoords="offset points",
+                            fontsize=6.5, color=colors[m], va="center")
+                sd = 100 * a["std"].to_numpy()
+                band = (a["count"].to_numpy() >= 2) & np.isfinite(sd)
+                if band.any():
+                    ax.fill_between(x, y - np.where(band, sd, 0), y + np.where(band, sd, 0),
+                                    color=colors[m], alpha=0.18, lw=0, where=band)
+            ax.margins(x=0.08)
+            ax.set_title(_task_label(task), fontsize=9)
+            ax.set_xlabel("training step", fontsize=8)
+            ax.set_ylabel("dev " + _metric_label(DEFAULT_METRIC.get(task, "")), fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6.5, loc="lower right")
+        fig.suptitle(f"{model}: dev learning curves, {_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
+        _footer(fig, "Lines: mean over seeds of the dev main metric at each evaluation (×100), last value "
+                     "annotated; band: ±1 standard deviation over seeds (none with one seed); n: seeds.")
+        figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+def allocating_methods(ranks: pd.DataFrame) -> list[str]:
+    """Methods whose rank (or active-gate count) differs between modules within at least one run."""
+    if ranks.empty:
+        return []
+    per_run = ranks.groupby(["model", "task", "method", "budget", "seed"])["rank"].nunique()
+    return order_methods({k[2] for k, v in per_run.items() if v > 1})
+
+
+def _kinds(values: Iterable[str]) -> list[str]:
+    vs = list(dict.fromkeys(values))
+    return [k for k in KIND_ORDER if k in vs] + sorted(k for k in vs if k not in KIND_ORDER)
+
+
+def plot_ranks(ranks: pd.DataFrame, out: str | Path | None = None) -> list[Figure]:
+    """Heatmaps of the mean rank / active gates per layer × module kind, for allocating methods.
+
+    One page per ``(model, method, budget)`` of every method of :func:`allocating_methods`, one
+    panel per task; cell = mean over seeds (and over modules sharing a layer and kind) of
+    ``rank``, annotated. A table without an allocating method gives one page saying
+    "no method allocates ranks in this run".
+
+    Raises:
+        ValueError: missing columns in a non-empty table.
+    """
+    if not ranks.empty:  # an empty table may come without the value columns
+        _require(ranks, ["model", "task", "method", "budget", "seed", "layer", "kind", "rank"],
+                 "ranks table", _TABLE_HINT.format(name="ranks.parquet"))
+    methods = allocating_methods(ranks)
+    if not methods:
+        fig = placeholder_figure("Per-module rank allocation", "no method allocates ranks in this run")
+        figs = [fig]
+    else:
+        figs = []
+        sub = ranks[ranks["method"].isin(methods)]
+        for (model, method, budget), g in sub.groupby(["model", "method", "budget"], sort=False):
+            tasks = order_tasks(g["task"].unique())
+            kinds = _kinds(g["kind"])
+            layers = sorted(g["layer"].unique())
+            nrows, ncols = _grid(len(tasks), 3)
+            fig, axes = _page(nrows, ncols, height_per_row=max(3.0, 0.28 * len(layers) + 1.2))
+            vmax = float(g["rank"].max()) if np.isfinite(g["rank"].max()) else 1.0
+            im = None
+            for ax, task in zip(_drop_unused(axes, len(tasks)), tasks):
+                gt = g[g["task"] == task]
+                mat = (gt.groupby(["layer", "kind"])["rank"].mean().unstack("kind")
+                       .reindex(index=layers, columns=kinds))
+                im = ax.imshow(mat.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+                for (i, j), v in np.ndenumerate(mat.to_numpy(dtype=float)):
+                    if np.isfinite(v):
+                        ax.text(j, i, f"{v:.1f}" if v != round(v) else f"{v:.0f}", ha="center",
+                                va="center", fontsize=6.5, color="white" if v < 0.6 * vmax else "black")
+                ax.set_xticks(range(len(kinds)), labels=kinds, rotation=35, ha="right", fontsize=7)
+                ax.set_yticks(range(len(layers)), labels=[str(x) for x in layers], fontsize=7)
+                ax.set_xlabel("module kind", fontsize=8)
+                ax.set_ylabel("layer", fontsize=8)
+                ax.set_title(f"{_task_label(task)} (n={gt['seed'].nunique()} seeds)", fontsize=9)
+            fig.colorbar(im, ax=list(axes.flat[:len(tasks)]), label="rank / active gates (mean over seeds)",
+                         shrink=0.9)
+            fig.suptitle(f"{model}: {method} rank allocation, {_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
+            _footer(fig, "Cell: mean over seeds of the final rank (or number of active gates) of the "
+                         "module at that layer and kind; blank: module not adapted.")
+            figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+def plot_spectrum(spectrum: pd.DataFrame, out: str | Path | None = None) -> list[Figure]:
+    """Singular-value spectra and cumulative energy of the pretrained weights, per module kind.
+
+    One page per model: top row ``sigma`` vs singular-value index (1-based, log y), bottom row
+    cumulative energy (% of the squared singular values within the stored top-k) vs index; one
+    line per layer, coloured by layer (colour bar).
+
+    Raises:
+        ValueError: missing columns or an empty table.
+    """
+    _require(spectrum, ["model", "module", "layer", "kind", "index", "sigma", "energy"],
+             "spectrum table", "regenerate it with `snakemake results/svd/<model>/spectrum.parquet` (rule svd)")
+    if spectrum.empty:
+        raise ValueError("spectrum table: no rows; rerun the svd rule")
+    figs = []
+    for model, g in spectrum.groupby("model", sort=False):
+        kinds = _kinds(g["kind"])
+        fig, axes = _page(2, len(kinds), height_per_row=3.2, width=max(PAGE_W, 2.4 * len(kinds)))
+        layers = sorted(g["layer"].unique())
+        cmap = colormaps["viridis"]
+        norm = Normalize(vmin=min(layers), vmax=max(max(layers), min(layers) + 1))
+        for j, kind in enumerate(kinds):
+            gk = g[g["kind"] == kind]
+            top, bot = axes[0, j], axes[1, j]
+            for module, gm in gk.groupby("module", sort=False):
+                gm = gm.sort_values("index")
+                c = cmap(norm(gm["layer"].iloc[0]))
+                top.plot(gm["index"] + 1, gm["sigma"], color=c, lw=1)
+                bot.plot(gm["index"] + 1, 100 * gm["energy"], color=c, lw=1)
+            top.set_yscale("log")
+            top.set_title(kind, fontsize=9)
+            top.set_ylabel("singular value σ", fontsize=8)
+            bot.axhline(90, ls=":", color="0.3", lw=0.8)
+            bot.set_ylabel("cumulative energy (%)", fontsize=8)
+            bot.set_xlabel("singular value index", fontsize=8)
+            bot.set_ylim(0, 101)
+            for ax in (top, bot):
+                ax.tick_params(labelsize=7)
+                ax.grid(alpha=0.3)
+        sm = ScalarMappable(norm=norm, cmap=cmap)
+        fig.colorbar(sm, ax=list(axes.flat), label="layer", shrink=0.8)
+        fig.legend(handles=[Line2D([], [], ls=":", color="0.3", label="90% energy")],
+                   loc="outside upper right", fontsize=8, frameon=False)
+        fig.suptitle(f"{model}: singular-value spectra of the pretrained weights", fontsize=11, x=0.01, ha="left")
+        _footer(fig, "Energy: cumulative sum of σ² up to the index over the sum within the stored top-k "
+                     "singular values (spectrum.parquet). One line per module (layer).")
+        figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+def plot_gradnorms(gradnorms: pd.DataFrame, out: str | Path | None = None) -> list[Figure]:
+    """Per-group gradient norm vs training step; one page per ``(model, task, budget)``, one panel
+    per method, one line per group.
+
+    The group norm at a step is the L2 norm over the group's layers,
+    ``sqrt(sum_layers grad_norm²)`` (exact for Frobenius norms of disjoint parameter sets); lines
+    show its mean over seeds and the band ±1 SD (none with one seed); log y. An empty table gives
+    one page saying no gradient norms were logged.
+
+    Raises:
+        ValueError: missing columns in a non-empty table.
+    """
+    if not gradnorms.empty:  # an empty table may come without the value columns
+        _require(gradnorms, ["model", "task", "method", "budget", "seed", "step", "group", "layer", "grad_norm"],
+                 "gradnorms table", _TABLE_HINT.format(name="gradnorms.parquet"))
+    if gradnorms.empty:
+        figs = [placeholder_figure("Per-group gradient norms",
+                                   "no gradient norms were logged in this run (gradnorms.parquet is empty)")]
+    else:
+        figs = []
+        groups_all = list(dict.fromkeys([g for g in GROUP_ORDER if g in set(gradnorms["group"])]
+                                        + sorted(set(gradnorms["group"]) - set(GROUP_ORDER))))
+        gcolors = {g: _PALETTE[i % len(_PALETTE)] for i, g in enumerate(groups_all)}
+        keys = ["model", "task", "method", "budget", "seed", "step", "group"]
+        g2 = (gradnorms.assign(sq=gradnorms["grad_norm"].astype(float) ** 2).groupby(keys)["sq"].sum()
+              .pow(0.5).rename("norm").reset_index())
+        for (model, task, budget), g in g2.groupby(["model", "task", "budget"], sort=False):
+            methods = order_methods(g["method"].unique())
+            nrows, ncols = _grid(len(methods), 3)
+            fig, axes = _page(nrows, ncols, height_per_row=3.3)
+            for ax, m in zip(_drop_unused(axes, len(methods)), methods):
+                gm = g[g["method"] == m]
+                for grp in [x for x in groups_all if x in set(gm["group"])]:
+                    a = gm[gm["group"] == grp].groupby("step")["norm"].agg(["mean", "std", "count"]).sort_index()
+                    x, y = a.index.to_numpy(), a["mean"].to_numpy()
+                    ax.plot(x, y, color=gcolors[grp], lw=1.2, label=grp)
+                    band = (a["count"].to_numpy() >= 2) & np.isfinite(a["std"].to_numpy())
+                    if band.any():
+                        sd = np.where(band, a["std"].to_numpy(), 0.0)
+                        ax.fill_between(x, np.clip(y - sd, 1e-12, None), y + sd, color=gcolors[grp],
+                                        alpha=0.18, lw=0, where=band)
+                ax.set_yscale("log")
+                ax.set_title(f"{m} (n={gm['seed'].nunique()} seeds)", fontsize=9)
+                ax.set_xlabel("training step", fontsize=8)
+                ax.set_ylabel("gradient L2 norm", fontsize=8)
+                ax.tick_params(labelsize=7)
+                ax.grid(alpha=0.3, which="both")
+                ax.legend(fontsize=7, title="parameter group", title_fontsize=7)
+            fig.suptitle(f"{model}: {_task_label(task)} gradient norms per parameter group, "
+                         f"{_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
+            _footer(fig, "Group norm = sqrt(sum over layers of squared per-layer gradient norms); line: mean "
+                         "over seeds, band: ±1 SD over seeds (none with one seed).")
+            figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs

@@ -1,0 +1,207 @@
+"""``summary.md``: the results of a benchmark as Markdown tables, generated from the tables.
+
+Sections: a protocol line; per ``(model, budget)`` the main results table (methods × tasks plus
+the GLUE average, mean ± SD over seeds ×100, best mean per column in bold, significance marks
+vs the reference); per model the parameter counts and costs; the list of failed runs. Every
+number comes from :func:`~peftbench.analysis.significance.method_stats` (the same statistics
+as the plots) and ``significance.parquet``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .plots import METRIC_LABELS, TASK_LABELS, significance_marks
+from .significance import (
+    FULL_BUDGET,
+    GLUE_AVG,
+    StatsOptions,
+    method_stats,
+    order_methods,
+    order_tasks,
+    validate_runs,
+)
+
+__all__ = ["summary_markdown", "write_summary"]
+
+_SHORT_METRIC = {"matthews_correlation": "MCC", "accuracy": "acc", "accuracy_matched": "acc-m",
+                 "pearson": "Pearson", "spearman": "Spearman", "f1": "F1"}
+
+
+def _esc(text: object) -> str:
+    """Escape Markdown table/emphasis characters in free text."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+
+
+def _stars_md(stars: str) -> str:
+    return stars.replace("*", "\\*")
+
+
+def _cell(r: pd.Series | None, best: bool, stars: str) -> str:
+    if r is None or r["n_ok"] == 0:
+        return "failed" if r is not None and r["n_failed"] > 0 else "—"
+    text = f"{100 * r['mean']:.1f}"
+    if np.isfinite(r["std"]):
+        text += f" ± {100 * r['std']:.1f}"
+    if best:
+        text = f"**{text}**"
+    text += _stars_md(stars)
+    total = int(r["n_ok"] + r["n_failed"] + r["n_missing"])
+    if r["n_ok"] < total:
+        text += f" ({int(r['n_ok'])}/{total})"
+    return text
+
+
+def _fmt_int(x: float) -> str:
+    return f"{int(round(x)):,}" if np.isfinite(x) else "n/a"
+
+
+def _fmt(x: float, spec: str) -> str:
+    return format(x, spec) if np.isfinite(x) else "n/a"
+
+
+def _results_table(st: pd.DataFrame, marks: dict, model: str, budget: float, reference: str | None) -> list[str]:
+    tasks = order_tasks(st["task"].unique())
+    methods = order_methods(st["method"].unique(), reference)
+    header = ["method"]
+    for t in tasks:
+        if t == GLUE_AVG:
+            n = int(st.loc[st["task"] == t, "n_tasks"].iloc[0])
+            header.append(f"GLUE avg ({n} task{'' if n == 1 else 's'})")
+        else:
+            metric = st.loc[st["task"] == t, "metric"].iloc[0]
+            header.append(f"{TASK_LABELS.get(t, t)} ({_SHORT_METRIC.get(metric, METRIC_LABELS.get(metric, metric))})")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(tasks)]
+    best = {}
+    for t in tasks:
+        col = st[(st["task"] == t) & (st["n_ok"] > 0)]
+        best[t] = col["mean"].max() if len(col) else np.nan
+    for m in methods:
+        name = f"{m} (reference)" if m == reference else m
+        cells = [_esc(name)]
+        for t in tasks:
+            rr = st[(st["task"] == t) & (st["method"] == m)]
+            r = rr.iloc[0] if len(rr) else None
+            is_best = r is not None and r["n_ok"] > 0 and np.isclose(r["mean"], best[t], rtol=0, atol=1e-12)
+            cells.append(_cell(r, bool(is_best), marks.get((model, t, float(budget), m), "")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cost_table(runs: pd.DataFrame) -> list[str]:
+    effective = "effective_adapter_params" in runs.columns and runs["effective_adapter_params"].notna().any()
+    head = ("| method | budget (% of backbone) | trainable params | adapter params | "
+            + ("effective adapter params | " if effective else "")
+            + "% of backbone | train time per run (s) | samples/s | peak memory (MiB) | runs ok / total |")
+    lines = [head, "|---|" + "---:|" * (9 if effective else 8)]
+    keys = ["method", "budget"]
+    for (m, b) in sorted({(r.method, r.budget) for r in runs[keys].itertuples()},
+                         key=lambda k: (order_methods(runs["method"].unique()).index(k[0]), k[1])):
+        g = runs[(runs["method"] == m) & (runs["budget"] == b)]
+        ok = g[g["status"] == "ok"]
+
+        def mean(col, frame=g):
+            return float(frame[col].astype(float).mean()) if col in frame.columns and len(frame) else np.nan
+
+        t = (float(ok.groupby("task")["train_s"].mean().mean())
+             if "train_s" in ok.columns and len(ok) else np.nan)
+        mem = float(ok["peak_mem_mib"].max()) if "peak_mem_mib" in ok.columns and len(ok) else np.nan
+        budget = "— (full)" if b == FULL_BUDGET else f"{b:g}"
+        eff = ""
+        if effective:
+            e = mean("effective_adapter_params")
+            eff = f"{_fmt_int(e) if np.isfinite(e) else '—'} | "
+        lines.append(f"| {_esc(m)} | {budget} | {_fmt_int(mean('trainable_params'))} | "
+                     f"{_fmt_int(mean('adapter_params'))} | {eff}{_fmt(mean('trainable_pct'), '.3g')} | "
+                     f"{_fmt(t, '.0f')} | {_fmt(mean('samples_per_s', ok), '.1f')} | {_fmt(mem, '.0f')} | "
+                     f"{len(ok)} / {len(g)} |")
+    return lines
+
+
+def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
+                     opts: StatsOptions = StatsOptions(), reference: str | None = None) -> str:
+    """Render the benchmark summary as Markdown.
+
+    Args:
+        runs: ``runs.parquet`` (see :func:`~peftbench.analysis.significance.validate_runs`).
+        significance: ``significance.parquet`` (marks vs the reference) or None (no marks).
+        opts: statistics settings; must match the significance rule's for consistent numbers.
+        reference: reference method; default: the ``reference`` column of ``significance``, else
+            ``"lora"``.
+
+    Returns:
+        The Markdown text. Main tables show mean ± SD (ddof=1) over seeds of ``opts.value`` ×100
+        (no ± with one seed); the best mean per column is bold (ties: all bold); ``\\*``/``\\*\\*``/
+        ``\\*\\*\\*`` mark Holm-adjusted paired t-test p < 0.05/0.01/0.001 vs the reference;
+        ``(k/n)`` means only k of n seeds finished; ``failed`` that none did; ``—`` no run.
+        Cost columns: trainable/adapter parameters and % of backbone are means over the method's
+        runs; train time is the mean over tasks of the mean over seeds; samples/s the mean over ok
+        runs; peak memory the maximum over ok runs.
+
+    Raises:
+        ValueError: invalid run table (see ``validate_runs``) or significance table.
+    """
+    runs = validate_runs(runs, value=opts.value)
+    if reference is None:
+        if significance is not None and not significance.empty and "reference" in significance.columns:
+            reference = str(significance["reference"].iloc[0])
+        else:
+            reference = "lora"
+    marks = significance_marks(significance, reference)
+    st = method_stats(runs, opts)
+    n_failed = int((runs["status"] != "ok").sum())
+    protocol = "; ".join(sorted(map(str, runs["protocol"].dropna().unique()))) if "protocol" in runs else "not recorded"
+    devices = ", ".join(sorted(map(str, runs["device"].dropna().unique()))) if "device" in runs else "not recorded"
+    seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
+    value = "final-epoch" if opts.value == "dev_main" else opts.value
+    out = ["# peftbench results", "",
+           f"**Protocol:** {_esc(protocol or 'not recorded')} (values: {value} dev main metric, `{opts.value}`); "
+           f"seeds {seeds}; device {_esc(devices or 'not recorded')}; {len(runs)} runs, {n_failed} failed. "
+           f"Significance: seed-paired t-test vs `{reference}`, Holm–Bonferroni within each model × task × "
+           f"budget; GLUE average = per-seed mean of the tasks' main metrics"
+           + (f" (excluding {', '.join(opts.glue_exclude)})" if opts.glue_exclude else "") + ".", ""]
+    for model in st["model"].unique():
+        sm = st[st["model"] == model]
+        for budget in sorted(sm["budget"].unique()):
+            label = "full fine-tuning only" if budget == FULL_BUDGET else f"budget {budget:g}% of backbone parameters"
+            out += [f"## {_esc(model)}: {label}", ""]
+            out += _results_table(sm[sm["budget"] == budget], marks, model, budget, reference)
+            out.append("")
+        out += [f"Mean ± SD over seeds (×100) of the dev main metric; **bold**: best mean in the column; "
+                f"\\* / \\*\\* / \\*\\*\\*: Holm-adjusted paired t-test p < 0.05 / 0.01 / 0.001 vs "
+                f"`{reference}`" + ("" if marks else " (no significance table given: no marks)") +
+                "; (k/n): only k of n seeds finished; failed: no seed finished; —: not run. "
+                "`full` ignores budgets and is repeated in every budget table.", ""]
+        out += [f"## {_esc(model)}: parameters and cost", ""]
+        out += _cost_table(runs[runs["model"] == model])
+        out += ["", "Trainable params = adapter + classification head (mean over tasks); % of backbone = "
+                "adapter params / backbone params × 100"
+                + ("; effective adapter params: parameters left after rank pruning or gating, where the "
+                   "method reports them (—: not reported)" if "effective_adapter_params" in runs.columns
+                   and runs["effective_adapter_params"].notna().any() else "")
+                + ". Train time: mean over tasks of the mean over seeds (ok runs); peak memory: maximum "
+                "over ok runs.", ""]
+    failed = runs[runs["status"] != "ok"]
+    out += ["## Failed runs", ""]
+    if failed.empty:
+        out += ["None.", ""]
+    else:
+        out += ["| model | task | method | budget | seed | error |", "|---|---|---|---:|---:|---|"]
+        for r in failed.itertuples():
+            err = str(r.error) if r.error is not None and r.error == r.error else ""
+            err = err.strip().splitlines()[-1] if err.strip() else "(no message)"
+            out.append(f"| {_esc(r.model)} | {_esc(r.task)} | {_esc(r.method)} | {r.budget:g} | {r.seed} "
+                       f"| {_esc(err[:160])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_summary(runs: pd.DataFrame, significance: pd.DataFrame | None, out: str | Path,
+                  opts: StatsOptions = StatsOptions(), reference: str | None = None) -> Path:
+    """Write :func:`summary_markdown` to ``out`` (parent directories are created) and return the path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(summary_markdown(runs, significance, opts, reference), encoding="utf-8")
+    return out
