@@ -8,8 +8,10 @@
 # The node is this host (`hostname -s`), with one GPU declared as a generic resource (GRES) backed
 # by a fake device file, in partitions `cpu` (default) and `gpu`, the names that
 # workflow/profiles/slurm uses. No systemd, no cgroups (containers), no slurmdbd: every finished
-# job is written with its TRES (gres/gpu included) to the job-completion log
-# /var/log/slurm/jobcomp.log, which the test reads to prove the GPU request reached the scheduler.
+# job is written to the job-completion log /var/log/slurm/jobcomp.log, finished jobs stay in
+# `scontrol show job` for MinJobAge=600 s (TresPerJob shows each job's GPU request), and a node
+# prolog writes the GPU the scheduler allocated to each job (SLURM_JOB_GPUS) to
+# /var/log/slurm/prolog.log. tests/test_slurm.py reads these to prove the GPU requests.
 # The node is declared larger than the container (CPUs/RealMemory, SlurmdParameters=config_overrides)
 # so that the site-sized requests of workflow/profiles/slurm are schedulable; nothing is enforced.
 set -euo pipefail
@@ -41,8 +43,14 @@ write_config() {
     local host
     host=$(hostname -s)
     mkdir -p "$SLURM_ETC" "$RUN_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd
-    # The GPU: a plain file stands in for /dev/nvidiaN (slurmd only needs the path to exist).
-    [ -e "$FAKE_GPU" ] || touch "$FAKE_GPU"
+    # The GPU: a character device (a copy of /dev/null) stands in for /dev/nvidia0; slurmd then
+    # hands it out as a GPU (SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES). Where mknod is not allowed,
+    # the GPU is a count-only GRES (still requested and scheduled, without a device index).
+    local gres_line="NodeName=$host Name=gpu File=$FAKE_GPU"
+    if [ ! -c "$FAKE_GPU" ]; then
+        rm -f "$FAKE_GPU"
+        mknod -m 0666 "$FAKE_GPU" c 1 3 2>/dev/null || gres_line="NodeName=$host Name=gpu Count=1"
+    fi
     cat >"$SLURM_ETC/slurm.conf" <<EOF
 # Written by .ci/slurm-setup.sh: a one-node test cluster, not for production.
 ClusterName=peftbench-ci
@@ -77,6 +85,9 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG_DIR/jobcomp.log
 MinJobAge=600
+# a root prolog on the node logs which GPU the scheduler handed each job (SLURM_JOB_GPUS)
+Prolog=$SLURM_ETC/prolog-ci.sh
+PrologFlags=Alloc
 SchedulerParameters=sched_interval=2
 SlurmctldTimeout=30
 SlurmdTimeout=60
@@ -86,9 +97,13 @@ NodeName=$host NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB Gres=g
 PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$host Default=NO MaxTime=INFINITE State=UP
 EOF
-    cat >"$SLURM_ETC/gres.conf" <<EOF
-NodeName=$host Name=gpu File=$FAKE_GPU
-EOF
+    cat >"$SLURM_ETC/prolog-ci.sh" <<'PROLOG'
+#!/bin/sh
+echo "JobId=$SLURM_JOB_ID JobGpus=${SLURM_JOB_GPUS:-none}" >>/var/log/slurm/prolog.log
+exit 0
+PROLOG
+    chmod 0755 "$SLURM_ETC/prolog-ci.sh"
+    echo "$gres_line" >"$SLURM_ETC/gres.conf"
 }
 
 start_munge() {

@@ -126,3 +126,13 @@ def test_dry_run_of_default_config_plans_every_stage(tmp_path):
 def test_snakemake_lint_is_clean():
     proc = subprocess.run([*SNAKEMAKE, "--lint"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.e2e
+def test_html_report_builds_offline(workflow_run):
+    work, _ = workflow_run
+    snakemake(work, "--report", "results/report.html")
+    html = (work / "results/report.html").read_text(errors="replace")
+    assert "<html" in html.lower()
+    for name in ("glue.pdf", "pareto.pdf", "summary.md"):
+        assert name in html, name
