@@ -50,6 +50,16 @@ def test_bad_config_names_key_and_value(cfg, mutate, message):
         pbconfig.validate(bad)
 
 
+def test_all_methods_switch(cfg):
+    from peftbench.methods import METHODS
+
+    cfg["grid"]["methods"] = "all"
+    assert pbconfig.validate(cfg)["grid"]["methods"] == list(METHODS)
+    cfg["grid"]["methods"] = "some"
+    with pytest.raises(pbconfig.ConfigError, match=r"grid\.methods"):
+        pbconfig.validate(cfg)
+
+
 def test_recipe_precedence(cfg):
     cfg["training"]["tasks"] = {"cola": {"lr": 1e-5, "epochs": 7, "max_length": 40, "methods": {"lora": {"lr": 3e-3}}}}
     c = pbconfig.validate(cfg)

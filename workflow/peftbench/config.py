@@ -69,7 +69,7 @@ def _extend_with_default(validator_cls):
 
 
 def check(cfg: dict) -> None:
-    """Cross-field checks the schema cannot express.
+    """Cross-field checks the schema cannot express; expands ``grid.methods: all`` in place.
 
     Raises:
         ConfigError: unknown method or task, a grid model missing from ``models:``, options for a
@@ -79,6 +79,8 @@ def check(cfg: dict) -> None:
     from .tasks import TASKS
 
     grid = cfg["grid"]
+    if grid["methods"] == "all":
+        grid["methods"] = list(METHODS)
     for name in grid["models"]:
         if name not in cfg["models"]:
             raise ConfigError(f"config key grid.models: {name!r} is not a key of models: "
