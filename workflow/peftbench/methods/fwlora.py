@@ -40,8 +40,7 @@ from torch import nn
 
 from . import register
 from .base import LoopState, ranks_frame
-from .glora import ADAPTER, base_weights, capacity_limited, exclude_params, lora_modules
-from .lora import LoRA
+from .glora import ADAPTER, LoRAWithBaseGradients, base_weights, capacity_limited
 
 
 def lora_update_sq_norm(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -58,7 +57,7 @@ def lora_update_sq_norm(A: torch.Tensor, B: torch.Tensor, scaling: float) -> tor
 
 
 @register
-class FWLoRA(LoRA):
+class FWLoRA(LoRAWithBaseGradients):
     """Fisher-weighted LoRA: uniform rank plus an importance-weighted ‖ΔW‖² penalty after warm-up."""
 
     name = "fwlora"
@@ -87,15 +86,6 @@ class FWLoRA(LoRA):
         self.importance: list[float] | None = None
         self.modules: list[nn.Module] = []
         self.last_penalty = 0.0
-
-    def build(self, model: nn.Module) -> nn.Module:
-        model = super().build(model)
-        self.modules = lora_modules(model, self.ctx.targets)
-        return model
-
-    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        # the base weights carry requires_grad during warm-up: they must never be optimised
-        return exclude_params(super().parameter_groups(model, weight_decay), base_weights(self.modules))
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_step_start(self, model: nn.Module, state: LoopState) -> None:

@@ -330,8 +330,25 @@ def warmup_length(total_steps: int, default: int, steps: int | None, fraction: f
 # ------------------------------------------------------------------------------------------------
 # the method
 # ------------------------------------------------------------------------------------------------
+class LoRAWithBaseGradients(LoRA):
+    """LoRA whose frozen target weights may carry gradients during a warm-up (GLoRA's exact
+    estimator, FW-LoRA's Fisher estimate): they are read, never optimised.
+
+    ``self.modules`` holds the peft LoRA modules in target order after :meth:`build`.
+    """
+
+    def build(self, model: nn.Module) -> nn.Module:
+        model = super().build(model)
+        self.modules = lora_modules(model, self.ctx.targets)
+        return model
+
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        # base weights may have requires_grad on during the warm-up: keep them out of the optimizer
+        return exclude_params(super().parameter_groups(model, weight_decay), base_weights(self.modules))
+
+
 @register
-class GLoRA(LoRA):
+class GLoRA(LoRAWithBaseGradients):
     """Gradient-norm-aware LoRA rank allocation (not peft's Generalized LoRA)."""
 
     name = "glora"
@@ -354,16 +371,6 @@ class GLoRA(LoRA):
         self.warmup = warmup_length(ctx.total_steps, ctx.steps_per_epoch, self.options["warmup_steps"],
                                     self.options["warmup_fraction"],
                                     cap=max(1, ctx.total_steps // 2) if ctx.total_steps >= 2 else None)
-
-    # -- building ---------------------------------------------------------------------------------
-    def build(self, model: nn.Module) -> nn.Module:
-        model = super().build(model)
-        self.modules = lora_modules(model, self.ctx.targets)
-        return model
-
-    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        # the frozen base weights may carry requires_grad during an "exact" warm-up: never optimise them
-        return exclude_params(super().parameter_groups(model, weight_decay), base_weights(self.modules))
 
     def _in_warmup(self, state: LoopState) -> bool:
         return not self.reallocated and state.step < self.warmup
