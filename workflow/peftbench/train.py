@@ -66,6 +66,19 @@ class Recipe:
         checkpoint_every: optimizer steps between checkpoints (also one after every epoch's
             evaluation); 0 turns checkpoints off. Needs a checkpoint directory.
         keep_checkpoints: keep the last checkpoint after the run's outputs are complete.
+        length_buckets: pad every batch up to one of this many fixed sequence lengths (quantiles of
+            the training lengths, multiples of 8) instead of its own longest example, so the
+            model sees few distinct shapes (what CUDA graphs / ``torch.compile`` need); 0 = pad
+            each batch to its longest example. Padding is masked, so a forward pass changes only
+            by floating-point rounding; dropout masks are drawn per padded shape, so a bucketed
+            run is another (equally valid) random draw than an unbucketed one with the same seed.
+        compile: wrap the training forward/backward in ``torch.compile`` (evaluation stays
+            eager). Falls back to eager, with a log line saying why, where compilation is not
+            possible: a CUDA-graph mode on a CPU, or a method that does not declare
+            ``compilable``. Compilation time is measured apart (``compile_s``).
+        compile_mode: ``torch.compile`` mode; ``reduce-overhead`` uses CUDA graphs (GPU only).
+        compile_backend: ``torch.compile`` backend (``inductor``; ``eager`` traces with Dynamo
+            and runs eagerly, for checking the wiring on a CPU).
         method_options: the method's options (``methods.<name>`` in config).
     """
 
@@ -82,6 +95,10 @@ class Recipe:
     log_gradnorms: bool | None = None
     checkpoint_every: int = 200
     keep_checkpoints: bool = False
+    length_buckets: int = 0
+    compile: bool = False
+    compile_mode: str = "reduce-overhead"
+    compile_backend: str = "inductor"
     method_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -131,6 +148,48 @@ class TokenizedSplit:
                                if "token_type_ids" in table.column_names else None)
         label = table.column("label").to_numpy()
         self.labels = torch.from_numpy(label.astype(np.float32 if label.dtype.kind == "f" else np.int64))
+        self.buckets: list[int] = []
+
+    def bucket_widths(self, n: int, multiple: int = 8) -> list[int]:
+        """``n`` padded sequence lengths covering this split: the ``i/n`` quantiles of the example
+        lengths (i = 1..n) rounded up to a multiple of ``multiple`` and capped at the longest
+        example; duplicates removed, so fewer than ``n`` may come back.
+
+        Raises:
+            ValueError: ``n < 1``.
+        """
+        if n < 1:
+            raise ValueError(f"length_buckets must be >= 1 to make buckets, got {n}")
+        longest = int(self.lengths.max())
+        q = np.quantile(self.lengths.numpy(), np.arange(1, n + 1) / n)
+        widths = {min(longest, int(math.ceil(x / multiple) * multiple)) for x in q}
+        widths.add(longest)
+        return sorted(widths)
+
+    def set_buckets(self, widths: list[int]) -> None:
+        """Pad batches up to the smallest of ``widths`` that holds their longest example.
+
+        Raises:
+            ValueError: a width shorter than the longest example (it would truncate).
+        """
+        widths = sorted(int(w) for w in widths)
+        if widths and widths[-1] < int(self.lengths.max()):
+            raise ValueError(f"length buckets {widths} do not hold the longest example of {self.path} "
+                             f"({int(self.lengths.max())} tokens)")
+        if widths and widths[-1] > self.input_ids.shape[1]:
+            extra = widths[-1] - self.input_ids.shape[1]
+            self.input_ids = torch.nn.functional.pad(self.input_ids, (0, extra), value=self.pad_token_id)
+            self.attention_mask = torch.nn.functional.pad(self.attention_mask, (0, extra), value=0)
+            if self.token_type_ids is not None:
+                self.token_type_ids = torch.nn.functional.pad(self.token_type_ids, (0, extra), value=0)
+        self.buckets = widths
+
+    def width(self, idx: torch.Tensor) -> int:
+        """Padded length of the batch ``idx``: its longest example, or the bucket holding it."""
+        w = int(self.lengths[idx].max())
+        if self.buckets:
+            w = self.buckets[int(np.searchsorted(self.buckets, w))]
+        return w
 
     @staticmethod
     def _pad(col, offsets: np.ndarray, width: int, pad: int) -> torch.Tensor:
@@ -146,8 +205,9 @@ class TokenizedSplit:
         return len(self.labels)
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        """The examples ``idx`` as model inputs (trimmed to their longest) plus ``labels``."""
-        width = int(self.lengths[idx].max())
+        """The examples ``idx`` as model inputs plus ``labels``: ``(len(idx), W)`` tensors with ``W``
+        from :meth:`width` (the longest example, or its length bucket)."""
+        width = self.width(idx)
         b = {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width]}
         if self.token_type_ids is not None:
             b["token_type_ids"] = self.token_type_ids[idx, :width]
@@ -282,6 +342,9 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
     torch.manual_seed(seed)
     np.random.seed(seed)
     train = TokenizedSplit(train_path, recipe.max_train_samples)
+    if recipe.length_buckets:
+        train.set_buckets(train.bucket_widths(recipe.length_buckets))
+        log.info("length buckets (tokens): %s", train.buckets)
     devs = {s: TokenizedSplit(p, recipe.max_eval_samples) for s, p in dev_paths.items()}
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
@@ -295,6 +358,7 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
     method = method_cls(ctx)
     model = method.build(model).to(dev)
     model.train()
+    train_model, compile_note = compile_for_training(model, method_cls, dev, recipe)
     log_gradnorms = method.log_gradnorms if recipe.log_gradnorms is None else recipe.log_gradnorms
     lr = float(recipe.lr)
 
@@ -344,7 +408,8 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
     error = None
     try:
         _loop(model, method, task, train, devs, recipe, state, gen, p, dev, autocast, log_gradnorms, lr, ckpt,
-              label=f"{method_name} on {task_name} (budget {budget}, seed {seed})")
+              label=f"{method_name} on {task_name} (budget {budget}, seed {seed})",
+              train_model=train_model if train_model is not model else None)
     except TrainingDiverged as exc:
         error = str(exc)
         log.error("%s", exc)
@@ -373,7 +438,9 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
         "trainable_params": counts["adapter_params"] + counts["head_params"], **counts,
         "backbone_params": backbone, "trainable_pct": 100.0 * counts["adapter_params"] / backbone,
         "budget_params": method.budget_count(model), "budget_pct": 100.0 * method.budget_count(model) / backbone,
-        "train_s": train_s, "samples_per_s": seen / max(train_s, 1e-9), "eval_s": eval_s,
+        "train_s": train_s, "samples_per_s": (seen - p.compile_seen) / max(train_s, 1e-9), "eval_s": eval_s,
+        "compile_s": p.compile_s, "compiled": train_model is not model, "compile_note": compile_note,
+        "length_buckets": ",".join(map(str, train.buckets)),
         "peak_mem_mib": _peak_mem_mib(dev), "steps": state.step, "epochs": recipe.epochs,
         "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),
         "batch_size": recipe.batch_size, "lr": lr,
@@ -412,11 +479,57 @@ class _Progress:
     seen: int = 0
     loss_sum: float = 0.0     # training loss summed since the last logged step
     n_acc: int = 0
+    compile_s: float = 0.0    # seconds of steps that compiled or recorded a graph (not in train_s)
+    compile_seen: int = 0     # examples of those steps (not in samples_per_s)
+    shape_calls: dict = field(default_factory=dict)  # batch shape -> compiled calls so far
+
+
+COMPILE_WARM_CALLS = 2
+"""Calls of a compiled step per batch shape that count as compilation / warm-up: the first
+compiles (and runs once eagerly), the second records the CUDA graph; later calls replay it."""
+
+
+def compile_for_training(model, method_cls, dev: torch.device, recipe: Recipe):
+    """The module the training loop calls: ``torch.compile(model)`` when ``recipe.compile`` asks
+    for it and compilation is possible, else ``model`` itself.
+
+    Falls back to eager, with a log line naming the reason, when the method does not declare
+    ``compilable`` or the mode needs CUDA graphs and the device is a CPU. Evaluation always uses
+    the eager module (other shapes, dropout off).
+
+    Returns:
+        ``(module, note)``; ``note`` says what happened (``"eager"``, ``"compiled (...)"`` or the
+        fallback reason).
+    """
+    if not recipe.compile:
+        return model, "eager"
+    reason = None
+    if not getattr(method_cls, "compilable", False):
+        reason = f"method {method_cls.name} does not declare compilable = True"
+    elif dev.type != "cuda" and recipe.compile_backend == "inductor" and \
+            recipe.compile_mode in ("reduce-overhead", "max-autotune"):
+        reason = f"compile_mode {recipe.compile_mode} uses CUDA graphs and the device is {dev.type}"
+    if reason is not None:
+        log.warning("compile: falling back to eager: %s", reason)
+        return model, f"eager (fallback: {reason})"
+    if not recipe.length_buckets:
+        log.warning("compile without length_buckets: every new batch length recompiles; set "
+                    "training.defaults.length_buckets (e.g. 4) for static shapes")
+    mode = None if recipe.compile_backend != "inductor" else recipe.compile_mode
+    log.info("compile: torch.compile(backend=%s, mode=%s) for training steps", recipe.compile_backend, mode)
+    return torch.compile(model, backend=recipe.compile_backend, mode=mode, dynamic=False), \
+        f"compiled (backend {recipe.compile_backend}, mode {mode})"
 
 
 def _loop(model, method, task, train, devs, recipe, state, gen, p: _Progress, dev, autocast, log_gradnorms, lr,
-          ckpt, label: str) -> None:
-    """Run the epochs from ``p``'s position; raises TrainingDiverged on a NaN/inf loss."""
+          ckpt, label: str, train_model=None) -> None:
+    """Run the epochs from ``p``'s position; raises TrainingDiverged on a NaN/inf loss.
+
+    ``train_model`` (a compiled ``model``) runs the training forward passes when given; the
+    first :data:`COMPILE_WARM_CALLS` steps of each batch shape are then timed apart as
+    compilation (``p.compile_s``), not training.
+    """
+    forward = train_model if train_model is not None else model
     steps_per_epoch = state.steps_per_epoch
     for epoch in range(p.epoch, recipe.epochs):
         state.epoch = p.epoch = epoch
@@ -426,13 +539,24 @@ def _loop(model, method, task, train, devs, recipe, state, gen, p: _Progress, de
             gen.set_state(p.gen_state)
         perm = torch.randperm(len(train), generator=gen)
         t0 = time.perf_counter()
+        excluded = 0.0
         loss_acc = torch.full((), p.loss_sum, device=dev)
         for b in range(p.b_next, steps_per_epoch):
             idx = perm[b * recipe.batch_size:(b + 1) * recipe.batch_size]
             batch = train.batch(idx, dev)
+            warm = False
+            if train_model is not None:
+                shape = tuple(batch["input_ids"].shape)
+                calls = p.shape_calls.get(shape, 0)
+                p.shape_calls[shape] = calls + 1
+                if calls < COMPILE_WARM_CALLS:
+                    warm = True
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    tw = time.perf_counter()
             method.on_step_start(model, state)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                outputs = model(**batch)
+                outputs = forward(**batch)
                 loss = outputs.loss
                 extra = method.extra_loss(model, outputs, batch, state)
                 if extra is not None:
@@ -451,6 +575,13 @@ def _loop(model, method, task, train, devs, recipe, state, gen, p: _Progress, de
             loss_acc += loss.detach().float()
             p.n_acc += 1
             p.seen += len(idx)
+            if warm:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                dt = time.perf_counter() - tw
+                excluded += dt
+                p.compile_s += dt
+                p.compile_seen += len(idx)
             if state.step % recipe.log_every == 0 or b == steps_per_epoch - 1:
                 mean_loss = float(loss_acc) / p.n_acc  # one host sync per logged step
                 if not math.isfinite(mean_loss):
@@ -468,13 +599,12 @@ def _loop(model, method, task, train, devs, recipe, state, gen, p: _Progress, de
             if ckpt is not None and recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 \
                     and p.b_next < steps_per_epoch:
                 p.loss_sum = float(loss_acc)
-                elapsed = time.perf_counter() - t0
-                p.train_s += elapsed
+                p.train_s += time.perf_counter() - t0 - excluded
                 ckpt.save(model, method, state, p)
-                t0 = time.perf_counter()
+                t0, excluded = time.perf_counter(), 0.0
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        p.train_s += time.perf_counter() - t0
+        p.train_s += time.perf_counter() - t0 - excluded
         t1 = time.perf_counter()
         m = evaluate(model, method, task, devs, dev, recipe.eval_batch_size, autocast)
         p.eval_s += time.perf_counter() - t1

@@ -38,6 +38,7 @@ class AdaLoRA(Method):
 
     name = "adalora"
     identity_at_init = True
+    compilable = True
     default_options = {"init_ratio": 1.5, "alpha": None, "dropout": 0.1, "tinit": 0.1, "tfinal": 0.2,
                        "delta_t": 10, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1}
 

@@ -117,6 +117,9 @@ class Method:
         log_gradnorms: default for logging per-group gradient norms (config can turn it on for all).
         identity_at_init: the wrapped model's output equals the pretrained model's before the
             first optimizer step (LoRA's zero-init B, spectral adapters' zero-init deltas …).
+        compilable: the training forward/backward may run under ``torch.compile`` (recipe key
+            ``compile``); methods that change their modules or read Python-side state inside the
+            forward during training leave it False and run eagerly.
     """
 
     name: ClassVar[str] = ""
@@ -125,6 +128,7 @@ class Method:
     default_options: ClassVar[dict[str, Any]] = {}
     log_gradnorms: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
+    compilable: ClassVar[bool] = False
 
     def __init__(self, ctx: BuildContext):
         unknown = set(ctx.options) - set(self.default_options)

@@ -17,6 +17,7 @@ class FullFineTuning(Method):
 
     name = "full"
     budget_free = True
+    compilable = True
 
     def build(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

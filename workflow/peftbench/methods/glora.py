@@ -335,7 +335,11 @@ class LoRAWithBaseGradients(LoRA):
     estimator, FW-LoRA's Fisher estimate): they are read, never optimised.
 
     ``self.modules`` holds the peft LoRA modules in target order after :meth:`build`.
+    Not ``compilable``: the base weights' ``requires_grad`` flips after the warm-up and GLoRA
+    resizes its modules, both of which a captured graph would not see.
     """
+
+    compilable = False
 
     def build(self, model: nn.Module) -> nn.Module:
         model = super().build(model)

@@ -31,6 +31,7 @@ class LoRA(Method):
 
     name = "lora"
     identity_at_init = True
+    compilable = True
     default_options = {"alpha": 16, "dropout": 0.1}
 
     def rank(self) -> int:

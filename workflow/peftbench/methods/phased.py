@@ -119,6 +119,7 @@ class PhasedLoRA(LoRA):
     name = "phased"
     default_options = {"strategy": "both->mlp->attn", "bounds": None, "alpha": 16, "dropout": 0.1}
     log_gradnorms = True
+    compilable = False  # not checked under torch.compile yet: runs eagerly
 
     def __init__(self, ctx):
         super().__init__(ctx)

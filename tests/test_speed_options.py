@@ -1,0 +1,97 @@
+"""Length buckets and torch.compile in the training loop (behaviour only; speed is benchmarked,
+see peftbench.bench)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from peftbench.train import Recipe, TokenizedSplit, compile_for_training
+from test_stages import _train
+
+
+def test_bucket_widths_cover_every_example(tiny_data):
+    split = TokenizedSplit(tiny_data["sst2"]["train"], max_samples=200)
+    widths = split.bucket_widths(4)
+    longest = int(split.lengths.max())
+    assert 1 <= len(widths) <= 4 and widths == sorted(set(widths))
+    assert widths[-1] == longest
+    assert all(w % 8 == 0 or w == longest for w in widths)
+    split.set_buckets(widths)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        idx = torch.randperm(len(split), generator=gen)[:16]
+        b = split.batch(idx, torch.device("cpu"))
+        w = b["input_ids"].shape[1]
+        assert w in widths and w >= int(split.lengths[idx].max())
+        # padding is masked: the mask sums to the true lengths
+        assert torch.equal(b["attention_mask"].sum(1), split.lengths[idx])
+
+
+def test_buckets_that_truncate_are_rejected(tiny_data):
+    split = TokenizedSplit(tiny_data["sst2"]["train"], max_samples=50)
+    with pytest.raises(ValueError, match="do not hold the longest example"):
+        split.set_buckets([4])
+    with pytest.raises(ValueError, match="length_buckets must be >= 1"):
+        split.bucket_widths(0)
+
+
+def test_bucket_padding_leaves_the_forward_pass_unchanged(tiny_model_dir, tiny_data):
+    from peftbench.models import load_classifier
+    from peftbench.tasks import get_task
+
+    torch.manual_seed(0)
+    model = load_classifier(str(tiny_model_dir), get_task("sst2")).eval()
+    plain = TokenizedSplit(tiny_data["sst2"]["train"], max_samples=64)
+    bucketed = TokenizedSplit(tiny_data["sst2"]["train"], max_samples=64)
+    bucketed.set_buckets([plain.input_ids.shape[1] + 5])  # wider than any example: pure padding
+    idx = torch.arange(16)
+    a, b = plain.batch(idx, torch.device("cpu")), bucketed.batch(idx, torch.device("cpu"))
+    assert b["input_ids"].shape[1] == plain.input_ids.shape[1] + 5 > a["input_ids"].shape[1]
+    with torch.no_grad():
+        la = model(**{k: v for k, v in a.items() if k != "labels"}).logits
+        lb = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_length_buckets(tiny_model_dir, tiny_data, tmp_path):
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "lora", task="sst2", epochs=1, length_buckets=3)
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert row["status"] == "ok" and 0 <= row["dev_main"] <= 1
+    widths = [int(w) for w in row["length_buckets"].split(",")]
+    assert 1 <= len(widths) <= 3 and widths == sorted(widths)
+    assert not row["compiled"] and row["compile_s"] == 0 and row["compile_note"] == "eager"
+
+
+def test_compile_falls_back_to_eager_with_a_reason(caplog):
+    from peftbench.methods import get_method
+
+    model = torch.nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING, logger="peftbench.train"):
+        m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Recipe(compile=True))
+    assert m is model and "reduce-overhead uses CUDA graphs and the device is cpu" in note
+    assert "falling back to eager" in caplog.text
+    m, note = compile_for_training(model, get_method("glora"), torch.device("cpu"),
+                                   Recipe(compile=True, compile_backend="eager"))
+    assert m is model and "glora does not declare compilable" in note
+    m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Recipe())
+    assert m is model and note == "eager"
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_compiled_training_matches_eager(tiny_model_dir, tiny_data, tmp_path, method):
+    """Dynamo-traced training (backend ``eager``: the graph capture without code generation) gives
+    the eager run's losses and counts the first steps of each batch shape as compilation."""
+    common = dict(task="sst2", epochs=1, length_buckets=2, max_train_samples=64)
+    a = _train(tiny_model_dir, tiny_data, tmp_path / "a", method, **common)
+    b = _train(tiny_model_dir, tiny_data, tmp_path / "b", method, compile=True, compile_backend="eager", **common)
+    ma, mb = (pd.read_parquet(d / "metrics.parquet").iloc[0] for d in (a, b))
+    assert not ma["compiled"] and ma["compile_s"] == 0
+    assert mb["compiled"] and mb["compile_s"] > 0 and mb["compile_note"].startswith("compiled (backend eager")
+    ca, cb = (pd.read_parquet(d / "curve.parquet") for d in (a, b))
+    np.testing.assert_allclose(ca.loc[ca.kind == "train", "loss"], cb.loc[cb.kind == "train", "loss"],
+                               rtol=1e-5, atol=1e-6)
+    assert ma["dev_main"] == pytest.approx(mb["dev_main"], abs=1e-9)
