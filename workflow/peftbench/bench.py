@@ -39,11 +39,11 @@ import torch
 from .budget import per_rank_cost, uniform_rank
 from .io import write_table
 from .metrics import compute_metrics
-from .methods import BuildContext, get_method
-from .models import backbone_param_count, find_targets, head_module_names, load_classifier, load_tokenizer
+from .methods import get_method
+from .models import backbone_param_count, find_targets, load_classifier, load_tokenizer
 from .tasks import get_task
 from .tokenization import tokenize_split
-from .train import Recipe, TokenizedSplit, _peak_mem_mib, run
+from .train import Recipe, TokenizedSplit, _peak_mem_mib, build_model, run
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,7 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
     torch.manual_seed(seed)
-    model = load_classifier(model_spec, task)
-    ctx = BuildContext(task=task, budget=budget, backbone_params=backbone_param_count(model),
-                       targets=find_targets(model), head_modules=head_module_names(model), total_steps=total,
-                       steps_per_epoch=steps_per_epoch, options=dict(recipe.method_options), seed=seed,
-                       device=device, svd_path=None)
-    model = get_method(method_name)(ctx).build(model)
+    model, _, _ = build_model(model_spec, task, method_name, budget, seed, recipe, steps_per_epoch, total, device)
 
     class AdaLoRAAllocation(TrainerCallback):
         """peft's AdaLoRA budget step after every optimizer step, before the gradients are zeroed."""
@@ -216,8 +211,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     df["vs_lora_time"] = [row.train_s / lora_s[row.system] if row.system in lora_s.index else float("nan")
                           for row in df.itertuples()]
     meta = {"model": model_spec, "task": task_name, "rank": rank, "budget_pct": budget, "batch_size": batch_size,
-            "epochs": epochs, "max_length": max_length, "train_examples": len(TokenizedSplit(paths["train"],
-                                                                                          max_train_samples)),
+            "epochs": epochs, "max_length": max_length, "train_examples": r["train_examples"],
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "torch_version": torch.__version__, "tokenize_examples_per_s": tok_stats["train"]["examples_per_s"]}
     for k, v in meta.items():

@@ -291,6 +291,26 @@ def gradient_norms(model) -> list[tuple[str, int, float]]:
     return [(g, layer, math.sqrt(v)) for (g, layer), v in sorted(sq.items())]
 
 
+def build_model(model_spec: str, task: TaskSpec, method_name: str, budget: float, seed: int, recipe: Recipe,
+                steps_per_epoch: int, total_steps: int, dev: torch.device, svd_path: str | Path | None = None):
+    """Load the pretrained classifier and wrap it with the method (still on the CPU).
+
+    Returns:
+        ``(model, method, backbone_params)``.
+
+    Raises:
+        ValueError: bad method options or budget (from the method).
+    """
+    model = load_classifier(model_spec, task)
+    backbone = backbone_param_count(model)
+    ctx = BuildContext(task=task, budget=budget, backbone_params=backbone, targets=find_targets(model),
+                       head_modules=head_module_names(model), total_steps=total_steps,
+                       steps_per_epoch=steps_per_epoch, options=dict(recipe.method_options), seed=seed,
+                       device=dev, svd_path=Path(svd_path) if svd_path else None)
+    method = get_method(method_name)(ctx)
+    return method.build(model), method, backbone
+
+
 def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, budget: float, seed: int,
         train_path: str | Path, dev_paths: dict[str, str | Path], out_dir: str | Path, recipe: Recipe,
         svd_path: str | Path | None = None, device: str | None = None,
@@ -349,14 +369,9 @@ def run(*, model_name: str, model_spec: str, task_name: str, method_name: str, b
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
 
-    model = load_classifier(model_spec, task)
-    backbone = backbone_param_count(model)
-    ctx = BuildContext(task=task, budget=budget, backbone_params=backbone, targets=find_targets(model),
-                       head_modules=head_module_names(model), total_steps=total_steps,
-                       steps_per_epoch=steps_per_epoch, options=dict(recipe.method_options), seed=seed,
-                       device=dev, svd_path=Path(svd_path) if svd_path else None)
-    method = method_cls(ctx)
-    model = method.build(model).to(dev)
+    model, method, backbone = build_model(model_spec, task, method_name, budget, seed, recipe, steps_per_epoch,
+                                          total_steps, dev, svd_path)
+    model = model.to(dev)
     model.train()
     train_model, compile_note = compile_for_training(model, method_cls, dev, recipe)
     log_gradnorms = method.log_gradnorms if recipe.log_gradnorms is None else recipe.log_gradnorms
