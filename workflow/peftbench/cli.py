@@ -71,6 +71,20 @@ def cmd_bench(a: argparse.Namespace) -> None:
     print(format_table(df))
 
 
+def cmd_config_reference(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .config import SCHEMA
+    from .config_reference import load, render
+
+    text = render(load(a.schema or SCHEMA))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``peftbench`` argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="peftbench", description=__doc__.split("\n")[0])
@@ -141,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir", default=None, help="keep tokenised data and run outputs here (default: temporary)")
     s.add_argument("--out", default=None, help="write the table as Parquet")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("config-reference", help="render the config reference (Markdown) from the config schema")
+    s.add_argument("--schema", default=None, help="schema file (default: workflow/schemas/config.schema.yaml)")
+    s.add_argument("--out", default=None, help="output Markdown file (default: stdout)")
+    s.set_defaults(func=cmd_config_reference)
 
     try:
         from .analysis.cli import register
