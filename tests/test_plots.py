@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
 
+from peftbench import vocab
 from peftbench.analysis import cli, plots
 from peftbench.analysis.significance import GLUE_AVG, StatsOptions, compare_methods
 from peftbench.analysis.summary import summary_markdown, write_summary
@@ -398,7 +399,7 @@ def test_cli_plot_and_summary(tmp_path, runs, sig):
         "spectrum": ["--spectrum", *spec],
         "gradnorms": ["--gradnorms", paths["gradnorms"]],
     }
-    assert set(calls) == set(plots.PLOT_KINDS) == set(cli.PLOT_KINDS)
+    assert set(calls) == set(vocab.PLOTS)
     for kind, extra in calls.items():
         out = tmp_path / "comparison" / f"{kind}.pdf"
         args = parse(["plot", kind, *map(str, extra), "--out", str(out), *stat])
@@ -437,10 +438,11 @@ def test_cli_register_does_not_import_plotting():
 
 
 def test_cli_plot_needs_its_inputs(tmp_path, capsys):
+    # the task kind reads runs and significance (vocab.PLOTS) and needs --task
     args = parse(["plot", "task", "--runs", "x.parquet", "--out", str(tmp_path / "t.pdf")])
     with pytest.raises(SystemExit):
         args.func(args)
-    assert "needs --task" in capsys.readouterr().err
+    assert "plot task needs --significance, --task" in capsys.readouterr().err
 
 
 def test_cli_plot_missing_file_names_it(tmp_path):

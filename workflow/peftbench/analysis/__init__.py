@@ -8,7 +8,15 @@ Modules:
         gradnorms), each returning Matplotlib figures and writing a PDF plus a PNG.
     summary: ``results/comparison/summary.md``.
     cli: ``register(subparsers)`` adds the ``significance``, ``plot`` and ``summary``
-        sub-commands to the package CLI.
+        sub-commands to the package CLI; ``plot_inputs``/``plot_argv`` map a figure name to its
+        input tables and ``peftbench plot`` arguments (used by the ``plot`` rule too).
+
+Shared names come from the vocabulary, never from copies here: tasks, metrics, run statuses,
+tables and plot kinds from :mod:`peftbench.vocab`; methods (order, labels, which are
+budget-free) from :mod:`peftbench.methods`; defaults of the statistics options from the config
+schema (:func:`peftbench.config.schema_defaults`). A run's ``status`` is ``ok``, ``failed`` or
+``missing`` (:data:`peftbench.vocab.RUN_STATUSES`); failed and missing runs are counted in every
+table and figure, never dropped.
 
 Outputs of the ``significance`` sub-command:
     ``results/tables/significance.parquet``: one row per comparison (method vs baseline) per

@@ -5,15 +5,22 @@ sets ``func`` to a function taking the parsed :class:`argparse.Namespace`. For u
 main CLI, :func:`main` builds a parser with only these sub-commands
 (``python -m peftbench.analysis.cli significance --runs ... --out ...``).
 
-Sub-commands::
+Sub-commands (defaults of the statistics options and ``--reference``: the config schema's
+``analysis`` section)::
 
-    significance --runs R --out S [--stats-out M] [--reference lora] [--all-pairs]
-                 [--resamples 10000] [--confidence 0.95] [--seed 0] [--ci-method BCa]
+    significance --runs R --out S [--stats-out M] [--reference M] [--all-pairs]
+                 [--resamples N] [--confidence C] [--seed S] [--ci-method BCa]
                  [--value dev_main] [--glue-exclude TASK ...]
     plot KIND --out F.pdf [--runs R] [--significance S] [--curves C] [--ranks K]
               [--gradnorms G] [--spectrum P [P ...]] [--task T] [--reference M]
               [statistics options as above]
     summary --runs R --out summary.md [--significance S] [statistics options as above]
+
+The figure kinds, and the tables each reads, are :data:`peftbench.vocab.PLOTS`: ``plot KIND``
+needs ``--<input>`` for every input of its kind (plus ``--task`` for a per-task kind).
+:func:`plot_inputs` and :func:`plot_argv` turn one figure name (the ``{kind}`` wildcard of the
+``plot`` rule: a kind, or a task name for the per-task kind) into its input paths and this
+command line, so the Snakemake rule and the CLI read one input map.
 """
 from __future__ import annotations
 
@@ -21,40 +28,102 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..vocab import PLOTS, TABLE_SOURCES, TABLES, TASKS, PlotKind
+
 # Heavy modules (pandas, scipy, matplotlib) are imported inside the commands, so that the package
 # CLI can call register() on every start-up without paying for them.
 
-__all__ = ["register", "main", "build_parser", "PLOT_KINDS"]
+__all__ = ["register", "main", "build_parser", "figure_names", "plot_kind", "plot_inputs", "plot_argv",
+           "table_path", "PLOT_INPUTS"]
 
-#: The figure kinds of ``peftbench plot`` (same as ``plots.PLOT_KINDS``).
-PLOT_KINDS = ("glue", "task", "pareto", "cost", "curves", "ranks", "spectrum", "gradnorms")
+#: Input key of the svd stage's per-model singular-value spectra (not an aggregated table).
+SPECTRUM = "spectrum"
 
-_HINTS = {
-    "runs": "it is written by the aggregate rule: `snakemake results/tables/runs.parquet`",
-    "significance": "it is written by the significance rule: `snakemake results/tables/significance.parquet`",
-    "curves": "it is written by the aggregate rule: `snakemake results/tables/curves.parquet`",
-    "ranks": "it is written by the aggregate rule: `snakemake results/tables/ranks.parquet`",
-    "gradnorms": "it is written by the aggregate rule: `snakemake results/tables/gradnorms.parquet`",
-    "spectrum": "it is written by the svd rule: `snakemake results/svd/<model>/spectrum.parquet`",
-}
-
-#: Which inputs each plot kind needs (besides --out).
-PLOT_INPUTS = {"glue": ("runs",), "task": ("runs", "task"), "pareto": ("runs",), "cost": ("runs",),
-               "curves": ("curves",), "ranks": ("ranks",), "spectrum": ("spectrum",),
-               "gradnorms": ("gradnorms",)}
+#: Every input a figure kind can read (keys of :data:`~peftbench.vocab.TABLES` or ``spectrum``),
+#: in first-use order; each is the ``plot`` option ``--<key>``.
+PLOT_INPUTS: tuple[str, ...] = tuple(dict.fromkeys(k for p in PLOTS.values() for k in p.inputs))
 
 
-def _add_stats_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("statistics (use the same values in significance, plot and summary)")
-    g.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    g.add_argument("--confidence", type=float, default=0.95, help="confidence level of the bootstrap CI (default 0.95)")
-    g.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
-    g.add_argument("--ci-method", default="BCa", choices=["BCa", "percentile", "basic"],
-                   help="scipy.stats.bootstrap method (default BCa)")
-    g.add_argument("--value", default="dev_main", choices=["dev_main", "best_dev_main"],
-                   help="compared value: final epoch (dev_main, default) or best epoch (best_dev_main)")
-    g.add_argument("--glue-exclude", nargs="*", default=[], metavar="TASK",
-                   help="tasks left out of the GLUE average (default: none)")
+def table_path(key: str, models=(), results: str = "results") -> str | list[str]:
+    """Where input ``key`` lives: ``results/tables/<TABLES[key]>``, or for ``spectrum`` one
+    ``results/svd/<model>/spectrum.parquet`` per model of ``models``."""
+    if key == SPECTRUM:
+        return [f"{results}/svd/{m}/spectrum.parquet" for m in models]
+    return f"{results}/tables/{TABLES[key]}"
+
+
+def _hint(key: str) -> str:
+    """How to (re)create input ``key``, for error messages."""
+    if key == SPECTRUM:
+        return "it is written by the svd rule: `snakemake results/svd/<model>/spectrum.parquet`"
+    rule = "aggregate" if key in TABLE_SOURCES else "significance"
+    return f"it is written by the {rule} rule: `snakemake {table_path(key)}`"
+
+
+def _per_task_kind() -> PlotKind | None:
+    kinds = [p for p in PLOTS.values() if p.per_task]
+    if len(kinds) > 1:  # pragma: no cover - a vocabulary invariant
+        raise ValueError(f"more than one per-task plot kind ({', '.join(p.name for p in kinds)}): their "
+                         "figures would share the names results/comparison/<task>.pdf")
+    return kinds[0] if kinds else None
+
+
+def figure_names(tasks=TASKS) -> list[str]:
+    """Every figure name (``results/comparison/<name>.pdf``): each kind of :data:`PLOTS` that is
+    not per task, then the per-task kind's figure for each of ``tasks``."""
+    names = [p.name for p in PLOTS.values() if not p.per_task]
+    return names + (list(tasks) if _per_task_kind() is not None else [])
+
+
+def plot_kind(name: str) -> tuple[PlotKind, str | None]:
+    """The plot kind and task of figure ``name``: a kind of :data:`PLOTS` that is not per task
+    (task None), or a GLUE task name (the per-task kind, that task).
+
+    Raises:
+        KeyError: ``name`` is neither; the message lists both.
+    """
+    if name in PLOTS and not PLOTS[name].per_task:
+        return PLOTS[name], None
+    per_task = _per_task_kind()
+    if name in TASKS and per_task is not None:
+        return per_task, name
+    raise KeyError(f"unknown figure {name!r}; figures: {', '.join(figure_names())}")
+
+
+def plot_inputs(name: str, models=(), results: str = "results") -> dict[str, str | list[str]]:
+    """``{input key: path(s)}`` that figure ``name`` reads (:data:`PLOTS`, :func:`table_path`)."""
+    kind, _ = plot_kind(name)
+    return {key: table_path(key, models, results) for key in kind.inputs}
+
+
+def plot_argv(name: str, inputs) -> list[str]:
+    """``peftbench plot`` arguments (after ``plot``) of figure ``name`` reading ``inputs`` (a
+    mapping from input key to path(s), as from :func:`plot_inputs` or a Snakemake ``input``):
+    ``[kind, (--task T), --<key> PATH..., ...]``, without ``--out`` and the statistics options."""
+    kind, task = plot_kind(name)
+    argv = [kind.name] + (["--task", task] if task else [])
+    for key in kind.inputs:
+        paths = inputs[key]
+        argv += [f"--{key}", *([str(paths)] if isinstance(paths, (str, Path)) else map(str, paths))]
+    return argv
+
+
+def _add_stats_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    g = p.add_argument_group("statistics (use the same values in significance, plot and summary; "
+                             "defaults: the config schema's analysis section)")
+    g.add_argument("--resamples", type=int, default=defaults["bootstrap_resamples"],
+                   help="bootstrap resamples (default %(default)s)")
+    g.add_argument("--confidence", type=float, default=defaults["confidence"],
+                   help="confidence level of the bootstrap CI (default %(default)s)")
+    g.add_argument("--seed", type=int, default=defaults["bootstrap_seed"],
+                   help="bootstrap random seed (default %(default)s)")
+    g.add_argument("--ci-method", default=defaults["ci_method"], choices=["BCa", "percentile", "basic"],
+                   help="scipy.stats.bootstrap method (default %(default)s)")
+    g.add_argument("--value", default=defaults["value"], choices=["dev_main", "best_dev_main"],
+                   help="compared value: final epoch (dev_main) or best epoch (best_dev_main); "
+                        "default %(default)s")
+    g.add_argument("--glue-exclude", nargs="*", default=list(defaults["glue_avg_exclude"]), metavar="TASK",
+                   help="tasks left out of the GLUE average (default: %(default)s)")
 
 
 def _opts(args: argparse.Namespace):
@@ -66,9 +135,9 @@ def _opts(args: argparse.Namespace):
 
 def load_runs(path: str | Path, value: str = "dev_main"):
     """Read and validate ``runs.parquet``; errors name the file and how to regenerate it."""
-    from .significance import RUNS_REQUIRED, read_table, validate_runs
+    from .significance import read_table, validate_runs
 
-    df = read_table(path, (*RUNS_REQUIRED, value), allow_empty=False, hint=_HINTS["runs"])
+    df = read_table(path, allow_empty=False, hint=_hint("runs"))
     return validate_runs(df, source=str(path), value=value)
 
 
@@ -81,7 +150,7 @@ def cmd_significance(args: argparse.Namespace) -> int:
     sig = compare_methods(runs, reference=args.reference, all_pairs=args.all_pairs, opts=opts)
     stats_ = method_stats(runs, opts)
     out = Path(args.out)
-    stats_out = Path(args.stats_out) if args.stats_out else out.with_name("method_stats.parquet")
+    stats_out = Path(args.stats_out) if args.stats_out else out.with_name(TABLES["method_stats"])
     for path, df in ((out, sig), (stats_out, stats_)):
         path.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(path, index=False)
@@ -92,42 +161,52 @@ def cmd_significance(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    """``peftbench plot KIND``: write one figure as PDF plus a PNG beside it."""
-    missing = [f"--{need}" for need in PLOT_INPUTS[args.kind] if not getattr(args, need)]
-    if missing:
-        args._plot_parser.error(f"plot {args.kind} needs {' and '.join(missing)}")
-    import pandas as pd
-
-    from .plots import (plot_cost, plot_curves, plot_glue, plot_gradnorms, plot_pareto, plot_ranks,
-                        plot_spectrum, plot_task)
+def _read_input(key: str, paths, opts):
+    """Read plot input ``key`` from ``paths`` (validated like the significance stage's input)."""
     from .significance import read_table
 
+    if key == "runs":
+        return load_runs(paths, opts.value)
+    if key == "significance":
+        return read_table(paths, ("model", "task", "budget", "method", "baseline", "reference"),
+                          hint=_hint(key))
+    if key == SPECTRUM:
+        import pandas as pd
+
+        return pd.concat([read_table(p, hint=_hint(key)) for p in paths], ignore_index=True)
+    return read_table(paths, hint=_hint(key))
+
+
+def _draw(kind: str, t: dict, task: str | None, opts, reference: str | None) -> list:
+    """The figures of ``kind`` from the read inputs ``t`` (one call per kind of :data:`PLOTS`)."""
+    from . import plots
+
+    draw = {
+        "glue": lambda: plots.plot_glue(t["runs"], t["significance"], opts, reference=reference),
+        "task": lambda: plots.plot_task(t["runs"], task, t["significance"], opts, reference=reference),
+        "pareto": lambda: plots.plot_pareto(t["runs"], opts),
+        "cost": lambda: plots.plot_cost(t["runs"]),
+        "curves": lambda: plots.plot_curves(t["curves"], reference=reference),
+        "ranks": lambda: plots.plot_ranks(t["ranks"]),
+        "spectrum": lambda: plots.plot_spectrum(t["spectrum"]),
+        "gradnorms": lambda: plots.plot_gradnorms(t["gradnorms"]),
+    }
+    if set(draw) != set(PLOTS):  # pragma: no cover - a vocabulary invariant
+        raise RuntimeError(f"plot kinds of vocab.PLOTS ({', '.join(PLOTS)}) and of analysis.cli "
+                           f"({', '.join(draw)}) differ")
+    return draw[kind]()
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``peftbench plot KIND``: write one figure as PDF plus a PNG beside it."""
+    kind = PLOTS[args.kind]
+    need = [*kind.inputs, *(["task"] if kind.per_task else [])]
+    missing = [f"--{key}" for key in need if not getattr(args, key)]
+    if missing:
+        args._plot_parser.error(f"plot {args.kind} needs {', '.join(missing)}")
     opts = _opts(args)
-    sig = (read_table(args.significance, ("model", "task", "budget", "method", "baseline", "reference"),
-                      hint=_HINTS["significance"]) if args.significance else None)
-    k = args.kind
-    if k in ("glue", "task", "pareto", "cost"):
-        runs = load_runs(args.runs, opts.value)
-    if k == "glue":
-        figs = plot_glue(runs, sig, opts, reference=args.reference)
-    elif k == "task":
-        figs = plot_task(runs, args.task, sig, opts, reference=args.reference)
-    elif k == "pareto":
-        figs = plot_pareto(runs, opts)
-    elif k == "cost":
-        figs = plot_cost(runs)
-    elif k == "curves":
-        figs = plot_curves(read_table(args.curves, hint=_HINTS["curves"]), reference=args.reference)
-    elif k == "ranks":
-        figs = plot_ranks(read_table(args.ranks, hint=_HINTS["ranks"]))
-    elif k == "spectrum":
-        spec = pd.concat([read_table(p, hint=_HINTS["spectrum"]) for p in args.spectrum], ignore_index=True)
-        figs = plot_spectrum(spec)
-    elif k == "gradnorms":
-        figs = plot_gradnorms(read_table(args.gradnorms, hint=_HINTS["gradnorms"]))
-    else:  # pragma: no cover - argparse restricts kind
-        raise ValueError(f"unknown plot kind {k!r}")
+    tables = {key: _read_input(key, getattr(args, key), opts) for key in kind.inputs}
+    figs = _draw(kind.name, tables, args.task if kind.per_task else None, opts, args.reference)
     pdf, png = _save_figures()(figs, args.out)
     print(f"wrote {pdf} ({len(figs)} page(s)) and {png}")
     return 0
@@ -141,7 +220,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     opts = _opts(args)
     runs = load_runs(args.runs, opts.value)
     sig = (read_table(args.significance, ("model", "task", "budget", "method", "baseline", "reference"),
-                      hint=_HINTS["significance"]) if args.significance else None)
+                      hint=_hint("significance")) if args.significance else None)
     out = write_summary(runs, sig, args.out, opts, reference=args.reference)
     print(f"wrote {out}")
     return 0
@@ -154,45 +233,55 @@ def _save_figures():
     return plots.save_figures
 
 
+def _used_by(key: str) -> str:
+    return ", ".join(p.name for p in PLOTS.values() if key in p.inputs)
+
+
 def register(subparsers) -> None:
     """Add the ``significance``, ``plot`` and ``summary`` sub-commands to ``subparsers``
     (the object returned by ``ArgumentParser.add_subparsers``). Each sets ``func``."""
+    from ..config import schema_defaults
+
+    defaults = schema_defaults("analysis")
     p = subparsers.add_parser(
         "significance", help="seed-paired tests of every method vs the reference (and GLUE average)",
         description="Write significance.parquet (paired bootstrap CI, t-test, Wilcoxon, Cohen's d, "
                     "Holm-adjusted p per model x task x budget, plus task == glue_avg rows) and "
                     "method_stats.parquet (per-method mean, SD, bootstrap CI; glue_avg rows = GLUE average).")
-    p.add_argument("--runs", required=True, type=Path, help="results/tables/runs.parquet")
-    p.add_argument("--out", required=True, type=Path, help="output significance.parquet")
+    p.add_argument("--runs", required=True, type=Path, help=table_path("runs"))
+    p.add_argument("--out", required=True, type=Path, help=f"output {TABLES['significance']}")
     p.add_argument("--stats-out", type=Path, default=None,
-                   help="output per-method statistics (default: method_stats.parquet beside --out)")
-    p.add_argument("--reference", default="lora", help="reference method (default lora)")
-    p.add_argument("--all-pairs", action="store_true", help="also compare every pair of methods")
-    _add_stats_args(p)
+                   help=f"output per-method statistics (default: {TABLES['method_stats']} beside --out)")
+    p.add_argument("--reference", default=defaults["reference_method"],
+                   help="reference method (default %(default)s)")
+    p.add_argument("--all-pairs", action=argparse.BooleanOptionalAction, default=defaults["all_pairs"],
+                   help="also compare every pair of methods (default %(default)s)")
+    _add_stats_args(p, defaults)
     p.set_defaults(func=cmd_significance)
 
     p = subparsers.add_parser("plot", help="draw one comparison figure (PDF + PNG beside it)",
                               description="Draw one figure; the PNG is written beside --out with the same stem.")
-    p.add_argument("kind", choices=PLOT_KINDS, help="which figure")
-    p.add_argument("--runs", type=Path, help="runs.parquet (glue, task, pareto, cost)")
-    p.add_argument("--significance", type=Path, help="significance.parquet (glue, task: significance marks)")
-    p.add_argument("--curves", type=Path, help="curves.parquet (curves)")
-    p.add_argument("--ranks", type=Path, help="ranks.parquet (ranks)")
-    p.add_argument("--gradnorms", type=Path, help="gradnorms.parquet (gradnorms)")
-    p.add_argument("--spectrum", type=Path, nargs="+", help="one or more spectrum.parquet (spectrum)")
-    p.add_argument("--task", help="GLUE task (task)")
+    p.add_argument("kind", choices=list(PLOTS), help="which figure")
+    for key in PLOT_INPUTS:
+        if key == SPECTRUM:
+            p.add_argument(f"--{key}", type=Path, nargs="+",
+                           help=f"one or more spectrum.parquet, one per model ({_used_by(key)})")
+        else:
+            p.add_argument(f"--{key}", type=Path, help=f"{TABLES[key]} ({_used_by(key)})")
+    per_task = ", ".join(k.name for k in PLOTS.values() if k.per_task)
+    p.add_argument("--task", choices=list(TASKS), help=f"GLUE task ({per_task})")
     p.add_argument("--reference", default=None,
                    help="reference method for the dashed line (default: from --significance)")
     p.add_argument("--out", required=True, type=Path, help="output PDF")
-    _add_stats_args(p)
+    _add_stats_args(p, defaults)
     p.set_defaults(func=cmd_plot, _plot_parser=p)
 
     p = subparsers.add_parser("summary", help="write summary.md from the tables")
-    p.add_argument("--runs", required=True, type=Path, help="runs.parquet")
-    p.add_argument("--significance", type=Path, default=None, help="significance.parquet (marks)")
+    p.add_argument("--runs", required=True, type=Path, help=TABLES["runs"])
+    p.add_argument("--significance", type=Path, default=None, help=f"{TABLES['significance']} (marks)")
     p.add_argument("--reference", default=None, help="reference method (default: from --significance)")
     p.add_argument("--out", required=True, type=Path, help="output Markdown file")
-    _add_stats_args(p)
+    _add_stats_args(p, defaults)
     p.set_defaults(func=cmd_summary)
 
 

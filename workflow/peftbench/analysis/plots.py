@@ -7,8 +7,15 @@ stem beside it (:func:`save_figures`; the PNG shows the pages stacked top to bot
 :data:`PNG_MAX_PAGES`). Metric values are stored as fractions and drawn ×100.
 
 Every figure copes with one seed (no interval, no band), a method missing from a family (its
-slot says "no runs"), failed runs (counted in the tick label, never silently dropped) and a single
-task. Empty optional inputs (ranks, gradient norms) give a one-page figure saying so.
+slot says "no runs"), failed and missing runs (``status`` ``failed``/``missing``: counted in the
+tick label, never silently dropped) and a single task. Empty optional inputs (ranks, gradient
+norms) give a one-page figure saying so.
+
+Names, labels and orders come from the shared vocabulary: task labels and main metrics from
+:data:`peftbench.vocab.TASKS`, metric labels from :func:`peftbench.vocab.metric`, module kinds
+and gradient groups from :data:`~peftbench.vocab.TARGET_KINDS` / :data:`~peftbench.vocab.GRAD_GROUPS`,
+method colours and order from :data:`peftbench.methods.METHODS`; the figure kinds are
+:data:`peftbench.vocab.PLOTS`.
 """
 from __future__ import annotations
 
@@ -31,20 +38,19 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
 
+from ..methods import FULL_BUDGET, METHODS
+from ..vocab import GLUE_AVG, GRAD_GROUPS, TARGET_KINDS, TASKS, order_tasks, task_label
+from ..vocab import metric as metric_info
 from .significance import (
-    FULL_BUDGET,
-    GLUE_AVG,
-    METHOD_ORDER,
     StatsOptions,
     budget_families,
+    budget_free_methods,
     family_runs,
     method_stats,
     order_methods,
-    order_tasks,
 )
 
 __all__ = [
-    "PLOT_KINDS",
     "save_figures",
     "method_colors",
     "significance_marks",
@@ -58,24 +64,10 @@ __all__ = [
     "plot_gradnorms",
 ]
 
-#: The figure kinds the ``plot`` CLI knows.
-PLOT_KINDS = ("glue", "task", "pareto", "cost", "curves", "ranks", "spectrum", "gradnorms")
 #: At most this many PDF pages are stacked into the PNG preview.
 PNG_MAX_PAGES = 8
 PNG_DPI = 110
 PAGE_W = 11.7  # A4 landscape, inches
-
-TASK_LABELS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
-               "mnli": "MNLI-m", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI", GLUE_AVG: "GLUE avg"}
-METRIC_LABELS = {"matthews_correlation": "Matthews corr.", "accuracy": "accuracy",
-                 "accuracy_matched": "accuracy (matched)", "accuracy_mismatched": "accuracy (mismatched)",
-                 "f1": "F1", "pearson": "Pearson r", "spearman": "Spearman ρ"}
-#: Main metric per task, used where a table (curves) does not carry the metric name.
-DEFAULT_METRIC = {"cola": "matthews_correlation", "sst2": "accuracy", "mrpc": "accuracy",
-                  "stsb": "pearson", "qqp": "accuracy", "mnli": "accuracy_matched",
-                  "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
-KIND_ORDER = ("query", "key", "value", "attention_output", "intermediate", "output")
-GROUP_ORDER = ("embeddings", "attention", "mlp", "head")
 
 _PALETTE = (list(colormaps["tab10"].colors) + list(colormaps["Dark2"].colors)
             + list(colormaps["Set1"].colors))
@@ -120,9 +112,9 @@ def save_figures(figs: Sequence[Figure], out: str | Path) -> tuple[Path, Path]:
 
 
 def method_colors(methods: Iterable[str]) -> dict[str, tuple]:
-    """A fixed colour per method: known methods (:data:`METHOD_ORDER`) always get the same colour,
-    unknown ones follow alphabetically."""
-    known = list(METHOD_ORDER)
+    """A fixed colour per method: methods of the method table (:data:`peftbench.methods.METHODS`,
+    in its order) always get the same colour, unknown ones follow alphabetically."""
+    known = list(METHODS)
     extra = sorted(set(methods) - set(known))
     idx = {m: i for i, m in enumerate(known + extra)}
     return {m: _PALETTE[idx[m] % len(_PALETTE)] for m in set(methods)}
@@ -167,13 +159,19 @@ def _reference(significance: pd.DataFrame | None, reference: str | None) -> str 
     return None
 
 
+def _main_metric(task: str) -> str:
+    """The task's main metric name (:data:`peftbench.vocab.TASKS`), ``""`` for unknown tasks."""
+    return TASKS[task].main_metric if task in TASKS else ""
+
+
 def _metric_label(metric: str) -> str:
     """``accuracy`` → ``accuracy (%)``; correlations → ``… (×100)``."""
     if not isinstance(metric, str) or not metric:
         return "main metric (%)"
     if metric.startswith("mean of main metrics"):
         return "mean main metric (%)"
-    name = METRIC_LABELS.get(metric, metric.replace("_", " "))
+    label = metric_info(metric).label
+    name = metric.replace("_", " ") if label == metric else label
     unit = "(×100)" if any(k in metric for k in ("correlation", "pearson", "spearman")) else "(%)"
     return f"{name} {unit}"
 
@@ -185,10 +183,6 @@ def _fmt_value(v: float) -> str:
 
 def _n_tasks(n: int) -> str:
     return f"{n} task" if n == 1 else f"{n} tasks"
-
-
-def _task_label(task: str) -> str:
-    return TASK_LABELS.get(task, task)
 
 
 def _fmt_budget(b: float) -> str:
@@ -263,7 +257,8 @@ def _comparison_panel(ax, st: pd.DataFrame, seeds: pd.DataFrame, marks: dict, me
     rotate = 90 if PAGE_W / max(1, ncols) / max(1, len(methods)) < 0.55 else 0
     for i, m in enumerate(methods):
         if m not in st.index or st.at[m, "n_ok"] == 0:
-            why = "all runs failed" if m in st.index and st.at[m, "n_failed"] > 0 else "no runs"
+            why = ("no runs" if m not in st.index else
+                   "all runs failed" if st.at[m, "n_failed"] > 0 else "all runs missing")
             ax.text(i, 0.03, why, transform=trans, rotation=90, ha="center", va="bottom",
                     fontsize=7, color="0.35")
             continue
@@ -380,7 +375,7 @@ def plot_glue(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
             sd = seeds[(seeds["model"] == model) & (seeds["budget"] == budget) & (seeds["task"] == task)]
             metric = st["metric"].iloc[0]
             title = (f"GLUE average ({_n_tasks(int(st['n_tasks'].iloc[0]))})" if task == GLUE_AVG
-                     else _task_label(task))
+                     else task_label(task))
             _comparison_panel(ax, st, sd, marks, methods, colors, reference, title,
                               _metric_label(metric), (model, task, float(budget)), task == GLUE_AVG, ncols)
         fig.suptitle(f"{model}: GLUE dev, {_fmt_budget(budget)} (trainable % of backbone)", fontsize=11, x=0.01, ha="left")
@@ -421,7 +416,7 @@ def plot_task(runs: pd.DataFrame, task: str, significance: pd.DataFrame | None =
             sd = seeds[(seeds["model"] == model) & (seeds["budget"] == b)]
             _comparison_panel(ax, st, sd, marks, methods, colors, reference, _fmt_budget(b),
                               _metric_label(st["metric"].iloc[0]), (model, task, float(b)), ncols=ncols)
-        fig.suptitle(f"{model}: {_task_label(task)} dev, per trainable-parameter budget "
+        fig.suptitle(f"{model}: {task_label(task)} dev, per trainable-parameter budget "
                      "(% of backbone)", fontsize=11, x=0.01, ha="left")
         _comparison_legend(fig, reference, colors)
         _comparison_footer(fig, opts, reference, bool(marks))
@@ -474,7 +469,7 @@ def plot_pareto(runs: pd.DataFrame, opts: StatsOptions = StatsOptions(), out: st
     runs = runs.assign(_pct=_param_pct(runs))
     colors = method_colors(stats_["method"].unique())
     glue = stats_[stats_["task"] == GLUE_AVG]
-    full_like = {m for m, b in runs.groupby("method")["budget"] if bool((b.astype(float) == FULL_BUDGET).all())}
+    full_like = budget_free_methods(runs)
     figs = []
     for model, rm in runs.groupby("model", sort=False):
         fig, axes = _page(1, 1, height_per_row=6.0)
@@ -482,7 +477,7 @@ def plot_pareto(runs: pd.DataFrame, opts: StatsOptions = StatsOptions(), out: st
         pts, skipped = [], []
         for (method, b), g in rm.groupby(["method", "budget"], sort=False):
             row = glue[(glue["model"] == model) & (glue["method"] == method)]
-            # full-like methods are copied into every budget family with identical statistics
+            # budget-free methods are copied into every budget family with identical statistics
             row = row.head(1) if method in full_like else row[row["budget"] == b]
             x = float(g["_pct"].mean())
             if row.empty or row["n_ok"].iloc[0] == 0 or not np.isfinite(x):
@@ -533,7 +528,8 @@ def plot_cost(runs: pd.DataFrame, out: str | Path | None = None) -> list[Figure]
 
     Left: training wall time per run (s), the mean over tasks of the per-task mean over seeds of
     ``train_s`` (ok runs). Right: peak memory (MiB), the maximum ``peak_mem_mib`` over ok runs.
-    Bars are grouped by method, one bar per budget (``full`` once), values annotated.
+    Bars are grouped by method, one bar per budget (``full`` once), values annotated; the footer
+    counts the failed and missing runs left out.
 
     Raises:
         ValueError: missing ``train_s``/``peak_mem_mib`` columns, or no ok runs.
@@ -580,8 +576,11 @@ def plot_cost(runs: pd.DataFrame, out: str | Path | None = None) -> list[Figure]
         fig.suptitle(f"{model}: training cost per method", fontsize=11, x=0.01, ha="left")
         nt = ", ".join(f"{m} {b:g}%: {n}" for (m, b), n in ntask.items() if n != ntask.max())
         dev = ", ".join(sorted(map(str, rm["device"].unique()))) if "device" in rm.columns else "?"
-        _footer(fig, f"Only runs with status ok. Device: {dev}. Tasks averaged per bar: {int(ntask.max())}"
-                + (f" (fewer for {nt})." if nt else "."))
+        rest = runs.loc[(runs["model"] == model) & (runs["status"] != "ok"), "status"].value_counts()
+        left_out = (" Not counted: " + ", ".join(f"{n} {st} run{'' if n == 1 else 's'}" for st, n in rest.items())
+                    + "." if len(rest) else "")
+        _footer(fig, f"Only runs with status ok.{left_out} Device: {dev}. Tasks averaged per bar: "
+                f"{int(ntask.max())}" + (f" (fewer for {nt})." if nt else "."))
         figs.append(fig)
     if out is not None:
         save_figures(figs, out)
@@ -630,9 +629,9 @@ def plot_curves(curves: pd.DataFrame, out: str | Path | None = None, reference: 
                     ax.fill_between(x, y - np.where(band, sd, 0), y + np.where(band, sd, 0),
                                     color=colors[m], alpha=0.18, lw=0, where=band)
             ax.margins(x=0.08)
-            ax.set_title(_task_label(task), fontsize=9)
+            ax.set_title(task_label(task), fontsize=9)
             ax.set_xlabel("training step", fontsize=8)
-            ax.set_ylabel("dev " + _metric_label(DEFAULT_METRIC.get(task, "")), fontsize=8)
+            ax.set_ylabel("dev " + _metric_label(_main_metric(task)), fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6.5, loc="lower right")
@@ -655,7 +654,7 @@ def allocating_methods(ranks: pd.DataFrame) -> list[str]:
 
 def _kinds(values: Iterable[str]) -> list[str]:
     vs = list(dict.fromkeys(values))
-    return [k for k in KIND_ORDER if k in vs] + sorted(k for k in vs if k not in KIND_ORDER)
+    return [k for k in TARGET_KINDS if k in vs] + sorted(k for k in vs if k not in TARGET_KINDS)
 
 
 def plot_ranks(ranks: pd.DataFrame, out: str | Path | None = None) -> list[Figure]:
@@ -700,7 +699,7 @@ def plot_ranks(ranks: pd.DataFrame, out: str | Path | None = None) -> list[Figur
                 ax.set_yticks(range(len(layers)), labels=[str(x) for x in layers], fontsize=7)
                 ax.set_xlabel("module kind", fontsize=8)
                 ax.set_ylabel("layer", fontsize=8)
-                ax.set_title(f"{_task_label(task)} (n={gt['seed'].nunique()} seeds)", fontsize=9)
+                ax.set_title(f"{task_label(task)} (n={gt['seed'].nunique()} seeds)", fontsize=9)
             fig.colorbar(im, ax=list(axes.flat[:len(tasks)]), label="rank / active gates (mean over seeds)",
                          shrink=0.9)
             fig.suptitle(f"{model}: {method} rank allocation, {_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
@@ -784,8 +783,8 @@ def plot_gradnorms(gradnorms: pd.DataFrame, out: str | Path | None = None) -> li
                                    "no gradient norms were logged in this run (gradnorms.parquet is empty)")]
     else:
         figs = []
-        groups_all = list(dict.fromkeys([g for g in GROUP_ORDER if g in set(gradnorms["group"])]
-                                        + sorted(set(gradnorms["group"]) - set(GROUP_ORDER))))
+        groups_all = list(dict.fromkeys([g for g in GRAD_GROUPS if g in set(gradnorms["group"])]
+                                        + sorted(set(gradnorms["group"]) - set(GRAD_GROUPS))))
         gcolors = {g: _PALETTE[i % len(_PALETTE)] for i, g in enumerate(groups_all)}
         keys = ["model", "task", "method", "budget", "seed", "step", "group"]
         g2 = (gradnorms.assign(sq=gradnorms["grad_norm"].astype(float) ** 2).groupby(keys)["sq"].sum()
@@ -812,7 +811,7 @@ def plot_gradnorms(gradnorms: pd.DataFrame, out: str | Path | None = None) -> li
                 ax.tick_params(labelsize=7)
                 ax.grid(alpha=0.3, which="both")
                 ax.legend(fontsize=7, title="parameter group", title_fontsize=7)
-            fig.suptitle(f"{model}: {_task_label(task)} gradient norms per parameter group, "
+            fig.suptitle(f"{model}: {task_label(task)} gradient norms per parameter group, "
                          f"{_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
             _footer(fig, "Group norm = sqrt(sum over layers of squared per-layer gradient norms); line: mean "
                          "over seeds, band: ±1 SD over seeds (none with one seed).")

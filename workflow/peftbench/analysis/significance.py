@@ -6,16 +6,24 @@ run; see :data:`RUNS_REQUIRED`) and returns tidy tables. Metric values stay frac
 
 Statistics (all from :mod:`scipy.stats`; our code only pairs, groups and guards edge cases):
 
-* **Families.** A family is one ``(model, task, budget)``. A method whose runs all have
-  ``budget == 100.0`` (``full``) ignores budgets and is copied into every budget family of its
-  model. The GLUE average forms its own family per ``(model, budget)`` with ``task == "glue_avg"``.
-* **Pairing.** Two methods are paired by ``seed``; only seeds where both runs exist, have
-  ``status == "ok"`` and a finite value are used (``n``). Failed and missing seeds are counted per
-  side in ``n_failed_*``/``n_missing_*`` and listed in ``failed_seeds_*``/``missing_seeds_*``.
+* **Families.** A family is one ``(model, task, budget)``. A budget-free method (``full``: its
+  line of :data:`~peftbench.methods.METHOD_TABLE` says ``budget_free``; a method the table does
+  not know counts as budget-free when all its runs have ``budget == FULL_BUDGET``) is copied into
+  every budget family of its model. The GLUE average forms its own family per ``(model, budget)``
+  with ``task == "glue_avg"``.
+* **Run status.** ``status`` is one of :data:`~peftbench.vocab.RUN_STATUSES`: ``ok``, ``failed``
+  (NaN/inf loss) or ``missing`` (no ``metrics.parquet`` when the runs were aggregated). Only ok
+  runs give values; failed and missing runs are counted, never dropped.
+* **Pairing.** Two methods are paired by ``seed``; only seeds where both runs have
+  ``status == "ok"`` and a finite value are used (``n``). Per side, seeds whose run failed are
+  counted in ``n_failed_*`` and listed in ``failed_seeds_*``; seeds whose run is ``missing`` or
+  has no row at all (while another method of the family has one) in ``n_missing_*`` /
+  ``missing_seeds_*``.
 * **Difference.** ``d_i = x_method,i − x_baseline,i``; ``mean_diff = mean(d)``.
 * **CI.** ``scipy.stats.bootstrap((d,), np.mean)`` with a fixed seed (a fresh
   ``numpy.random.default_rng(seed)`` per call, so every number is reproducible on its own),
-  ``n_resamples`` resamples (default 10,000) and method ``BCa`` by default. ``n < 2``: NaN. All
+  ``n_resamples`` resamples and method ``ci_method`` (defaults: the config schema's
+  ``analysis`` section, :func:`peftbench.config.schema_defaults`). ``n < 2``: NaN. All
   ``d_i`` equal: every resample has the same mean, so the interval is ``[d, d]`` (scipy's BCa
   would return NaN with a ``DegenerateDataWarning``).
 * **Paired t-test.** ``scipy.stats.ttest_rel(method, baseline)``. ``n < 2``: NaN. When the
@@ -47,9 +55,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..config import schema_defaults
+from ..methods import FULL_BUDGET, METHODS
+from ..vocab import GLUE_AVG, RUN_STATUSES, TASKS, order_tasks
+
 __all__ = [
     "GLUE_AVG",
     "FULL_BUDGET",
+    "DEFAULT_REFERENCE",
     "RUNS_REQUIRED",
     "StatsOptions",
     "read_table",
@@ -64,19 +77,19 @@ __all__ = [
     "compare_methods",
     "order_methods",
     "order_tasks",
+    "budget_free_methods",
 ]
 
-#: ``task`` value of the GLUE-average rows (in ``significance.parquet`` and ``method_stats``).
-GLUE_AVG = "glue_avg"
-#: Budget recorded by methods that ignore budgets (full fine-tuning).
-FULL_BUDGET = 100.0
 #: Columns :func:`validate_runs` requires in ``runs.parquet``.
 RUNS_REQUIRED = ("model", "task", "method", "budget", "seed", "status", "metric", "dev_main")
-#: Column order for tasks (GLUE paper order); unknown tasks follow alphabetically.
-TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-#: Preferred method order (baselines first); unknown methods follow alphabetically.
-METHOD_ORDER = ("full", "lora", "adalora", "glora", "fwlora", "spectral_a", "spectral_r", "gsa",
-                "dynacsg", "phased")
+#: Columns only a run with a ``metrics.parquet`` has: a table whose runs are all ``missing`` may
+#: lack them (they are then added as NaN).
+_RESULT_COLUMNS = ("metric", "dev_main")
+
+#: The config schema's defaults of the ``analysis:`` section (the only place stating them).
+_DEFAULTS = schema_defaults("analysis")
+#: Reference method when none is given (``analysis.reference_method``).
+DEFAULT_REFERENCE: str = _DEFAULTS["reference_method"]
 
 _AGGREGATE_HINT = "it is written by the `aggregate` rule: run `snakemake results/tables/runs.parquet`"
 
@@ -85,23 +98,29 @@ _AGGREGATE_HINT = "it is written by the `aggregate` rule: run `snakemake results
 class StatsOptions:
     """Bootstrap and test settings shared by :func:`method_stats` and :func:`compare_methods`.
 
+    Every default but ``min_n_wilcoxon`` (not a config key) is the config schema's default of the
+    ``analysis`` key named in brackets.
+
     Attributes:
-        resamples: bootstrap resamples (``n_resamples`` of :func:`scipy.stats.bootstrap`).
-        confidence: two-sided confidence level of the bootstrap interval (0 < c < 1).
-        seed: seed of the ``numpy.random.default_rng`` created afresh for every interval.
-        ci_method: ``"BCa"``, ``"percentile"`` or ``"basic"`` (scipy's names).
+        resamples: bootstrap resamples (``n_resamples`` of :func:`scipy.stats.bootstrap`)
+            [``bootstrap_resamples``].
+        confidence: two-sided confidence level of the bootstrap interval (0 < c < 1) [``confidence``].
+        seed: seed of the ``numpy.random.default_rng`` created afresh for every interval
+            [``bootstrap_seed``].
+        ci_method: ``"BCa"``, ``"percentile"`` or ``"basic"`` (scipy's names) [``ci_method``].
         min_n_wilcoxon: smallest number of paired seeds for which the Wilcoxon test is run.
-        value: the run-table column compared (``dev_main``: final epoch; ``best_dev_main``: best).
-        glue_exclude: tasks left out of the GLUE average (e.g. ``("wnli",)``).
+        value: the run-table column compared (``dev_main``: final epoch; ``best_dev_main``: best)
+            [``value``].
+        glue_exclude: tasks left out of the GLUE average (e.g. ``("wnli",)``) [``glue_avg_exclude``].
     """
 
-    resamples: int = 10_000
-    confidence: float = 0.95
-    seed: int = 0
-    ci_method: str = "BCa"
+    resamples: int = _DEFAULTS["bootstrap_resamples"]
+    confidence: float = _DEFAULTS["confidence"]
+    seed: int = _DEFAULTS["bootstrap_seed"]
+    ci_method: str = _DEFAULTS["ci_method"]
     min_n_wilcoxon: int = 6
-    value: str = "dev_main"
-    glue_exclude: tuple[str, ...] = ()
+    value: str = _DEFAULTS["value"]
+    glue_exclude: tuple[str, ...] = tuple(_DEFAULTS["glue_avg_exclude"])
 
     def __post_init__(self):
         if self.resamples < 1:
@@ -153,27 +172,39 @@ def read_table(path: str | Path, required: Iterable[str] = (), *, allow_empty: b
 def validate_runs(runs: pd.DataFrame, source: str = "runs table", value: str = "dev_main") -> pd.DataFrame:
     """Check a run table and return a cleaned copy.
 
-    Required columns: :data:`RUNS_REQUIRED` plus ``value``. ``budget`` becomes float, ``seed``
-    int, ``status`` str. A run with ``status == "ok"`` but a non-finite ``value`` is treated as
-    failed (its ``error`` says so).
+    Required columns: :data:`RUNS_REQUIRED` plus ``value`` (a table whose runs are all
+    ``missing`` may lack ``metric`` and the value columns: they are added as NaN). ``budget``
+    becomes float, ``seed`` int, ``status`` str. ``status`` must be one of
+    :data:`~peftbench.vocab.RUN_STATUSES` (``missing``: the ``aggregate`` rule found no
+    ``metrics.parquet``; such a row has its keys only). A run with ``status == "ok"`` but a
+    non-finite ``value`` is treated as failed (its ``error`` says so).
 
     Raises:
-        ValueError: missing columns, no rows, a ``status`` other than ok/failed, or two rows for
-            the same ``(model, task, method, budget, seed)``; the message names ``source``.
+        ValueError: missing columns, no rows, a ``status`` outside ``RUN_STATUSES`` (the message
+            lists the allowed ones), or two rows for the same ``(model, task, method, budget,
+            seed)``; the message names ``source``.
     """
     need = list(dict.fromkeys([*RUNS_REQUIRED, value]))
     missing = [c for c in need if c not in runs.columns]
+    all_missing = ("status" in runs.columns and len(runs) > 0
+                   and bool((runs["status"].astype(str) == "missing").all()))
+    if all_missing:  # no run finished: the result columns may not exist at all
+        missing = [c for c in missing if c not in (*_RESULT_COLUMNS, value, "best_dev_main")]
     if missing:
         raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; {_AGGREGATE_HINT}")
     if runs.empty:
         raise ValueError(f"{source}: no runs (zero rows); {_AGGREGATE_HINT} after training")
     df = runs.copy()
+    for c in need:
+        if c not in df.columns:
+            df[c] = math.nan
     df["budget"] = df["budget"].astype(float)
     df["seed"] = df["seed"].astype(int)
     df["status"] = df["status"].astype(str)
-    bad = sorted(set(df["status"]) - {"ok", "failed"})
+    bad = sorted(set(df["status"]) - set(RUN_STATUSES))
     if bad:
-        raise ValueError(f"{source}: column status has value(s) {bad}; allowed: 'ok', 'failed'")
+        raise ValueError(f"{source}: column status has value(s) {bad}; allowed: "
+                         f"{', '.join(repr(s) for s in RUN_STATUSES)}")
     key = ["model", "task", "method", "budget", "seed"]
     dup = df.duplicated(key, keep=False)
     if dup.any():
@@ -189,13 +220,16 @@ def validate_runs(runs: pd.DataFrame, source: str = "runs table", value: str = "
 
 
 def order_methods(methods: Iterable[str], reference: str | None = None) -> list[str]:
-    """Methods in display order: ``full``, then the reference, then :data:`METHOD_ORDER`, then A–Z."""
+    """Methods in display order: the budget-free baselines of the method table (``full``), then
+    the reference, then the others in :data:`~peftbench.methods.METHODS` order, then unknown
+    ones A–Z."""
     ms = list(dict.fromkeys(methods))
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rank = {m: i for i, m in enumerate(METHODS)}
 
     def key(m):
-        if m == "full":
-            return (0, 0, m)
+        info = METHODS.get(m)
+        if info is not None and info.budget_free:
+            return (0, rank[m], m)
         if m == reference:
             return (1, 0, m)
         return (2, rank.get(m, len(rank)), m)
@@ -203,11 +237,22 @@ def order_methods(methods: Iterable[str], reference: str | None = None) -> list[
     return sorted(ms, key=key)
 
 
-def order_tasks(tasks: Iterable[str]) -> list[str]:
-    """Tasks in GLUE order (:data:`TASK_ORDER`), unknown ones A–Z, ``glue_avg`` last."""
-    ts = list(dict.fromkeys(tasks))
-    rank = {t: i for i, t in enumerate(TASK_ORDER)}
-    return sorted(ts, key=lambda t: (t == GLUE_AVG, rank.get(t, len(rank)), t))
+def budget_free_methods(runs: pd.DataFrame) -> set[str]:
+    """Methods of ``runs`` that ignore the budget (one run per task and seed, under
+    :data:`~peftbench.methods.FULL_BUDGET`).
+
+    A method of the method table is budget-free when its line says so (``budget_free``); a method
+    the table does not know is budget-free when all its runs have ``budget == FULL_BUDGET``.
+    """
+    out = set()
+    for m, b in runs.groupby("method")["budget"]:
+        info = METHODS.get(m)
+        if info is not None:
+            if info.budget_free:
+                out.add(m)
+        elif bool(np.all(b.astype(float).to_numpy() == FULL_BUDGET)):
+            out.add(m)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,25 +377,20 @@ def paired_comparison(method_values: Sequence[float], baseline_values: Sequence[
 # Families
 # --------------------------------------------------------------------------------------------
 
-def _full_like(runs: pd.DataFrame) -> set[str]:
-    by = runs.groupby("method")["budget"].agg(lambda s: bool(np.all(s.to_numpy() == FULL_BUDGET)))
-    return {m for m, v in by.items() if v}
-
-
 def budget_families(runs: pd.DataFrame) -> pd.DataFrame:
     """Assign every run to its budget families.
 
-    Runs of a method whose runs all have ``budget == 100.0`` (full fine-tuning) are copied into
+    Runs of a budget-free method (:func:`budget_free_methods`: full fine-tuning) are copied into
     every budget that another method of the same model uses; the copy's ``budget`` is the family
-    budget and ``run_budget`` keeps the original (100.0). Other runs keep their budget. A model
-    with only full-like methods keeps the single family 100.0.
+    budget and ``run_budget`` keeps the original (``FULL_BUDGET``). Other runs keep their budget.
+    A model with only budget-free methods keeps the single family ``FULL_BUDGET``.
 
     Returns:
         A copy of ``runs`` with the added column ``run_budget``.
     """
     df = runs.copy()
     df["run_budget"] = df["budget"]
-    full = _full_like(df)
+    full = budget_free_methods(df)
     parts = []
     for model, g in df.groupby("model", sort=False):
         is_full = g["method"].isin(full)
@@ -372,7 +412,8 @@ def glue_average_runs(runs: pd.DataFrame, value: str = "dev_main", exclude: Iter
     For every ``(model, method, budget, seed)`` the value is the mean of ``value`` (the task's main
     metric) over the model's task set: every task of that model in ``runs`` except ``exclude``
     and except ``glue_avg`` itself. The seed counts as ``status == "ok"`` only when all of those
-    tasks have an ok run for it; otherwise it is ``failed`` and ``error`` lists the failed and
+    tasks have an ok run for it; otherwise it is ``failed`` when some task's run failed, else
+    ``missing`` (some task's run is ``missing`` or has no row), and ``error`` lists the failed and
     missing tasks. ``best_dev_main`` (when present) is averaged the same way.
 
     Returns:
@@ -391,8 +432,9 @@ def glue_average_runs(runs: pd.DataFrame, value: str = "dev_main", exclude: Iter
         tasks = order_tasks(gm["task"].unique())
         for (method, budget, seed), g in gm.groupby(["method", "budget", "seed"], sort=True):
             ok = g[g["status"] == "ok"].set_index("task")
-            failed = [t for t in tasks if t in set(g["task"]) and t not in ok.index]
-            missing = [t for t in tasks if t not in set(g["task"])]
+            status = dict(zip(g["task"], g["status"]))
+            failed = [t for t in tasks if status.get(t) == "failed"]
+            missing = [t for t in tasks if status.get(t, "missing") == "missing"]
             row = dict(model=model, task=GLUE_AVG, method=method, budget=float(budget), seed=int(seed),
                        metric=f"mean of main metrics over {len(tasks)} tasks", n_tasks=len(tasks),
                        tasks=",".join(tasks))
@@ -402,7 +444,8 @@ def glue_average_runs(runs: pd.DataFrame, value: str = "dev_main", exclude: Iter
                     why.append("failed: " + ",".join(failed))
                 if missing:
                     why.append("missing: " + ",".join(missing))
-                row.update(status="failed", error="glue_avg incomplete (" + "; ".join(why) + ")",
+                row.update(status="failed" if failed else "missing",
+                           error="glue_avg incomplete (" + "; ".join(why) + ")",
                            **{value: math.nan})
                 if has_best:
                     row["best_dev_main"] = math.nan
@@ -431,6 +474,15 @@ def _seed_str(seeds: Iterable[int]) -> str:
     return ",".join(str(int(s)) for s in sorted(seeds))
 
 
+def _family_metric(g: pd.DataFrame, task: str) -> str:
+    """The family's metric name: from its runs (missing runs have none), else the task's main
+    metric (:data:`~peftbench.vocab.TASKS`), else ``""``."""
+    names = g["metric"].dropna()
+    if len(names):
+        return str(names.iloc[0])
+    return TASKS[task].main_metric if task in TASKS else ""
+
+
 # --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------
@@ -448,9 +500,11 @@ def method_stats(runs: pd.DataFrame, opts: StatsOptions = StatsOptions()) -> pd.
     budget), including ``task == "glue_avg"`` rows (the GLUE average per method per
     ``(model, budget)``: per seed the mean main metric over tasks, then statistics over seeds).
 
-    Columns (:data:`STATS_COLUMNS`): ``n_ok`` seeds with an ok run; ``n_failed`` seeds whose run
-    failed (or, for glue_avg, lacks an ok run on some task); ``n_missing`` seeds present elsewhere
-    in the family but absent for this method; ``seeds_ok``/``failed_seeds``/``missing_seeds``
+    Columns (:data:`STATS_COLUMNS`): ``metric`` the family's main metric; ``n_ok`` seeds with an
+    ok run; ``n_failed`` seeds whose run failed (for glue_avg: some task's run failed);
+    ``n_missing`` seeds whose run is ``missing`` (no ``metrics.parquet``; for glue_avg: some
+    task's run is missing) or has no row while another method of the family has one, so
+    ``n_ok + n_failed + n_missing`` is the family's seed count; ``seeds_ok``/``failed_seeds``/``missing_seeds``
     comma-separated seed lists; ``mean``, ``std`` (ddof=1), ``median`` of ``opts.value`` over ok
     seeds (fractions); ``ci_low``/``ci_high`` the bootstrap CI of the mean (:func:`bootstrap_ci`);
     ``best_mean`` the mean of ``best_dev_main`` when present; ``n_tasks``/``tasks`` on glue_avg rows.
@@ -462,15 +516,15 @@ def method_stats(runs: pd.DataFrame, opts: StatsOptions = StatsOptions()) -> pd.
     rows = []
     for (model, task, budget), g in fam.groupby(["model", "task", "budget"], sort=False):
         all_seeds = set(g["seed"])
+        metric = _family_metric(g, task)
         for method, gm in g.groupby("method", sort=False):
             ok = gm[gm["status"] == "ok"]
             x = ok[opts.value].to_numpy(dtype=float)
             lo, hi = bootstrap_ci(x, opts)
             best = (float(ok["best_dev_main"].astype(float).mean())
                     if "best_dev_main" in ok.columns and len(ok) else math.nan)
-            failed = set(gm.loc[gm["status"] != "ok", "seed"])
-            missing = all_seeds - set(gm["seed"])
-            metric = gm["metric"].dropna().iloc[0] if gm["metric"].notna().any() else ""
+            failed = set(gm.loc[gm["status"] == "failed", "seed"])
+            missing = all_seeds - set(ok["seed"]) - failed
             rows.append(dict(
                 model=model, task=task, budget=float(budget), method=method, metric=metric,
                 value_column=opts.value, n_ok=int(len(ok)), n_failed=len(failed), n_missing=len(missing),
@@ -507,7 +561,7 @@ def _pairs(methods: list[str], reference: str, all_pairs: bool) -> list[tuple[st
     return [(b, a) for a, b in itertools.combinations(ordered, 2)]
 
 
-def compare_methods(runs: pd.DataFrame, reference: str = "lora", all_pairs: bool = False,
+def compare_methods(runs: pd.DataFrame, reference: str = DEFAULT_REFERENCE, all_pairs: bool = False,
                     opts: StatsOptions = StatsOptions()) -> pd.DataFrame:
     """Seed-paired comparisons of methods within every ``(model, task, budget)`` family.
 
@@ -524,7 +578,8 @@ def compare_methods(runs: pd.DataFrame, reference: str = "lora", all_pairs: bool
     ``mean_diff == mean_method − mean_baseline``; fractions, not %), ``p_ttest_holm`` and
     ``p_wilcoxon_holm`` (:func:`holm` over the family's comparisons), ``n_tests_family`` (number
     of non-NaN t-test p-values in the family), and per side ``n_ok``, ``n_failed``,
-    ``n_missing`` and the failed/missing seed lists, plus the bootstrap settings and ``note``.
+    ``n_missing`` and the failed/missing seed lists (as in :func:`method_stats`: a ``missing``
+    run counts as a missing seed), plus the bootstrap settings and ``note``.
 
     Raises:
         ValueError: see :func:`validate_runs`.
@@ -535,7 +590,7 @@ def compare_methods(runs: pd.DataFrame, reference: str = "lora", all_pairs: bool
         all_seeds = set(g["seed"])
         methods = list(g["method"].unique())
         per = {m: gm.set_index("seed") for m, gm in g.groupby("method", sort=False)}
-        metric = g["metric"].dropna().iloc[0] if g["metric"].notna().any() else ""
+        metric = _family_metric(g, task)
         fam_rows = []
         for method, baseline in _pairs(methods, reference, all_pairs):
             side = {}
@@ -545,8 +600,9 @@ def compare_methods(runs: pd.DataFrame, reference: str = "lora", all_pairs: bool
                     side[name] = dict(ok=pd.Series(dtype=float), failed=set(), missing=all_seeds)
                     continue
                 okm = gm["status"] == "ok"
-                side[name] = dict(ok=gm.loc[okm, opts.value].astype(float),
-                                  failed=set(gm.index[~okm]), missing=all_seeds - set(gm.index))
+                failed = set(gm.index[gm["status"] == "failed"])
+                side[name] = dict(ok=gm.loc[okm, opts.value].astype(float), failed=failed,
+                                  missing=all_seeds - set(gm.index[okm]) - failed)
             common = sorted(set(side["method"]["ok"].index) & set(side["baseline"]["ok"].index))
             res = paired_comparison(side["method"]["ok"].loc[common].to_numpy(),
                                     side["baseline"]["ok"].loc[common].to_numpy(), opts)

@@ -13,21 +13,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .plots import METRIC_LABELS, TASK_LABELS, significance_marks
+from ..methods import FULL_BUDGET
+from ..vocab import GLUE_AVG, RUN_STATUSES, metric, order_tasks, task_label
+from .plots import significance_marks
 from .significance import (
-    FULL_BUDGET,
-    GLUE_AVG,
+    DEFAULT_REFERENCE,
     StatsOptions,
+    budget_free_methods,
     method_stats,
     order_methods,
-    order_tasks,
     validate_runs,
 )
 
 __all__ = ["summary_markdown", "write_summary"]
-
-_SHORT_METRIC = {"matthews_correlation": "MCC", "accuracy": "acc", "accuracy_matched": "acc-m",
-                 "pearson": "Pearson", "spearman": "Spearman", "f1": "F1"}
 
 
 def _esc(text: object) -> str:
@@ -40,8 +38,10 @@ def _stars_md(stars: str) -> str:
 
 
 def _cell(r: pd.Series | None, best: bool, stars: str) -> str:
-    if r is None or r["n_ok"] == 0:
-        return "failed" if r is not None and r["n_failed"] > 0 else "—"
+    if r is None:
+        return "—"
+    if r["n_ok"] == 0:
+        return "failed" if r["n_failed"] > 0 else "missing"
     text = f"{100 * r['mean']:.1f}"
     if np.isfinite(r["std"]):
         text += f" ± {100 * r['std']:.1f}"
@@ -71,8 +71,8 @@ def _results_table(st: pd.DataFrame, marks: dict, model: str, budget: float, ref
             n = int(st.loc[st["task"] == t, "n_tasks"].iloc[0])
             header.append(f"GLUE avg ({n} task{'' if n == 1 else 's'})")
         else:
-            metric = st.loc[st["task"] == t, "metric"].iloc[0]
-            header.append(f"{TASK_LABELS.get(t, t)} ({_SHORT_METRIC.get(metric, METRIC_LABELS.get(metric, metric))})")
+            name = st.loc[st["task"] == t, "metric"].iloc[0]
+            header.append(f"{task_label(t)} ({metric(name).short})")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(tasks)]
     best = {}
     for t in tasks:
@@ -90,7 +90,7 @@ def _results_table(st: pd.DataFrame, marks: dict, model: str, budget: float, ref
     return lines
 
 
-def _cost_table(runs: pd.DataFrame) -> list[str]:
+def _cost_table(runs: pd.DataFrame, budget_free: set[str]) -> list[str]:
     effective = "effective_adapter_params" in runs.columns and runs["effective_adapter_params"].notna().any()
     head = ("| method | budget (% of backbone) | trainable params | adapter params | "
             + ("effective adapter params | " if effective else "")
@@ -108,7 +108,7 @@ def _cost_table(runs: pd.DataFrame) -> list[str]:
         t = (float(ok.groupby("task")["train_s"].mean().mean())
              if "train_s" in ok.columns and len(ok) else np.nan)
         mem = float(ok["peak_mem_mib"].max()) if "peak_mem_mib" in ok.columns and len(ok) else np.nan
-        budget = "— (full)" if b == FULL_BUDGET else f"{b:g}"
+        budget = "— (full)" if m in budget_free and b == FULL_BUDGET else f"{b:g}"
         eff = ""
         if effective:
             e = mean("effective_adapter_params")
@@ -129,13 +129,14 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
         significance: ``significance.parquet`` (marks vs the reference) or None (no marks).
         opts: statistics settings; must match the significance rule's for consistent numbers.
         reference: reference method; default: the ``reference`` column of ``significance``, else
-            ``"lora"``.
+            the config schema's ``analysis.reference_method``.
 
     Returns:
         The Markdown text. Main tables show mean ± SD (ddof=1) over seeds of ``opts.value`` ×100
         (no ± with one seed); the best mean per column is bold (ties: all bold); ``\\*``/``\\*\\*``/
         ``\\*\\*\\*`` mark Holm-adjusted paired t-test p < 0.05/0.01/0.001 vs the reference;
-        ``(k/n)`` means only k of n seeds finished; ``failed`` that none did; ``—`` no run.
+        ``(k/n)`` means only k of n seeds finished; ``failed`` that none did (a run failed);
+        ``missing`` that none did (the runs are missing: no ``metrics.parquet``); ``—`` no run.
         Cost columns: trainable/adapter parameters and % of backbone are means over the method's
         runs; train time is the mean over tasks of the mean over seeds; samples/s the mean over ok
         runs; peak memory the maximum over ok runs.
@@ -148,34 +149,41 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
         if significance is not None and not significance.empty and "reference" in significance.columns:
             reference = str(significance["reference"].iloc[0])
         else:
-            reference = "lora"
+            reference = DEFAULT_REFERENCE
     marks = significance_marks(significance, reference)
     st = method_stats(runs, opts)
-    n_failed = int((runs["status"] != "ok").sum())
+    n_failed = int((runs["status"] == "failed").sum())
+    n_missing = int((runs["status"] == "missing").sum())
+    budget_free = budget_free_methods(runs)
     protocol = "; ".join(sorted(map(str, runs["protocol"].dropna().unique()))) if "protocol" in runs else "not recorded"
     devices = ", ".join(sorted(map(str, runs["device"].dropna().unique()))) if "device" in runs else "not recorded"
     seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
     value = "final-epoch" if opts.value == "dev_main" else opts.value
     out = ["# peftbench results", "",
            f"**Protocol:** {_esc(protocol or 'not recorded')} (values: {value} dev main metric, `{opts.value}`); "
-           f"seeds {seeds}; device {_esc(devices or 'not recorded')}; {len(runs)} runs, {n_failed} failed. "
+           f"seeds {seeds}; device {_esc(devices or 'not recorded')}; {len(runs)} runs, {n_failed} failed, "
+           f"{n_missing} missing. "
            f"Significance: seed-paired t-test vs `{reference}`, Holm–Bonferroni within each model × task × "
            f"budget; GLUE average = per-seed mean of the tasks' main metrics"
            + (f" (excluding {', '.join(opts.glue_exclude)})" if opts.glue_exclude else "") + ".", ""]
     for model in st["model"].unique():
         sm = st[st["model"] == model]
         for budget in sorted(sm["budget"].unique()):
-            label = "full fine-tuning only" if budget == FULL_BUDGET else f"budget {budget:g}% of backbone parameters"
+            only_free = set(sm.loc[sm["budget"] == budget, "method"]) <= budget_free
+            label = "full fine-tuning only" if only_free else f"budget {budget:g}% of backbone parameters"
             out += [f"## {_esc(model)}: {label}", ""]
             out += _results_table(sm[sm["budget"] == budget], marks, model, budget, reference)
             out.append("")
         out += [f"Mean ± SD over seeds (×100) of the dev main metric; **bold**: best mean in the column; "
                 f"\\* / \\*\\* / \\*\\*\\*: Holm-adjusted paired t-test p < 0.05 / 0.01 / 0.001 vs "
                 f"`{reference}`" + ("" if marks else " (no significance table given: no marks)") +
-                "; (k/n): only k of n seeds finished; failed: no seed finished; —: not run. "
-                "`full` ignores budgets and is repeated in every budget table.", ""]
+                "; (k/n): only k of n seeds finished; failed: no seed finished, a run failed; missing: "
+                "no seed finished, the runs are missing (no metrics.parquet); —: not run. "
+                + (", ".join(f"`{m}`" for m in order_methods(budget_free))
+                   + (" ignores" if len(budget_free) == 1 else " ignore")
+                   + " budgets and is repeated in every budget table." if budget_free else ""), ""]
         out += [f"## {_esc(model)}: parameters and cost", ""]
-        out += _cost_table(runs[runs["model"] == model])
+        out += _cost_table(runs[runs["model"] == model], budget_free)
         out += ["", "Trainable params = adapter + classification head (mean over tasks); % of backbone = "
                 "adapter params / backbone params × 100"
                 + ("; effective adapter params: parameters left after rank pruning or gating, where the "
@@ -188,13 +196,14 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
     if failed.empty:
         out += ["None.", ""]
     else:
-        out += ["| model | task | method | budget | seed | error |", "|---|---|---|---:|---:|---|"]
+        out += ["| model | task | method | budget | seed | status | error |", "|---|---|---|---:|---:|---|---|"]
         for r in failed.itertuples():
             err = str(r.error) if r.error is not None and r.error == r.error else ""
             err = err.strip().splitlines()[-1] if err.strip() else "(no message)"
             out.append(f"| {_esc(r.model)} | {_esc(r.task)} | {_esc(r.method)} | {r.budget:g} | {r.seed} "
-                       f"| {_esc(err[:160])} |")
-        out.append("")
+                       f"| {_esc(r.status)} | {_esc(err[:160])} |")
+        out += ["", "Status: " + "; ".join(f"{_esc(st)}: {_esc(RUN_STATUSES[st])}" for st in RUN_STATUSES
+                                          if st != "ok" and (failed["status"] == st).any()) + ".", ""]
     return "\n".join(out)
 
 
