@@ -2,7 +2,7 @@
 # DAG: svd + tokenize -> train (model, task, method, budget, seed) -> aggregate -> significance -> plots
 # See README.md and ../shared/DESIGN.md. Rules live in workflow/rules/*.smk; each calls one
 # subcommand of the peftbench package (workflow/peftbench), which also runs without Snakemake.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -10,14 +10,14 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# common.smk coerces --config strings, validates the config against
+# workflow/schemas/config.schema.yaml (defaults filled in) and checks every method's options.
+include: "workflow/rules/common.smk"
 
 
 report: "workflow/report/workflow.rst"
 
 
-
-include: "workflow/rules/common.smk"
 include: "workflow/rules/svd.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"

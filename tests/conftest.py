@@ -70,3 +70,14 @@ def tiny_data(tmp_path_factory, tiny_model_dir, glue_dir) -> dict:
             tokenize_split(str(tiny_model_dir), task, split, p, max_length=32, glue_dir=str(glue_dir))
             paths.setdefault(task, {})[split] = p
     return paths
+
+
+def recipe_args(recipe: dict) -> list[str]:
+    """``--recipe JSON --runtime JSON`` of ``peftbench train`` from one flat dict of recipe and
+    runtime keys (split by peftbench.recipe.split_recipe)."""
+    import json
+
+    from peftbench.recipe import split_recipe
+
+    rec, rt = split_recipe(recipe)
+    return ["--recipe", json.dumps(rec), "--runtime", json.dumps(rt)]

@@ -13,7 +13,7 @@ from peftbench.cli import main
 
 def test_budget_for_rank_inverts_uniform_rank(tiny_model_dir):
     from peftbench.models import backbone_param_count, find_targets, load_classifier
-    from peftbench.tasks import get_task
+    from peftbench.vocab import get_task
 
     model = load_classifier(str(tiny_model_dir), get_task("sst2"))
     n, targets = backbone_param_count(model), find_targets(model)

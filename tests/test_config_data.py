@@ -1,5 +1,6 @@
 """Config validation, recipe resolution, data and model sources."""
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import yaml
 from peftbench import config as pbconfig
 from peftbench.data import DataError, load_split
 from peftbench.models import ModelError, resolve_model
-from peftbench.tasks import get_task
+from peftbench.vocab import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,13 @@ def test_research_config_is_valid():
     (lambda c: c["grid"].update(methods=["lora", "qlora"]), "unknown method 'qlora'"),
     (lambda c: c["grid"].update(tasks=["cola", "squad"]), "unknown task 'squad'"),
     (lambda c: c["grid"].update(models=["bert"]), "'bert' is not a key of models"),
-    (lambda c: c["methods"].update(lora={"rnak": 4}), r"methods\.lora\.rnak: unknown option"),
+    (lambda c: c["method_options"].update(lora={"rnak": 4}), r"method_options\.lora: unknown option\(s\) \['rnak'\]"),
+    (lambda c: c["method_options"].update(glora={"beta": 1.5}), r"method_options\.glora\.beta: 1\.5 — must be in \[0, 1\)"),
+    (lambda c: c["method_options"].update(phased={"strategy": "attn->mlpp"}), r"method_options\.phased\.strategy"),
+    (lambda c: c["method_options"].update(qlora={}), r"method_options\.qlora: unknown method"),
+    (lambda c: c["training"].update(methods={"lora": {"max_length": 64}}), r"training\.methods\.lora"),
+    (lambda c: c["training"].update(adapters={"max_length": 64}), r"training\.adapters"),
+    (lambda c: c["training"].update(tasks={"cola": {"methods": {"qlora": {"lr": 1e-3}}}}), r"training\.tasks\.cola\.methods\.qlora"),
 ])
 def test_bad_config_names_key_and_value(cfg, mutate, message):
     bad = copy.deepcopy(cfg)
@@ -63,13 +70,62 @@ def test_all_methods_switch(cfg):
 def test_recipe_precedence(cfg):
     cfg["training"]["tasks"] = {"cola": {"lr": 1e-5, "epochs": 7, "max_length": 40, "methods": {"lora": {"lr": 3e-3}}}}
     c = pbconfig.validate(cfg)
-    assert pbconfig.recipe_for(c, "cola", "full")["lr"] == 1e-5      # task over defaults
-    assert pbconfig.recipe_for(c, "cola", "lora")["lr"] == 3e-3      # task+method over all
-    assert pbconfig.recipe_for(c, "stsb", "lora")["lr"] == 2e-3      # method over defaults
-    assert pbconfig.recipe_for(c, "cola", "adalora")["epochs"] == 7
+    assert pbconfig.recipe_for(c, "cola", "full").lr == 1e-5      # task over defaults
+    assert pbconfig.recipe_for(c, "cola", "lora").lr == 3e-3      # task+method over all
+    assert pbconfig.recipe_for(c, "stsb", "lora").lr == 2e-3      # adapter layer over defaults
+    assert pbconfig.recipe_for(c, "stsb", "full").lr == 5e-5      # full is not an adapter method
+    assert pbconfig.recipe_for(c, "cola", "adalora").epochs == 7
+    assert pbconfig.recipe_for(c, "cola", "adalora").lr == 1e-5   # task over the global adapter layer
     assert pbconfig.max_length(c, "cola") == 40 and pbconfig.max_length(c, "stsb") == 64
-    assert "max_length" not in pbconfig.recipe_for(c, "cola", "lora")
-    assert pbconfig.recipe_for(c, "cola", "lora")["method_options"] == {"alpha": 16, "dropout": 0.1}
+    assert not hasattr(pbconfig.recipe_for(c, "cola", "lora"), "max_length")
+    assert pbconfig.recipe_for(c, "cola", "lora").method_options == {"alpha": 16.0, "dropout": 0.1}
+
+
+def test_every_adapter_method_inherits_the_adapter_layer(cfg):
+    """A method needs no line of its own to train at the PEFT learning rate (per task too)."""
+    from peftbench.methods import METHODS
+
+    cfg["training"]["tasks"] = {"cola": {"adapters": {"lr": 7e-4}, "methods": {"full": {"epochs": 1}}}}
+    c = pbconfig.validate(cfg)
+    for name, info in METHODS.items():
+        want = (5e-5, 5e-5) if info.budget_free else (2e-3, 7e-4)
+        assert (pbconfig.recipe_for(c, "stsb", name).lr, pbconfig.recipe_for(c, "cola", name).lr) == want, name
+    assert pbconfig.recipe_for(c, "cola", "full").epochs == 1 and pbconfig.recipe_for(c, "cola", "lora").epochs == 2
+
+
+def test_options_are_typed_and_filled_at_planning(cfg):
+    from peftbench.methods import METHODS, get_method
+
+    c = pbconfig.validate(cfg)
+    assert set(c["method_options"]) == set(METHODS)
+    assert c["method_options"]["glora"] == get_method("glora").options_cls().to_dict()
+    assert c["method_options"]["adalora"]["delta_t"] == 2   # from config.yaml, the rest defaults
+    assert pbconfig.recipe_for(c, "cola", "glora").method_options["beta"] == 0.9
+
+
+def test_speed_knobs_are_runtime_not_recipe(cfg):
+    from peftbench.recipe import RUNTIME_KEYS
+
+    cfg["training"]["defaults"].update(compile=True, length_buckets=4, eval_batch_size=64)
+    c = pbconfig.validate(cfg)
+    recipe = json.loads(pbconfig.recipe_for(c, "cola", "lora").to_json())
+    runtime = json.loads(pbconfig.runtime_for(c, "cola", "lora").to_json())
+    assert not set(recipe) & set(RUNTIME_KEYS) and set(runtime) == set(RUNTIME_KEYS)
+    assert runtime["compile"] is True and runtime["length_buckets"] == 4 and runtime["eval_batch_size"] == 64
+
+
+def test_snakemake_style_string_overrides_are_coerced(cfg):
+    """Snakemake 9 passes nested --config values as strings (YAML base loader)."""
+    over = {"data": {"max_train_samples": "64", "max_eval_samples": "null"}, "grid": {"seeds": ["1", "2"],
+            "budgets": ["0.6"], "methods": "all"}, "training": {"defaults": {"lr": "1e-3", "compile": "true"}},
+            "method_options": {"glora": {"beta": "0.5", "warmup_steps": "10"}}}
+    c = pbconfig.validate(pbconfig.merge(cfg, over))
+    assert c["data"]["max_train_samples"] == 64 and c["data"]["max_eval_samples"] is None
+    assert c["grid"]["seeds"] == [1, 2] and c["grid"]["budgets"] == [0.6]
+    assert c["training"]["defaults"]["lr"] == 1e-3 and c["training"]["defaults"]["compile"] is True
+    assert c["method_options"]["glora"]["beta"] == 0.5 and c["method_options"]["glora"]["warmup_steps"] == 10
+    with pytest.raises(pbconfig.ConfigError, match=r"data\.max_train_samples"):
+        pbconfig.validate(pbconfig.merge(cfg, {"data": {"max_train_samples": "many"}}))
 
 
 def test_local_mirror_loads_glue_schema(glue_dir):

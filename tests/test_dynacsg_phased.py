@@ -3,6 +3,7 @@ import copy
 import json
 
 import pandas as pd
+from conftest import recipe_args
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from peftbench.methods.dynacsg import (DynamicSpectralLinear, GateHyperNetwork, 
 from peftbench.methods.phased import STRATEGIES, boundary_steps, phase_at
 from peftbench.models import backbone_param_count, find_targets, head_module_names, load_classifier
 from peftbench.svd import compute_svd, load_factors
-from peftbench.tasks import get_task
+from peftbench.vocab import get_task
 from peftbench.train import gradient_norms
 
 
@@ -54,7 +55,7 @@ def _train(tiny_model_dir, tiny_data, tmp_path, method, svd=None, task="stsb", b
     out = tmp_path / f"{method}-{task}"
     args = ["train", "--model-name", "tiny", "--model", str(tiny_model_dir), "--task", task, "--method", method,
             "--budget", str(budget), "--seed", "1", "--train", str(tiny_data[task]["train"]),
-            "--dev", f"validation={tiny_data[task]['validation']}", "--recipe", json.dumps(rec), "--out", str(out)]
+            "--dev", f"validation={tiny_data[task]['validation']}", *recipe_args(rec), "--out", str(out)]
     if svd is not None:
         args += ["--svd", str(svd)]
     main(args)
@@ -67,7 +68,7 @@ def test_per_example_correction_matches_dense_reference(tiny_model_dir, tiny_svd
     t = ctx.targets[4]  # intermediate: 32 -> 64
     lin = method.linears[t.name]
     assert isinstance(lin, DynamicSpectralLinear)
-    r, alpha = method.rank, method.options["alpha"]
+    r, alpha = method.rank, method.options.alpha
     U, S, Vh = load_factors(tiny_svd, t.name)
     U, S, Vh = U[:, :r], S[:r], Vh[:r]
     x = torch.randn(2, 5, t.d_in)

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pandas as pd
+from conftest import recipe_args
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,7 +15,7 @@ from peftbench.methods.fwlora import FWLoRA, lora_update_sq_norm
 from peftbench.methods.glora import (GLoRA, allocate_ranks, balance_params, base_weights, lora_modules,
                                      resize_lora_module, transfer_adam_state)
 from peftbench.models import Target, find_targets, load_classifier
-from peftbench.tasks import get_task
+from peftbench.vocab import get_task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ def _toy(method_cls, r=2, **options):
                        head_modules=[], total_steps=10, steps_per_epoch=5, options=options)
     method = method_cls(ctx)
     assert method.rank() == r
-    model = get_peft_model(Toy(), LoraConfig(r=r, lora_alpha=method.options["alpha"], lora_dropout=0.0,
+    model = get_peft_model(Toy(), LoraConfig(r=r, lora_alpha=method.options.alpha, lora_dropout=0.0,
                                              target_modules=["proj", "other"]))
     method.modules = lora_modules(model, TOY_TARGETS)
     return method, model
@@ -262,7 +263,7 @@ def _train(tiny_model_dir, tiny_data, tmp_path, method, task="stsb", budget=1.0,
     out = tmp_path / f"{method}-{task}-{seed}"
     main(["train", "--model-name", "tiny", "--model", str(tiny_model_dir), "--task", task, "--method", method,
           "--budget", str(budget), "--seed", str(seed), "--train", str(tiny_data[task]["train"]),
-          "--dev", f"validation={tiny_data[task]['validation']}", "--recipe", json.dumps(rec), "--out", str(out)])
+          "--dev", f"validation={tiny_data[task]['validation']}", *recipe_args(rec), "--out", str(out)])
     return out
 
 

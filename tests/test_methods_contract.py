@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from peftbench.cli import main
-from peftbench.methods import METHODS, BuildContext, LoopState
+from peftbench.methods import METHODS, BuildContext, LoopState, get_method
 from peftbench.models import (backbone_param_count, find_targets, head_module_names, is_head_param,
                               load_classifier)
-from peftbench.tasks import get_task
+from peftbench.vocab import get_task
 
 BUDGETS = [1.0, 3.0]
 
@@ -40,7 +40,7 @@ def build(name, budget, tiny_model_dir, tiny_svd, total_steps=20):
                        total_steps=total_steps, steps_per_epoch=total_steps // 2, seed=0,
                        svd_path=tiny_svd)
     torch.manual_seed(1)
-    method = METHODS[name](ctx)
+    method = get_method(name)(ctx)
     return method, method.build(model), reference, ctx
 
 
@@ -86,7 +86,7 @@ def test_forward_finite_and_identity_at_init(name, tiny_model_dir, tiny_svd):
         out = model(**b).logits
         ref = reference(**b).logits
     assert out.shape == (4, 2) and torch.isfinite(out).all()
-    if METHODS[name].identity_at_init:
+    if get_method(name).identity_at_init:
         assert torch.allclose(out, ref, atol=1e-5), f"{name}: step-0 output differs from the pretrained model"
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from peftbench.metrics import compute_metrics
-from peftbench.tasks import TASKS, get_task
+from peftbench.vocab import TASKS, get_task
 
 
 def test_task_table_covers_glue():

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from conftest import recipe_args
 import pytest
 import yaml
 
@@ -24,7 +25,7 @@ def _args(model_dir, data, method, out, ckpt, **recipe):
            "log_every": 1, "checkpoint_every": 2, **recipe}
     return ["train", "--model-name", "tiny", "--model", str(model_dir), "--task", "stsb", "--method", method,
             "--budget", "2", "--seed", "3", "--train", str(data["stsb"]["train"]),
-            "--dev", f"validation={data['stsb']['validation']}", "--recipe", json.dumps(rec),
+            "--dev", f"validation={data['stsb']['validation']}", *recipe_args(rec),
             "--out", str(out), "--checkpoint-dir", str(ckpt)]
 
 

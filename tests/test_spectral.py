@@ -4,6 +4,7 @@ import copy
 import json
 
 import pandas as pd
+from conftest import recipe_args
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,7 +15,7 @@ from peftbench.methods.spectral_common import SpectralLinear, check_factors
 from peftbench.methods.spectral_r import cayley, skew_from_params
 from peftbench.models import backbone_param_count, find_targets, head_module_names, is_head_param, load_classifier
 from peftbench.svd import load_factors
-from peftbench.tasks import get_task
+from peftbench.vocab import get_task
 
 METHODS = ["spectral_a", "spectral_r", "gsa"]
 OWN = {"spectral_a": ("A_U", "A_V"), "spectral_r": ("X_U", "X_V"), "gsa": ("g",)}
@@ -219,7 +220,7 @@ def _train(model_dir, data, svd, out, method, task="stsb", budget=2.0, **recipe)
            "log_every": 2, **recipe}
     main(["train", "--model-name", "tiny", "--model", str(model_dir), "--task", task, "--method", method,
           "--budget", str(budget), "--seed", "1", "--train", str(data[task]["train"]),
-          "--dev", f"validation={data[task]['validation']}", "--recipe", json.dumps(rec), "--out", str(out),
+          "--dev", f"validation={data[task]['validation']}", *recipe_args(rec), "--out", str(out),
           "--svd", str(svd)])
     return out
 

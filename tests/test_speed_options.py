@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from peftbench.train import Recipe, TokenizedSplit, compile_for_training
+from peftbench.batches import TokenizedSplit
+from peftbench.recipe import Runtime
+from peftbench.train import compile_for_training
 from test_stages import _train
 
 
@@ -41,7 +43,7 @@ def test_buckets_that_truncate_are_rejected(tiny_data):
 
 def test_bucket_padding_leaves_the_forward_pass_unchanged(tiny_model_dir, tiny_data):
     from peftbench.models import load_classifier
-    from peftbench.tasks import get_task
+    from peftbench.vocab import get_task
 
     torch.manual_seed(0)
     model = load_classifier(str(tiny_model_dir), get_task("sst2")).eval()
@@ -71,13 +73,13 @@ def test_compile_falls_back_to_eager_with_a_reason(caplog):
 
     model = torch.nn.Linear(2, 2)
     with caplog.at_level(logging.WARNING, logger="peftbench.train"):
-        m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Recipe(compile=True))
+        m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Runtime.from_dict({"compile": True}))
     assert m is model and "reduce-overhead uses CUDA graphs and the device is cpu" in note
     assert "falling back to eager" in caplog.text
     m, note = compile_for_training(model, get_method("glora"), torch.device("cpu"),
-                                   Recipe(compile=True, compile_backend="eager"))
+                                   Runtime.from_dict({"compile": True, "compile_backend": "eager"}))
     assert m is model and "glora does not declare compilable" in note
-    m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Recipe())
+    m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Runtime.from_dict({}))
     assert m is model and note == "eager"
 
 

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pandas as pd
+from conftest import recipe_args
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 from peftbench.cli import main
 from peftbench.io import read_metadata
 from peftbench.models import find_targets, load_classifier
-from peftbench.tasks import get_task
+from peftbench.vocab import get_task
 
 
 def test_tokenize_cli_writes_list_columns(tiny_model_dir, glue_dir, tmp_path):
@@ -64,7 +65,7 @@ def _train(tiny_model_dir, tiny_data, tmp_path, method, task="stsb", budget=2.0,
     out = tmp_path / f"{method}-{task}-{seed}"
     main(["train", "--model-name", "tiny", "--model", str(tiny_model_dir), "--task", task, "--method", method,
           "--budget", str(budget), "--seed", str(seed), "--train", str(tiny_data[task]["train"]),
-          "--dev", f"validation={tiny_data[task]['validation']}", "--recipe", json.dumps(rec), "--out", str(out)])
+          "--dev", f"validation={tiny_data[task]['validation']}", *recipe_args(rec), "--out", str(out)])
     return out
 
 

@@ -41,9 +41,13 @@ from .io import write_table
 from .metrics import compute_metrics
 from .methods import get_method
 from .models import backbone_param_count, find_targets, load_classifier, load_tokenizer
-from .tasks import get_task
+from .vocab import get_task
 from .tokenization import tokenize_split
-from .train import Recipe, TokenizedSplit, _peak_mem_mib, build_model, run
+from .batches import TokenizedSplit
+from .outputs import peak_mem_mib
+from .recipe import Recipe, Runtime
+from .runkey import RunKey
+from .train import build_model, run
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,7 @@ class _Examples(torch.utils.data.Dataset):
 
 
 def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: float, seed: int,
-                   train_path: Path, dev_path: Path, recipe: Recipe, device: torch.device,
+                   train_path: Path, dev_path: Path, recipe: Recipe, runtime: Runtime, device: torch.device,
                    work_dir: Path) -> dict[str, Any]:
     """Train with ``transformers.Trainer`` + peft (the baseline) and evaluate on the dev split.
 
@@ -105,7 +109,8 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
     torch.manual_seed(seed)
-    model, _, _ = build_model(model_spec, task, method_name, budget, seed, recipe, steps_per_epoch, total, device)
+    model, _, _ = build_model(model_spec, task, RunKey.of("bench", task_name, method_name, budget, seed), recipe,
+                              steps_per_epoch, total, device)
 
     class AdaLoRAAllocation(TrainerCallback):
         """peft's AdaLoRA budget step after every optimizer step, before the gradients are zeroed."""
@@ -116,7 +121,7 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
     cuda = device.type == "cuda"
     args = TrainingArguments(
         output_dir=str(work_dir / f"hf-{method_name}"), per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=recipe.eval_batch_size, num_train_epochs=recipe.epochs,
+        per_device_eval_batch_size=runtime.eval_batch_size, num_train_epochs=recipe.epochs,
         learning_rate=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=int(recipe.warmup_ratio * total),
         lr_scheduler_type="linear", max_grad_norm=recipe.max_grad_norm, bf16=cuda, use_cpu=not cuda,
         seed=seed, report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no",
@@ -131,7 +136,7 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
     m = compute_metrics(task, np.asarray(logits, dtype=np.float32), dev.labels.numpy(), dev_path.stem)
     return {"samples_per_s": len(train) * recipe.epochs / out.metrics["train_runtime"],
-            "train_s": out.metrics["train_runtime"], "compile_s": 0.0, "peak_mem_mib": _peak_mem_mib(device),
+            "train_s": out.metrics["train_runtime"], "compile_s": 0.0, "peak_mem_mib": peak_mem_mib(device),
             "metric": task.main_metric, "dev": m[task.main_metric], "compile_note": "eager (Trainer)"}
 
 
@@ -151,7 +156,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         rank: LoRA rank (AdaLoRA's final rank); the budget is derived from it.
         batch_size, epochs, max_length, lr, full_lr: the shared recipe (``full_lr`` for ``full``).
         max_train_samples, max_eval_samples: caps on examples (fixed subsets), ``None`` = all.
-        length_buckets, compile, compile_mode: peftbench's speed options (see :class:`Recipe`);
+        length_buckets, compile, compile_mode: peftbench's speed options (see :class:`~peftbench.recipe.Runtime`);
             ``length_buckets=None`` means 4 on a GPU and 0 on a CPU, where compute, not kernel
             launches, bounds a step and padding to a bucket only adds work (measured: LoRA on
             MiniLM/SST-2, 512 examples, 16.4 samples/s with 4 buckets vs 26.8 without).
@@ -187,19 +192,20 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     del probe
     rows = []
     for method in methods:
-        recipe = Recipe(lr=full_lr if method == "full" else lr, epochs=epochs, batch_size=batch_size,
-                        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, log_every=50,
-                        checkpoint_every=0, length_buckets=length_buckets, compile=compile,
-                        compile_mode=compile_mode)
+        recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
+                                   "batch_size": batch_size, "max_train_samples": max_train_samples,
+                                   "max_eval_samples": max_eval_samples})
+        runtime = Runtime.from_dict({"log_every": 50, "checkpoint_every": 0, "length_buckets": length_buckets,
+                                     "compile": compile, "compile_mode": compile_mode})
         if baseline and method in BASELINE_METHODS:
             log.info("%s: HF Trainer + peft", method)
             hf = run_hf_trainer(model_spec, task_name, method, budget, seed, paths["train"], paths[dev_split],
-                                recipe, dev, work)
+                                recipe, runtime, dev, work)
             rows.append({"system": "hf_trainer", "method": method, **hf})
         log.info("%s: peftbench", method)
-        r = run(model_name="bench", model_spec=model_spec, task_name=task_name, method_name=method, budget=budget,
-                seed=seed, train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
-                out_dir=work / "runs" / method, recipe=recipe, device=str(dev))
+        r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
+                train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
+                out_dir=work / "runs" / method, recipe=recipe, runtime=runtime, device=str(dev))
         rows.append({"system": "peftbench", "method": method, "samples_per_s": r["samples_per_s"],
                      "train_s": r["train_s"], "compile_s": r["compile_s"], "peak_mem_mib": r["peak_mem_mib"],
                      "metric": r["metric"], "dev": r["dev_main"], "compile_note": r["compile_note"]})

@@ -42,12 +42,15 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .train import Recipe, run
+    from .recipe import Recipe, Runtime
+    from .runkey import RunKey
+    from .train import run
 
-    recipe = Recipe.from_dict(json.loads(a.recipe) if a.recipe else {})
-    row = run(model_name=a.model_name, model_spec=a.model, task_name=a.task, method_name=a.method,
-              budget=a.budget, seed=a.seed, train_path=a.train, dev_paths=dict(a.dev), out_dir=a.out,
-              recipe=recipe, svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir)
+    key = RunKey.from_args(a)
+    row = run(key=key, model_spec=a.model, train_path=a.train, dev_paths=dict(a.dev), out_dir=a.out,
+              recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
+              runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
+              svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir)
     print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "status", "metric", "dev_main",
                                           "trainable_params", "train_s")}))
 
@@ -87,6 +90,8 @@ def cmd_config_reference(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peftbench`` argument parser with every subcommand."""
+    from .runkey import RunKey
+
     p = argparse.ArgumentParser(prog="peftbench", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,16 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tokenize)
 
     s = sub.add_parser("train", help="train one (model, task, method, budget, seed)")
-    s.add_argument("--model-name", required=True)
+    RunKey.add_arguments(s)
     s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
-    s.add_argument("--task", required=True)
-    s.add_argument("--method", required=True)
-    s.add_argument("--budget", type=float, required=True, help="trainable-parameter budget, % of backbone")
-    s.add_argument("--seed", type=int, required=True)
     s.add_argument("--train", required=True, help="tokenised train split")
     s.add_argument("--dev", type=_split_arg, action="append", required=True, help="SPLIT=PATH, repeatable")
     s.add_argument("--svd", default=None, help="factors.safetensors (spectral methods)")
-    s.add_argument("--recipe", default=None, help="training recipe as JSON (see peftbench.train.Recipe)")
+    s.add_argument("--recipe", default=None,
+                   help="tracked training recipe as JSON (peftbench.recipe.Recipe; missing keys: schema defaults)")
+    s.add_argument("--runtime", default=None,
+                   help="speed/logging knobs as JSON (peftbench.recipe.Runtime; missing keys: schema defaults)")
     s.add_argument("--device", default=None)
     s.add_argument("--checkpoint-dir", default=None,
                    help="checkpoint directory (resume from it after a kill); omit to run without checkpoints")

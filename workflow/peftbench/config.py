@@ -1,35 +1,130 @@
 """Loading, validating and resolving the workflow configuration.
 
 The JSON schema (``workflow/schemas/config.schema.yaml``) checks structure, types and ranges and
-fills defaults; :func:`check` adds what a schema cannot know (registered methods, the GLUE task
-table, model names). :func:`recipe_for` resolves one run's training recipe with the precedence
-``training.defaults`` < ``training.tasks.<task>`` < ``training.methods.<method>`` <
-``training.tasks.<task>.methods.<method>``, plus ``data.max_*_samples`` and ``methods.<method>``
-options.
+holds every default; :func:`check` adds what a schema cannot know (the method table, the GLUE task
+table, model names, each method's typed options). :func:`recipe_for` and :func:`runtime_for`
+resolve one run's :class:`~peftbench.recipe.Recipe` (tracked) and
+:class:`~peftbench.recipe.Runtime` (speed knobs, untracked) through the layers, least specific
+first:
+
+1. ``training.defaults``
+2. ``training.adapters`` (every adapter method, i.e. every method that is not budget-free)
+3. ``training.tasks.<task>``
+4. ``training.tasks.<task>.adapters``
+5. ``training.methods.<method>``
+6. ``training.tasks.<task>.methods.<method>``
+
+plus ``data.max_*_samples`` and the method's options (``method_options.<method>``).
+
+Snakemake 9 passes nested ``--config`` values as strings (``--config 'data={max_train_samples:
+64}'`` gives ``"64"``); :func:`coerce` turns them into the types the schema expects before
+validation, so overrides work as a user types them.
 """
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .methods.options import OptionsError, parse_scalar
+from .recipe import RECIPE_KEYS, RUNTIME_KEYS, TOKENIZE_KEYS, Recipe, Runtime
+
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
-TOKENIZE_KEYS = ("max_length",)
 
 
 class ConfigError(ValueError):
     """A config value that is not allowed; the message names key, value and what is allowed."""
 
 
+@functools.lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return SCHEMA.read_text()
+
+
 def load_schema() -> dict:
-    """The config JSON schema as a dict."""
-    return yaml.safe_load(SCHEMA.read_text())
+    """The config JSON schema as a dict (a fresh copy on every call)."""
+    return yaml.safe_load(_schema_text())
+
+
+def schema_defaults(*path: str) -> dict[str, Any]:
+    """The schema's ``default`` of every property of the object at ``path`` (e.g.
+    ``schema_defaults("analysis")``, ``schema_defaults("training", "defaults")``).
+
+    The schema is the only place that states a default; code that needs one (argparse, dataclass
+    defaults for runs without Snakemake) reads it here.
+
+    Raises:
+        KeyError: ``path`` names no object of the schema.
+    """
+    node = load_schema()
+    for key in path:
+        node = node["properties"][key]
+    return {k: copy.deepcopy(v["default"]) for k, v in node.get("properties", {}).items() if "default" in v}
+
+
+def coerce(config: dict, schema: dict | None = None) -> dict:
+    """A copy of ``config`` with string scalars turned into the types the schema expects there.
+
+    Snakemake 9 parses nested ``--config`` values with YAML's base loader, so every scalar inside
+    a mapping or list arrives as a string (``"64"``, ``"true"``, ``"null"``, ``["1", "2"]``). Where
+    the schema does not accept a string (or accepts null and the string is ``null``/``~``), the
+    string is parsed as null, a boolean, an integer or a number, in that order of what the schema
+    allows; anything else is left for validation to reject with its key. Free-form sections
+    (``method_options``) are coerced against each method's typed options in :func:`check`.
+    """
+    root = schema or load_schema()
+    return _coerce(copy.deepcopy(config), root, root)
+
+
+def _resolve(node: dict, root: dict) -> dict:
+    while isinstance(node, dict) and "$ref" in node:
+        ref = node["$ref"]
+        target = root
+        for part in ref.lstrip("#/").split("/"):
+            target = target[part]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node if isinstance(node, dict) else {}
+
+
+def _branches(node: dict, root: dict) -> list[dict]:
+    node = _resolve(node, root)
+    subs = node.get("oneOf") or node.get("anyOf")
+    if subs:
+        return [b for s in subs for b in _branches(s, root)]
+    return [node]
+
+
+def _json_types(node: dict, root: dict) -> set[str]:
+    types: set[str] = set()
+    for b in _branches(node, root):
+        t = b.get("type")
+        if t is not None:
+            types |= {t} if isinstance(t, str) else set(t)
+        for v in ([b["const"]] if "const" in b else []) + list(b.get("enum", [])):
+            types.add("string" if isinstance(v, str) else "number" if isinstance(v, (int, float)) else "other")
+    return types
+
+
+def _coerce(value: Any, node: dict, root: dict) -> Any:
+    branches = _branches(node, root)
+    if isinstance(value, dict):
+        obj = next((b for b in branches if "properties" in b or "additionalProperties" in b), {})
+        props, extra = obj.get("properties", {}), obj.get("additionalProperties")
+        return {k: _coerce(v, props[k] if k in props else (extra if isinstance(extra, dict) else {}), root)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        arr = next((b for b in branches if "items" in b), {})
+        return [_coerce(v, arr.get("items", {}), root) for v in value]
+    if isinstance(value, str):
+        return parse_scalar(value, _json_types(node, root))
+    return value
 
 
 def validate(config: dict) -> dict:
-    """Validate ``config`` against the schema (filling defaults) and :func:`check` it.
+    """:func:`coerce`, validate ``config`` against the schema (filling defaults) and :func:`check` it.
 
     Returns:
         The config with defaults filled in (a deep copy).
@@ -39,8 +134,8 @@ def validate(config: dict) -> dict:
     """
     import jsonschema
 
-    cfg = copy.deepcopy(config)
     schema = load_schema()
+    cfg = coerce(config, schema)
     validator_cls = jsonschema.validators.validator_for(schema)
     validator = _extend_with_default(validator_cls)(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
@@ -69,14 +164,23 @@ def _extend_with_default(validator_cls):
 
 
 def check(cfg: dict) -> None:
-    """Cross-field checks the schema cannot express; expands ``grid.methods: all`` in place.
+    """Cross-field checks the schema cannot express, in place: expands ``grid.methods: all`` and
+    sets ``method_options.<m>`` of every registered method to its full typed options (defaults
+    filled in, strings coerced), so a bad option fails here, when the DAG is planned, and every
+    run's recipe carries its method's complete options.
+
+    Builds every method's options class, which imports the method modules (and PyTorch).
 
     Raises:
-        ConfigError: unknown method or task, a grid model missing from ``models:``, options for a
-            method that does not exist, an unknown method option.
+        ConfigError: unknown method or task, a grid model missing from ``models:``, a per-method
+            block for a method that does not exist, an unknown option or a bad option value.
     """
-    from .methods import METHODS
-    from .tasks import TASKS
+    from .methods import METHODS, get_method
+    from .vocab import TASKS
+
+    def known(kind: str, key: str, name: str, table) -> None:
+        if name not in table:
+            raise ConfigError(f"config key {key}: unknown {kind} {name!r}; allowed: {list(table)}")
 
     grid = cfg["grid"]
     if grid["methods"] == "all":
@@ -86,25 +190,25 @@ def check(cfg: dict) -> None:
             raise ConfigError(f"config key grid.models: {name!r} is not a key of models: "
                               f"(known: {sorted(cfg['models'])}); add `{name}: <hub id, directory or package:NAME>` under models:")
     for t in grid["tasks"]:
-        if t not in TASKS:
-            raise ConfigError(f"config key grid.tasks: unknown task {t!r}; allowed: {sorted(TASKS)}")
+        known("task", "grid.tasks", t, TASKS)
     for m in grid["methods"]:
-        if m not in METHODS:
-            raise ConfigError(f"config key grid.methods: unknown method {m!r}; allowed: {sorted(METHODS)}")
-    for m, opts in (cfg.get("methods") or {}).items():
-        if m not in METHODS:
-            raise ConfigError(f"config key methods.{m}: unknown method {m!r}; allowed: {sorted(METHODS)}")
-        allowed = set(METHODS[m].default_options)
-        for k in opts or {}:
-            if k not in allowed:
-                raise ConfigError(f"config key methods.{m}.{k}: unknown option; allowed: {sorted(allowed) or 'none'}")
-    for block in ("tasks",):
-        for t in (cfg["training"].get(block) or {}):
-            if t not in TASKS:
-                raise ConfigError(f"config key training.tasks.{t}: unknown task; allowed: {sorted(TASKS)}")
-    ref = cfg.get("analysis", {}).get("reference_method")
-    if ref is not None and ref not in METHODS:
-        raise ConfigError(f"config key analysis.reference_method: unknown method {ref!r}; allowed: {sorted(METHODS)}")
+        known("method", "grid.methods", m, METHODS)
+    tr = cfg["training"]
+    for m in tr.get("methods") or {}:
+        known("method", f"training.methods.{m}", m, METHODS)
+    for t, tcfg in (tr.get("tasks") or {}).items():
+        known("task", f"training.tasks.{t}", t, TASKS)
+        for m in (tcfg or {}).get("methods") or {}:
+            known("method", f"training.tasks.{t}.methods.{m}", m, METHODS)
+    opts = cfg.setdefault("method_options", {})
+    for m in opts:
+        known("method", f"method_options.{m}", m, METHODS)
+    for m in METHODS:
+        try:
+            opts[m] = get_method(m).options_cls.from_dict(opts.get(m), where=f"method_options.{m}").to_dict()
+        except OptionsError as exc:
+            raise ConfigError(str(exc)) from None
+    known("method", "analysis.reference_method", cfg["analysis"]["reference_method"], METHODS)
 
 
 def load(path: str | Path, overrides: dict | None = None) -> dict:
@@ -124,30 +228,44 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def _layers(cfg: dict, task: str, method: str | None) -> list[dict]:
+    """The recipe layers of (task, method), least specific first (see the module docstring)."""
+    from .methods import method_info
+
     tr = cfg["training"]
     tcfg = dict((tr.get("tasks") or {}).get(task) or {})
-    per_task_methods = tcfg.pop("methods", None) or {}
-    layers = [tr.get("defaults") or {}, tcfg]
+    task_adapters = tcfg.pop("adapters", None) or {}
+    task_methods = tcfg.pop("methods", None) or {}
+    adapter = method is not None and method_info(method).is_adapter
+    layers = [tr.get("defaults") or {}, (tr.get("adapters") or {}) if adapter else {}, tcfg,
+              task_adapters if adapter else {}]
     if method is not None:
-        layers += [(tr.get("methods") or {}).get(method) or {}, per_task_methods.get(method) or {}]
+        layers += [(tr.get("methods") or {}).get(method) or {}, task_methods.get(method) or {}]
     return layers
 
 
-def max_length(cfg: dict, task: str) -> int:
-    """Tokenisation length for ``task`` (tokens)."""
-    out = None
-    for layer in _layers(cfg, task, None):
-        out = layer.get("max_length", out)
-    return int(out)
-
-
-def recipe_for(cfg: dict, task: str, method: str) -> dict[str, Any]:
-    """The training recipe of (task, method) as a dict for :class:`peftbench.train.Recipe`."""
-    r: dict[str, Any] = {}
+def _resolve_keys(cfg: dict, task: str, method: str | None, keys: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for layer in _layers(cfg, task, method):
-        r.update({k: v for k, v in layer.items() if k not in TOKENIZE_KEYS})
-    data = cfg.get("data") or {}
-    r["max_train_samples"] = data.get("max_train_samples")
-    r["max_eval_samples"] = data.get("max_eval_samples")
-    r["method_options"] = dict((cfg.get("methods") or {}).get(method) or {})
-    return r
+        out.update({k: v for k, v in layer.items() if k in keys})
+    return out
+
+
+def max_length(cfg: dict, task: str) -> int:
+    """Tokenisation length for ``task`` (tokens): ``training.defaults`` < ``training.tasks.<task>``."""
+    return int(_resolve_keys(cfg, task, None, TOKENIZE_KEYS)["max_length"])
+
+
+def recipe_for(cfg: dict, task: str, method: str) -> Recipe:
+    """The tracked training recipe of (task, method) from a validated config.
+
+    The method options are those :func:`check` built (defaults filled in).
+    """
+    r = _resolve_keys(cfg, task, method, RECIPE_KEYS)
+    data = cfg["data"]
+    return Recipe(**r, max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
+                  method_options=dict((cfg.get("method_options") or {}).get(method) or {}))
+
+
+def runtime_for(cfg: dict, task: str, method: str) -> Runtime:
+    """The untracked runtime options (speed and logging knobs) of (task, method)."""
+    return Runtime(**_resolve_keys(cfg, task, method, RUNTIME_KEYS))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .tasks import TaskSpec
+from .vocab import TaskSpec
 
 HUB_ID = "nyu-mll/glue"
 

@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from .tasks import TaskSpec, split_suffix
+from .vocab import TaskSpec, split_suffix
 
 
 def compute_metrics(task: TaskSpec, logits: np.ndarray, labels: np.ndarray, split: str) -> dict[str, float]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .tasks import TaskSpec
+from .vocab import TaskSpec
 
 
 class ModelError(RuntimeError):

@@ -21,7 +21,7 @@ import torch
 
 from .io import save_tensors, write_table
 from .models import find_targets, load_classifier
-from .tasks import get_task
+from .vocab import get_task
 
 log = logging.getLogger(__name__)
 

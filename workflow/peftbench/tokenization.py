@@ -18,7 +18,7 @@ import pyarrow as pa
 from .data import load_split
 from .io import write_table
 from .models import load_tokenizer, resolve_model
-from .tasks import get_task
+from .vocab import get_task
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,9 @@
 rule aggregate:
     """One tidy row per run (runs.parquet) and the runs' curves, ranks and gradient norms."""
     input:
-        [f"{d}/metrics.parquet" for d in run_dirs()],
+        [f"{d}/{RUN_FILES['metrics']}" for d in run_dirs()],
     output:
-        runs="results/tables/runs.parquet",
-        curves="results/tables/curves.parquet",
-        ranks="results/tables/ranks.parquet",
-        gradnorms="results/tables/gradnorms.parquet",
+        **{name: table_path(name) for name in TABLE_SOURCES},
     params:
         run_dirs=run_dirs(),
     log:

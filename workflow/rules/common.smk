@@ -1,5 +1,4 @@
-# Shared helpers: the package on PYTHONPATH, config checks, the run grid and input functions.
-import json
+# Shared helpers: the package on PYTHONPATH, the config check, the run grid and input functions.
 import os
 import shlex
 import sys
@@ -14,16 +13,20 @@ shell.prefix(
 sys.path.insert(0, PACKAGE_DIR)
 
 import peftbench.config as pbconfig
-from peftbench.methods import get_method
-from peftbench.tasks import get_task
+from peftbench.methods import method_info
+from peftbench.runkey import RUN_PATTERN, RunKey
+from peftbench.analysis.cli import table_path
+from peftbench.vocab import RUN_FILES, TABLE_SOURCES, get_task
 
-# Schema validation (Snakefile) filled defaults; now the checks a schema cannot express.
+# Snakemake 9 hands nested --config values over as strings; coerce them, validate against the
+# schema (the only place defaults live), check what a schema cannot (methods, tasks, options).
 try:
-    pbconfig.check(config)
+    config.update(pbconfig.validate(config))
 except pbconfig.ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}")
 
 GRID = config["grid"]
+RUN_DIR = RunKey.wildcard_dir()
 
 
 wildcard_constraints:
@@ -35,26 +38,37 @@ wildcard_constraints:
     split="[a-z0-9_]+",
 
 
-def fmt_budget(b):
-    """Budget as written in paths: 0.5 -> '0.5', 1.0 -> '1', full fine-tuning -> '100'."""
-    return f"{float(b):g}"
+class Untracked:
+    """A rule param Snakemake's params rerun trigger does not track.
+
+    Snakemake records only params of builtin types (persistence._serialize_param: other objects
+    are UNREPRESENTABLE and left out), so a param wrapped in this class is formatted into the
+    command (str) but a change of it marks no finished job outdated. Used for the speed-only
+    knobs (peftbench.recipe.Runtime); tests/test_workflow_rerun.py checks the behaviour.
+    """
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
 
 
-def method_budgets(method):
-    """Budgets a method runs at: budget-free methods (full) once, under 100."""
-    return ["100"] if get_method(method).budget_free else [fmt_budget(b) for b in GRID["budgets"]]
+def run_keys():
+    """Every run of the grid (budget-free methods once, under the full budget)."""
+    return [
+        RunKey.of(m, t, meth, b, s)
+        for m in GRID["models"]
+        for t in GRID["tasks"]
+        for meth in GRID["methods"]
+        for b in ([0] if method_info(meth).budget_free else GRID["budgets"])
+        for s in GRID["seeds"]
+    ]
 
 
 def run_dirs():
     """Every run directory of the grid."""
-    return [
-        f"results/runs/{m}/{t}/{meth}/b{b}/s{s}"
-        for m in GRID["models"]
-        for t in GRID["tasks"]
-        for meth in GRID["methods"]
-        for b in method_budgets(meth)
-        for s in GRID["seeds"]
-    ]
+    return [k.run_dir() for k in run_keys()]
 
 
 def model_spec(wildcards):
@@ -66,8 +80,8 @@ def eval_splits(task):
 
 
 def glue_dir_arg():
-    d = config["data"].get("glue_dir")
-    return f"--glue-dir {d}" if d else ""
+    d = config["data"]["glue_dir"]
+    return f"--glue-dir {shlex.quote(d)}" if d else ""
 
 
 def train_inputs(w):
@@ -76,7 +90,7 @@ def train_inputs(w):
         "train": f"results/data/{w.model}/{w.task}/train.parquet",
         **{s: f"results/data/{w.model}/{w.task}/{s}.parquet" for s in eval_splits(w.task)},
     }
-    if get_method(w.method).uses_svd:
+    if method_info(w.method).uses_svd:
         inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
     return inputs
 
@@ -84,10 +98,20 @@ def train_inputs(w):
 def train_args(w, input):
     """`--dev SPLIT=PATH` for every dev split, and `--svd` where the method needs it."""
     dev = " ".join(f"--dev {s}={input[s]}" for s in eval_splits(w.task))
-    svd = f" --svd {input.svd}" if get_method(w.method).uses_svd else ""
+    svd = f" --svd {input.svd}" if method_info(w.method).uses_svd else ""
     return dev + svd
 
 
+def wildcard_key(w):
+    """The RunKey of a train job's wildcards."""
+    return RunKey.of(w.model, w.task, w.method, w.budget, w.seed)
+
+
 def train_recipe(w):
-    """The run's resolved training recipe as JSON (a param: changing it reruns the run)."""
-    return json.dumps(pbconfig.recipe_for(config, w.task, w.method), sort_keys=True)
+    """The run's tracked training recipe as JSON (a param: changing it reruns the run)."""
+    return pbconfig.recipe_for(config, w.task, w.method).to_json()
+
+
+def train_runtime(w):
+    """The run's speed-only knobs as JSON, untracked (changing them reruns nothing)."""
+    return Untracked(pbconfig.runtime_for(config, w.task, w.method).to_json())

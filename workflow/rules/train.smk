@@ -3,29 +3,26 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        metrics="results/runs/{model}/{task}/{method}/b{budget}/s{seed}/metrics.parquet",
-        curve="results/runs/{model}/{task}/{method}/b{budget}/s{seed}/curve.parquet",
-        adapter="results/runs/{model}/{task}/{method}/b{budget}/s{seed}/adapter.safetensors",
-        ranks="results/runs/{model}/{task}/{method}/b{budget}/s{seed}/ranks.parquet",
-        gradnorms="results/runs/{model}/{task}/{method}/b{budget}/s{seed}/gradnorms.parquet",
+        **{name: f"{RUN_DIR}/{fname}" for name, fname in RUN_FILES.items()},
     params:
         spec=model_spec,
+        key=lambda w: " ".join(wildcard_key(w).cli_args()),
         recipe=train_recipe,
+        runtime=train_runtime,
         args=train_args,
-        out=lambda w, output: os.path.dirname(output.metrics),
+        out=lambda w: wildcard_key(w).run_dir(),
         # Outside the outputs: Snakemake deletes a failed job's outputs, never this directory.
-        checkpoints="results/checkpoints/{model}/{task}/{method}/b{budget}/s{seed}",
+        checkpoints=lambda w: wildcard_key(w).checkpoint_dir(),
     log:
-        "results/logs/train/{model}/{task}/{method}/b{budget}/s{seed}.log",
+        f"results/logs/train/{RUN_PATTERN}.log",
     benchmark:
-        "results/benchmarks/train/{model}/{task}/{method}/b{budget}/s{seed}.tsv"
+        f"results/benchmarks/train/{RUN_PATTERN}.tsv",
     threads: 2
     resources:
         gpu=1,
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m peftbench train --model-name {wildcards.model} --model {params.spec:q}"
-        " --task {wildcards.task} --method {wildcards.method} --budget {wildcards.budget}"
-        " --seed {wildcards.seed} --train {input.train} {params.args} --recipe {params.recipe:q}"
+        "python -m peftbench train {params.key} --model {params.spec:q} --train {input.train} {params.args}"
+        " --recipe {params.recipe:q} --runtime {params.runtime:q}"
         " --checkpoint-dir {params.checkpoints} --out {params.out} > {log} 2>&1"

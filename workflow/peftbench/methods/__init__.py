@@ -1,34 +1,82 @@
-"""The method registry: one file per method, each registering one :class:`Method` subclass.
+"""The method registry: one table line and one file per method.
 
-``get_method("lora")`` returns the class; :data:`METHODS` lists every key. A new method is a new
-file in this folder that defines ``@register class MyMethod(Method): name = "mymethod"`` and is
-imported below.
+:data:`METHOD_TABLE` is torch-free: the Snakefile, the config check and the analysis stage read a
+method's flags (``uses_svd``, ``budget_free``), display label and order from it without importing
+PyTorch. :func:`get_method` imports the method's module on first use and returns its
+:class:`~peftbench.methods.base.Method` subclass.
+
+Adding a method ``mymethod``:
+
+1. a file ``methods/mymethod.py`` holding ``@dataclass class Options(MethodOptions)`` (typed,
+   documented, checked options) and ``@register class MyMethod(Method)`` with
+   ``name = "mymethod"`` and ``options_cls = Options``;
+2. one line in :data:`METHOD_TABLE`.
+
+Nothing else: the grid (``grid.methods: all``), the config check (its options are built when the
+DAG is planned), the PEFT learning-rate layer (``training.adapters``: every method that is not
+``budget_free``), the rules, the aggregation and every plot pick it up from here.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .base import BuildContext, LoopState, Method, ranks_frame
-
-METHODS: dict[str, type[Method]] = {}
-
-_MODULES = ["full", "lora", "adalora", "glora", "fwlora", "spectral_a", "spectral_r", "gsa", "dynacsg", "phased"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import Method
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add ``cls`` to :data:`METHODS` under ``cls.name``.
+@dataclass(frozen=True)
+class MethodInfo:
+    """One line of the method table.
 
-    Raises:
-        ValueError: empty or duplicate name.
+    Attributes:
+        name: registry key: the ``method`` wildcard, the ``method`` column and ``grid.methods``.
+        module: file in this folder (without ``.py``) that registers the method's class.
+        label: display name in tables and figures.
+        uses_svd: the run needs the ``svd`` stage's ``factors.safetensors``.
+        budget_free: the method ignores the budget (full fine-tuning): one run per task and seed,
+            stored under :data:`FULL_BUDGET`; it is also left out of the ``training.adapters``
+            learning-rate layer that every adapter method inherits.
     """
-    if not cls.name or cls.name in METHODS:
-        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
-    METHODS[cls.name] = cls
-    return cls
+
+    name: str
+    module: str
+    label: str
+    uses_svd: bool = False
+    budget_free: bool = False
+
+    @property
+    def is_adapter(self) -> bool:
+        """Trains an adapter on a frozen backbone (every method but full fine-tuning)."""
+        return not self.budget_free
 
 
-def get_method(name: str) -> type[Method]:
-    """The registered class for ``name``.
+#: Budget (% of backbone parameters) recorded by budget-free methods: all of the backbone.
+FULL_BUDGET = 100.0
+
+#: Every method, in display order (baselines first).
+METHOD_TABLE: tuple[MethodInfo, ...] = (
+    MethodInfo("full", "full", "full fine-tuning", budget_free=True),
+    MethodInfo("lora", "lora", "LoRA"),
+    MethodInfo("adalora", "adalora", "AdaLoRA"),
+    MethodInfo("glora", "glora", "GLoRA (grad-norm ranks)"),
+    MethodInfo("fwlora", "fwlora", "FW-LoRA"),
+    MethodInfo("spectral_a", "spectral_a", "Spectral Adapter^A", uses_svd=True),
+    MethodInfo("spectral_r", "spectral_r", "Spectral Adapter^R", uses_svd=True),
+    MethodInfo("gsa", "gsa", "GSA", uses_svd=True),
+    MethodInfo("dynacsg", "dynacsg", "DynaCSG", uses_svd=True),
+    MethodInfo("phased", "phased", "phased LoRA"),
+)
+
+#: ``{name: MethodInfo}`` in display order.
+METHODS: dict[str, MethodInfo] = {m.name: m for m in METHOD_TABLE}
+
+_CLASSES: dict[str, type] = {}
+
+
+def method_info(name: str) -> MethodInfo:
+    """The table line of method ``name``.
 
     Raises:
         KeyError: unknown method, listing the registered ones.
@@ -39,11 +87,59 @@ def get_method(name: str) -> type[Method]:
         raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(METHODS)}") from None
 
 
-for _m in _MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_m}")
-    except ModuleNotFoundError as exc:  # a method file not written yet
-        if exc.name != f"{__name__}.{_m}":
-            raise
+def register(cls: "type[Method]") -> "type[Method]":
+    """Class decorator of a method file: bind ``cls`` to its line of :data:`METHOD_TABLE`.
 
-__all__ = ["BuildContext", "LoopState", "Method", "METHODS", "get_method", "ranks_frame", "register"]
+    Raises:
+        ValueError: ``cls.name`` has no table line, the line names another module, or the name is
+            registered twice.
+    """
+    info = METHODS.get(cls.name)
+    if info is None:
+        raise ValueError(f"method class {cls.__qualname__} has name {cls.name!r}, which has no line in "
+                         f"METHOD_TABLE (peftbench/methods/__init__.py); add one")
+    module = cls.__module__.rsplit(".", 1)[-1]
+    if module != info.module:
+        raise ValueError(f"method {cls.name!r} is registered in module {module!r} but METHOD_TABLE says "
+                         f"{info.module!r}")
+    if cls.name in _CLASSES and _CLASSES[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    _CLASSES[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> "type[Method]":
+    """The :class:`~peftbench.methods.base.Method` subclass of ``name`` (imports its module).
+
+    Raises:
+        KeyError: unknown method.
+        ImportError: the table names a module that does not exist or fails to import (the error
+            names the method, the module and the cause; never silently skipped).
+        ValueError: the module imports but registers no class under ``name``.
+    """
+    info = method_info(name)
+    if name not in _CLASSES:
+        qual = f"{__name__}.{info.module}"
+        try:
+            importlib.import_module(qual)
+        except ImportError as exc:
+            raise ImportError(f"method {name!r}: METHOD_TABLE names module {qual}, which cannot be imported "
+                              f"({type(exc).__name__}: {exc}); fix the module name in the table or the "
+                              f"import") from exc
+        if name not in _CLASSES:
+            raise ValueError(f"method {name!r}: module {qual} imports but registers no Method with "
+                             f"name = {name!r} (decorate the class with @register)")
+    return _CLASSES[name]
+
+
+def __getattr__(attr: str):
+    # The torch-importing contract classes, loaded only when asked for.
+    if attr in ("BuildContext", "LoopState", "Method", "MethodOptions", "ranks_frame"):
+        from . import base
+
+        return getattr(base, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["FULL_BUDGET", "METHODS", "METHOD_TABLE", "MethodInfo", "get_method", "method_info", "register",
+           "BuildContext", "LoopState", "Method", "MethodOptions", "ranks_frame"]

@@ -16,13 +16,12 @@ not removed, so the trainable count stays at ``init_r`` size: both the allocated
 Budget: ``target_r`` is the uniform LoRA rank for the budget (the final, pruned budget matches
 LoRA's); ``init_r = ceil(init_ratio × target_r)`` (paper: 12 → 8, ratio 1.5).
 
-Options: ``init_ratio`` (1.5), ``alpha`` (None = peft's default, α = r scaling off), ``dropout``
-(0.1), ``tinit`` / ``tfinal`` (fractions of total steps: 0.1 / 0.2), ``delta_t`` (allocation
-interval in steps, 10), ``beta1`` / ``beta2`` (0.85), ``orth_reg_weight`` (0.1, paper's γ).
+Options (``method_options.adalora``): :class:`AdaLoRAOptions`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -30,6 +29,35 @@ from ..budget import uniform_rank
 from . import register
 from .base import LoopState, Method, ranks_frame
 from .lora import peft_targets
+from .options import MethodOptions, option
+
+
+@dataclass
+class AdaLoRAOptions(MethodOptions):
+    """Options of AdaLoRA (names as in peft's ``AdaLoraConfig`` where they map onto it)."""
+
+    init_ratio: float = option(1.5, "initial rank per matrix = ceil(init_ratio × target rank), ≥ 1 (paper: 12 → 8)")
+    alpha: float | None = option(None, "lora_alpha; null = peft's default")
+    dropout: float = option(0.1, "dropout probability on the adapter input, in [0, 1)")
+    tinit: float = option(0.1, "initial warm-up without pruning, fraction of total steps, in [0, 1)")
+    tfinal: float = option(0.2, "final fine-tuning with the budget fixed, fraction of total steps, in [0, 1)")
+    delta_t: int = option(10, "optimizer steps between two budget allocations, ≥ 1")
+    beta1: float = option(0.85, "EMA factor of the sensitivity (Eq. 9), in [0, 1)")
+    beta2: float = option(0.85, "EMA factor of the uncertainty (Eq. 10), in [0, 1)")
+    orth_reg_weight: float = option(0.1, "weight γ of the orthogonality regulariser (Eq. 4), ≥ 0")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("init_ratio", self.init_ratio >= 1, "must be ≥ 1")
+        self.require("alpha", self.alpha is None or self.alpha > 0, "must be > 0 or null")
+        self.require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+        self.require("tinit", 0 <= self.tinit < 1, "must be in [0, 1)")
+        self.require("tfinal", 0 <= self.tfinal < 1 and self.tinit + self.tfinal < 1,
+                     "must be in [0, 1) with tinit + tfinal < 1")
+        self.require("delta_t", self.delta_t >= 1, "must be ≥ 1")
+        self.require("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)")
+        self.require("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)")
+        self.require("orth_reg_weight", self.orth_reg_weight >= 0, "must be ≥ 0")
 
 
 @register
@@ -37,10 +65,9 @@ class AdaLoRA(Method):
     """AdaLoRA via peft, with its schedule derived from the real number of steps."""
 
     name = "adalora"
+    options_cls = AdaLoRAOptions
     identity_at_init = True
     compilable = True
-    default_options = {"init_ratio": 1.5, "alpha": None, "dropout": 0.1, "tinit": 0.1, "tfinal": 0.2,
-                       "delta_t": 10, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1}
 
     def schedule(self) -> dict[str, int]:
         """``target_r``, ``init_r``, ``tinit``, ``tfinal``, ``deltaT``, ``total_step`` for peft.
@@ -55,12 +82,12 @@ class AdaLoRA(Method):
             raise ValueError(f"adalora needs at least 3 training steps, the run has {total}; "
                              f"train on more examples or for more epochs")
         target_r = uniform_rank(self.ctx.budget, self.ctx.backbone_params, self.ctx.targets)
-        init_r = max(target_r, math.ceil(self.options["init_ratio"] * target_r))
-        tinit = int(self.options["tinit"] * total)
-        tfinal = int(self.options["tfinal"] * total)
+        init_r = max(target_r, math.ceil(self.options.init_ratio * target_r))
+        tinit = int(self.options.tinit * total)
+        tfinal = int(self.options.tfinal * total)
         while tinit >= total - tfinal:  # tiny runs: shrink warm-up/final phases
             tinit, tfinal = max(tinit - 1, 0), max(tfinal - 1, 0)
-        delta_t = max(1, min(int(self.options["delta_t"]), total - tfinal - tinit))
+        delta_t = max(1, min(int(self.options.delta_t), total - tfinal - tinit))
         return {"target_r": target_r, "init_r": init_r, "tinit": tinit, "tfinal": tfinal,
                 "deltaT": delta_t, "total_step": total}
 
@@ -68,11 +95,11 @@ class AdaLoRA(Method):
         from peft import AdaLoraConfig, TaskType, get_peft_model
 
         s = self.schedule()
-        kw = {} if self.options["alpha"] is None else {"lora_alpha": self.options["alpha"]}
+        kw = {} if self.options.alpha is None else {"lora_alpha": self.options.alpha}
         cfg = AdaLoraConfig(task_type=TaskType.SEQ_CLS, target_modules=peft_targets(self.ctx.targets),
-                            modules_to_save=self.ctx.head_modules, lora_dropout=self.options["dropout"],
-                            beta1=self.options["beta1"], beta2=self.options["beta2"],
-                            orth_reg_weight=self.options["orth_reg_weight"], **s, **kw)
+                            modules_to_save=self.ctx.head_modules, lora_dropout=self.options.dropout,
+                            beta1=self.options.beta1, beta2=self.options.beta2,
+                            orth_reg_weight=self.options.orth_reg_weight, **s, **kw)
         return get_peft_model(model, cfg)
 
     def after_optimizer_step(self, model: nn.Module, state: LoopState) -> None:

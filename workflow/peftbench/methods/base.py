@@ -31,8 +31,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import MethodInfo, method_info
 from ..models import Target, is_head_param
-from ..tasks import TaskSpec
+from .options import MethodOptions
+from ..vocab import TaskSpec
 
 
 @dataclass
@@ -47,10 +49,12 @@ class BuildContext:
         head_modules: module names of the task head, trained by every method.
         total_steps: optimizer steps of the whole run (epochs × steps per epoch).
         steps_per_epoch: optimizer steps per epoch.
-        options: the method's options from config (``methods.<name>``), defaults filled in.
+        options: the method's typed options (built from ``method_options.<name>``), or the raw
+            mapping, which the method turns into its ``options_cls``.
         seed: the run's seed.
         device: where training runs.
-        svd_path: ``factors.safetensors`` of the ``svd`` stage, for methods with ``uses_svd``.
+        svd_path: ``factors.safetensors`` of the ``svd`` stage, for methods whose table line says
+            ``uses_svd``.
     """
 
     task: TaskSpec
@@ -60,7 +64,7 @@ class BuildContext:
     head_modules: list[str]
     total_steps: int
     steps_per_epoch: int
-    options: dict[str, Any] = field(default_factory=dict)
+    options: MethodOptions | dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     svd_path: Path | None = None
@@ -108,35 +112,40 @@ class LoopState:
 class Method:
     """Base class of every fine-tuning method (see module docstring for the call order).
 
+    The method's flags that the workflow needs before any model exists (``uses_svd``,
+    ``budget_free``, label, order) live in its line of
+    :data:`peftbench.methods.METHOD_TABLE` (:meth:`info`), not here.
+
     Class attributes:
         name: registry key (``lora``); also the ``method`` wildcard and column value.
-        uses_svd: the run needs the ``svd`` stage's ``factors.safetensors``.
-        budget_free: the method ignores the budget (full fine-tuning): one run per task and seed,
-            stored under budget 100.
-        default_options: option defaults, overridden by ``methods.<name>`` in config.
+        options_cls: the method's typed options (a :class:`MethodOptions` dataclass).
         log_gradnorms: default for logging per-group gradient norms (config can turn it on for all).
         identity_at_init: the wrapped model's output equals the pretrained model's before the
             first optimizer step (LoRA's zero-init B, spectral adapters' zero-init deltas …).
         compilable: the training forward/backward may run under ``torch.compile`` (recipe key
             ``compile``); methods that change their modules or read Python-side state inside the
             forward during training leave it False and run eagerly.
+
+    Raises (from ``__init__``):
+        OptionsError: an unknown option or a bad option value (names ``method_options.<name>.<key>``).
     """
 
     name: ClassVar[str] = ""
-    uses_svd: ClassVar[bool] = False
-    budget_free: ClassVar[bool] = False
-    default_options: ClassVar[dict[str, Any]] = {}
+    options_cls: ClassVar[type[MethodOptions]] = MethodOptions
     log_gradnorms: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
     compilable: ClassVar[bool] = False
 
     def __init__(self, ctx: BuildContext):
-        unknown = set(ctx.options) - set(self.default_options)
-        if unknown:
-            raise ValueError(f"method {self.name!r}: unknown option(s) {sorted(unknown)}; "
-                             f"allowed: {sorted(self.default_options)}")
         self.ctx = ctx
-        self.options = {**self.default_options, **ctx.options}
+        opts = ctx.options
+        self.options = opts if isinstance(opts, self.options_cls) else \
+            self.options_cls.from_dict(opts, where=f"method_options.{self.name}")
+
+    @classmethod
+    def info(cls) -> MethodInfo:
+        """This method's line of the method table."""
+        return method_info(cls.name)
 
     # -- building -------------------------------------------------------------------------------
     def build(self, model: nn.Module) -> nn.Module:

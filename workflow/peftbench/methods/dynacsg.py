@@ -53,14 +53,14 @@ median wall time of ``model(**batch)`` with gates on over the median with the ad
 first (up to) 2 dev batches of the last evaluation (eval batch size), one warm-up pass then 3
 timed passes each (interleaved), with CUDA synchronisation on a GPU.
 
-Options (``methods.dynacsg``): ``hidden`` (64), ``rank`` (None = from the budget), ``grow_hidden``
-(True), ``tau`` (0.5), ``lam`` (1e-3), ``alpha`` (0.1), ``detach_context`` (True).
+Options (``method_options.dynacsg``): :class:`DynaCSGOptions`.
 """
 from __future__ import annotations
 
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,6 +70,27 @@ from ..models import is_head_param
 from ..svd import load_factors
 from . import register
 from .base import LoopState, Method, ranks_frame
+from .options import MethodOptions, option
+
+
+@dataclass
+class DynaCSGOptions(MethodOptions):
+    """Options of dynamic conditional spectral gates."""
+
+    hidden: int = option(64, "hidden width H of the shared gate hypernetwork, ≥ 1")
+    rank: int | None = option(None, "gated singular values r per matrix; null = from the budget")
+    grow_hidden: bool = option(True, "widen H when the budget allows more than r_max gates per matrix")
+    tau: float = option(0.5, "temperature τ of the Gumbel-sigmoid gates, > 0")
+    lam: float = option(1e-3, "weight λ of the expected-L0 penalty λ · E[gates on], ≥ 0")
+    alpha: float = option(0.1, "scale α of the gated correction: Ŝ = S ⊙ (1 + α g)")
+    detach_context: bool = option(True, "stop gradients at the [CLS] context vector fed to the hypernetwork")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("hidden", self.hidden >= 1, "must be ≥ 1")
+        self.require("rank", self.rank is None or self.rank >= 1, "must be ≥ 1 or null")
+        self.require("tau", self.tau > 0, "must be > 0")
+        self.require("lam", self.lam >= 0, "must be ≥ 0")
 
 
 def spectral_correction(x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
@@ -220,9 +241,7 @@ class DynaCSG(Method):
     """Dynamic conditional spectral gates (see module docstring)."""
 
     name = "dynacsg"
-    uses_svd = True
-    default_options = {"hidden": 64, "rank": None, "grow_hidden": True, "tau": 0.5, "lam": 1e-3,
-                       "alpha": 0.1, "detach_context": True}
+    options_cls = DynaCSGOptions
     latency_batches = 2  # dev batches kept from the last evaluation for the latency ratio
 
     # -- building -------------------------------------------------------------------------------
@@ -239,7 +258,7 @@ class DynaCSG(Method):
         self.d_model = d_model
         o = self.options
         self.rank, self.hidden = choose_size(self.ctx.budget_params, d_model, len(self.layers), len(self.kinds),
-                                             r_max, int(o["hidden"]), o["rank"], bool(o["grow_hidden"]))
+                                             r_max, o.hidden, o.rank, o.grow_hidden)
         self.r_max = r_max
         for p in model.parameters():
             p.requires_grad_(False)
@@ -255,7 +274,7 @@ class DynaCSG(Method):
             U, S, Vh = factors[t.name]
             r = self.rank
             wrapped = DynamicSpectralLinear(modules[t.name], U[:, :r].float(), S[:r].float(), Vh[:r].float(),
-                                            o["alpha"])
+                                            o.alpha)
             parent_name, attr = t.name.rsplit(".", 1)
             setattr(modules[parent_name], attr, wrapped)
             self.linears[t.name] = wrapped
@@ -288,11 +307,11 @@ class DynaCSG(Method):
                 return None
             hs = args[0] if args else kwargs["hidden_states"]
             ctx = hs[:, 0, :]
-            if self.options["detach_context"]:
+            if self.options.detach_context:
                 ctx = ctx.detach()
             logits = self.hyper(ctx.to(self.hyper.fc1.weight.dtype), li)      # (B, K, r)
             if self.hyper.training:
-                g = gumbel_sigmoid_st(logits, float(self.options["tau"]))
+                g = gumbel_sigmoid_st(logits, float(self.options.tau))
                 if torch.is_grad_enabled():
                     self._probs.append(torch.sigmoid(logits.float()))
             else:
@@ -324,7 +343,7 @@ class DynaCSG(Method):
         if not self._probs:
             raise RuntimeError("dynacsg: no gate probabilities recorded; run a training forward pass first")
         expected_on = sum(p.sum(dim=(1, 2)) for p in self._probs).mean()
-        return float(self.options["lam"]) * expected_on
+        return float(self.options.lam) * expected_on
 
     def extra_loss(self, model, outputs, batch, state: LoopState) -> torch.Tensor | None:
         if not self._probs:
@@ -332,8 +351,8 @@ class DynaCSG(Method):
         pen = self.penalty()
         n_gates = len(self.ctx.targets) * self.rank
         state.log["gate_penalty"] = float(pen.detach())
-        state.log["expected_gate_frac"] = float(pen.detach()) / float(self.options["lam"]) / n_gates \
-            if self.options["lam"] else float("nan")
+        state.log["expected_gate_frac"] = float(pen.detach()) / float(self.options.lam) / n_gates \
+            if self.options.lam else float("nan")
         self._probs = []
         return pen
 

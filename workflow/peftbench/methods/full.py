@@ -1,6 +1,7 @@
 """Full fine-tuning: every backbone and head parameter is trained.
 
-Budget: ignored (``budget_free``); one run per task and seed, stored under budget 100.
+Budget: ignored (``budget_free`` in the method table); one run per task and seed, stored under
+budget 100.
 Options: none; its learning rate is the task recipe's (``training.defaults.lr``).
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ class FullFineTuning(Method):
     """Full fine-tuning baseline (all parameters trainable)."""
 
     name = "full"
-    budget_free = True
     compilable = True
 
     def build(self, model: nn.Module) -> nn.Module:

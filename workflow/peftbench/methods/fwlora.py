@@ -24,8 +24,7 @@ Budget: the uniform LoRA rank of the budget (:func:`peftbench.budget.uniform_ran
 parameter count, so within ±10 % whenever LoRA is; ``capacity_limited`` is reported when the rank is
 at the smallest matrix dimension and still below 90 % of the budget.
 
-Options (``methods.fwlora``, defaults = ``default_options``): ``alpha`` (16), ``dropout`` (0.1) as in
-LoRA; ``lam`` (1e-4, λ); ``beta`` (0.98); ``warmup_steps`` (500) and ``warmup_fraction`` (0.1):
+Options (``method_options.fwlora``): :class:`FWLoRAOptions`. The warm-up is
 ``K = min(warmup_steps, round(warmup_fraction · total_steps))`` (either may be null to use only the
 other), at least 1 and at most the run's total steps.
 
@@ -33,6 +32,7 @@ Outputs: ``ranks.parquet`` with rank = r, score = I_m, plus ``fisher`` (F_m) and
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +41,27 @@ from torch import nn
 from . import register
 from .base import LoopState, ranks_frame
 from .glora import ADAPTER, LoRAWithBaseGradients, base_weights, capacity_limited
+from .lora import LoRAOptions
+from .options import option
+
+
+@dataclass
+class FWLoRAOptions(LoRAOptions):
+    """Options of Fisher-weighted LoRA (alpha and dropout as in LoRA)."""
+
+    lam: float = option(1e-4, "weight λ of the penalty λ Σ_m (1 − I_m) ‖ΔW_m‖²_F, ≥ 0")
+    beta: float = option(0.98, "EMA factor β of the squared gradient norm F_m, in [0, 1)")
+    warmup_steps: int | None = option(500, "warm-up cap K in optimizer steps, ≥ 0; null: only warmup_fraction")
+    warmup_fraction: float | None = option(0.1, "warm-up cap as a fraction of total steps, in [0, 1]; "
+                                                "null: only warmup_steps")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("lam", self.lam >= 0, "must be ≥ 0")
+        self.require("beta", 0 <= self.beta < 1, "must be in [0, 1)")
+        self.require("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be ≥ 0 or null")
+        self.require("warmup_fraction", self.warmup_fraction is None or 0 <= self.warmup_fraction <= 1,
+                     "must be in [0, 1] or null")
 
 
 def lora_update_sq_norm(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -61,20 +82,11 @@ class FWLoRA(LoRAWithBaseGradients):
     """Fisher-weighted LoRA: uniform rank plus an importance-weighted ‖ΔW‖² penalty after warm-up."""
 
     name = "fwlora"
-    default_options = {"alpha": 16, "dropout": 0.1, "lam": 1e-4, "beta": 0.98, "warmup_steps": 500,
-                       "warmup_fraction": 0.1}
+    options_cls = FWLoRAOptions
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        if not 0 <= float(self.options["beta"]) < 1:
-            raise ValueError(f"fwlora: beta must be in [0, 1), got {self.options['beta']}")
-        if float(self.options["lam"]) < 0:
-            raise ValueError(f"fwlora: lam must be ≥ 0, got {self.options['lam']}")
-        steps, frac = self.options["warmup_steps"], self.options["warmup_fraction"]
-        if steps is not None and steps < 0:
-            raise ValueError(f"fwlora: warmup_steps must be ≥ 0, got {steps}")
-        if frac is not None and not 0 <= frac <= 1:
-            raise ValueError(f"fwlora: warmup_fraction must be in [0, 1], got {frac}")
+        steps, frac = self.options.warmup_steps, self.options.warmup_fraction
         cands = [int(steps)] if steps is not None else []
         if frac is not None:
             cands.append(round(float(frac) * ctx.total_steps))
@@ -102,7 +114,7 @@ class FWLoRA(LoRAWithBaseGradients):
             terms = [(1.0 - i) * lora_update_sq_norm(m.lora_A[ADAPTER].weight.float(), m.lora_B[ADAPTER].weight.float(),
                                                     float(m.scaling[ADAPTER]))
                      for m, i in zip(self.modules, self.importance)]
-            return float(self.options["lam"]) * torch.stack(terms).sum()
+            return float(self.options.lam) * torch.stack(terms).sum()
 
     def extra_loss(self, model: nn.Module, outputs: Any, batch: dict[str, torch.Tensor],
                    state: LoopState) -> torch.Tensor | None:
@@ -117,7 +129,7 @@ class FWLoRA(LoRAWithBaseGradients):
     def after_backward(self, model: nn.Module, state: LoopState) -> None:
         if self.importance is not None:
             return
-        beta = float(self.options["beta"])
+        beta = float(self.options.beta)
         for k, w in enumerate(base_weights(self.modules)):
             g = w.grad
             sq = 0.0 if g is None else float(g.detach().float().pow(2).sum())
@@ -154,7 +166,7 @@ class FWLoRA(LoRAWithBaseGradients):
 
     def summary(self, model: nn.Module) -> dict:
         return {"rank": self.r0, "capacity_limited": capacity_limited(self.ctx, self.r0),
-                "warmup_steps": self.warmup, "lam": float(self.options["lam"]),
+                "warmup_steps": self.warmup, "lam": float(self.options.lam),
                 "final_penalty": self.last_penalty}
 
     def tables(self, model: nn.Module) -> dict:

@@ -46,11 +46,9 @@ first) until it is within, keeping ``Σ r_k = R_total`` (:func:`balance_params`)
 ``capacity_limited`` is reported when ``r0`` already sits at the smallest matrix dimension and
 LoRA's count is below 90 % of the budget.
 
-Options (``methods.glora``, defaults = ``default_options``): ``alpha`` (16), ``dropout`` (0.1) as in
-LoRA; ``beta`` (0.9, EMA factor); ``estimator`` (``"lora"`` | ``"exact"``); ``warmup_steps`` (null)
-or ``warmup_fraction`` (null, of the total steps) — both null: the first epoch; the warm-up is
-capped at half the run so that the re-allocated ranks are trained (1-epoch runs); ``min_rank`` (1);
-``param_tolerance`` (0.1, null disables the parameter balancing); ``preserve_update`` (false).
+Options (``method_options.glora``): :class:`GLoRAOptions`. With ``warmup_steps`` and
+``warmup_fraction`` both null the warm-up is the first epoch; it is capped at half the run so that
+the re-allocated ranks are trained (1-epoch runs).
 
 Outputs: ``ranks.parquet`` with module, layer, kind, score (= s_k), rank (= r_k), plus
 ``grad_norm_ema`` (g_k) and ``initial_rank`` (r0).
@@ -58,7 +56,8 @@ Outputs: ``ranks.parquet`` with module, layer, kind, score (= s_k), rank (= r_k)
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -67,7 +66,8 @@ from ..budget import lora_params
 from ..models import Target
 from . import register
 from .base import LoopState, ranks_frame
-from .lora import LoRA
+from .lora import LoRA, LoRAOptions
+from .options import option
 
 ADAPTER = "default"
 
@@ -351,20 +351,41 @@ class LoRAWithBaseGradients(LoRA):
         return exclude_params(super().parameter_groups(model, weight_decay), base_weights(self.modules))
 
 
+@dataclass
+class GLoRAOptions(LoRAOptions):
+    """Options of GLoRA (alpha and dropout as in LoRA)."""
+
+    beta: float = option(0.9, "EMA factor β of the gradient-norm score, in [0, 1)")
+    estimator: Literal["lora", "exact"] = option(
+        "lora", "gradient-norm estimator: 'lora' = sqrt(‖∇A‖² + ‖∇B‖²) (free), 'exact' = ‖∂L/∂W‖_F")
+    warmup_steps: int | None = option(None, "warm-up length K in optimizer steps, ≥ 0; null: see warmup_fraction")
+    warmup_fraction: float | None = option(None, "warm-up length as a fraction of total steps, in [0, 1]; "
+                                                 "both null: the first epoch")
+    min_rank: int = option(1, "smallest rank a matrix keeps after re-allocation, ≥ 1")
+    param_tolerance: float | None = option(0.1, "allowed relative deviation of the parameter count from the "
+                                                "budget after re-allocation, ≥ 0; null: no balancing")
+    preserve_update: bool = option(False, "rescale kept factors so that ΔW is unchanged when α/r changes")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("beta", 0 <= self.beta < 1, "must be in [0, 1)")
+        self.require("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be ≥ 0 or null")
+        self.require("warmup_fraction", self.warmup_fraction is None or 0 <= self.warmup_fraction <= 1,
+                     "must be in [0, 1] or null")
+        self.require("min_rank", self.min_rank >= 1, "must be ≥ 1")
+        self.require("param_tolerance", self.param_tolerance is None or self.param_tolerance >= 0,
+                     "must be ≥ 0 or null")
+
+
 @register
 class GLoRA(LoRAWithBaseGradients):
     """Gradient-norm-aware LoRA rank allocation (not peft's Generalized LoRA)."""
 
     name = "glora"
-    default_options = {"alpha": 16, "dropout": 0.1, "beta": 0.9, "estimator": "lora", "warmup_steps": None,
-                       "warmup_fraction": None, "min_rank": 1, "param_tolerance": 0.1, "preserve_update": False}
+    options_cls = GLoRAOptions
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        if self.options["estimator"] not in ("lora", "exact"):
-            raise ValueError(f"glora: estimator must be 'lora' or 'exact', got {self.options['estimator']!r}")
-        if not 0 <= float(self.options["beta"]) < 1:
-            raise ValueError(f"glora: beta must be in [0, 1), got {self.options['beta']}")
         n = len(ctx.targets)
         self.r0 = self.rank()
         self.ranks = [self.r0] * n
@@ -372,8 +393,8 @@ class GLoRA(LoRAWithBaseGradients):
         self.n_updates = 0
         self.reallocated = False
         self.modules: list[nn.Module] = []
-        self.warmup = warmup_length(ctx.total_steps, ctx.steps_per_epoch, self.options["warmup_steps"],
-                                    self.options["warmup_fraction"],
+        self.warmup = warmup_length(ctx.total_steps, ctx.steps_per_epoch, self.options.warmup_steps,
+                                    self.options.warmup_fraction,
                                     cap=max(1, ctx.total_steps // 2) if ctx.total_steps >= 2 else None)
 
     def _in_warmup(self, state: LoopState) -> bool:
@@ -381,7 +402,7 @@ class GLoRA(LoRAWithBaseGradients):
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_step_start(self, model: nn.Module, state: LoopState) -> None:
-        if self.options["estimator"] == "exact" and self._in_warmup(state):
+        if self.options.estimator == "exact" and self._in_warmup(state):
             for w in base_weights(self.modules):
                 w.requires_grad_(True)
 
@@ -389,7 +410,7 @@ class GLoRA(LoRAWithBaseGradients):
         """Current per-target gradient norm ``n_k`` of the chosen estimator (0 where no gradient)."""
         out = []
         for mod in self.modules:
-            if self.options["estimator"] == "exact":
+            if self.options.estimator == "exact":
                 g = mod.get_base_layer().weight.grad
                 out.append(0.0 if g is None else float(g.detach().float().norm()))
             else:
@@ -403,11 +424,11 @@ class GLoRA(LoRAWithBaseGradients):
     def after_backward(self, model: nn.Module, state: LoopState) -> None:
         if not self._in_warmup(state):
             return
-        beta = float(self.options["beta"])
+        beta = float(self.options.beta)
         norms = self.gradient_norms()
         self.ema = [beta * e + (1 - beta) * x for e, x in zip(self.ema, norms)]
         self.n_updates += 1
-        if self.options["estimator"] == "exact":
+        if self.options.estimator == "exact":
             for w in base_weights(self.modules):
                 w.grad = None
 
@@ -439,9 +460,9 @@ class GLoRA(LoRAWithBaseGradients):
         s = self.scores()
         total = self.r0 * len(targets)
         caps = [min(t.d_in, t.d_out) for t in targets]
-        min_rank = int(self.options["min_rank"])
+        min_rank = int(self.options.min_rank)
         ranks = allocate_ranks(s, total, caps, min_rank)
-        tol = self.options["param_tolerance"]
+        tol = self.options.param_tolerance
         if tol is not None:
             lo, hi = self.param_window(float(tol))
             ranks = balance_params(ranks, [total * x for x in s], [t.d_in + t.d_out for t in targets], caps,
@@ -457,9 +478,9 @@ class GLoRA(LoRAWithBaseGradients):
         """
         new = self.target_ranks()
         pairs = []
-        alpha = float(self.options["alpha"])
+        alpha = float(self.options.alpha)
         for mod, r_new in zip(self.modules, new):
-            a_old, b_old, a_new, b_new, c = resize_lora_module(mod, r_new, alpha, bool(self.options["preserve_update"]))
+            a_old, b_old, a_new, b_new, c = resize_lora_module(mod, r_new, alpha, bool(self.options.preserve_update))
             pairs += [(a_old, a_new, 0, 1.0), (b_old, b_new, 1, c)]
         self.ranks = new
         self.reallocated = True
@@ -479,7 +500,7 @@ class GLoRA(LoRAWithBaseGradients):
             return
         self.ema, self.n_updates = list(state["ema"]), int(state["n_updates"])
         if state["reallocated"]:
-            alpha = float(self.options["alpha"])
+            alpha = float(self.options.alpha)
             for mod, r in zip(self.modules, state["ranks"]):
                 resize_lora_module(mod, int(r), alpha)
             self.ranks, self.reallocated = list(state["ranks"]), True

@@ -21,11 +21,11 @@ the real count (``Σ_m k_m``) is recorded with ``capacity_limited: True``. The h
 full on top. ``ranks.parquet``: rank = active gates ``#{i : |g_i| > 1e-3}`` at the end, score =
 mean ``|g|``.
 
-Options (``methods.gsa``): ``lam`` (1e-4, the L1 weight λ), ``active_threshold`` (1e-3, the
-``|g_i|`` above which a gate counts as active).
+Options (``method_options.gsa``): :class:`GSAOptions`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +33,21 @@ from torch import nn
 
 from . import register
 from .base import LoopState
+from .options import MethodOptions, option
 from .spectral_common import SpectralLinear, SpectralMethod
+
+
+@dataclass
+class GSAOptions(MethodOptions):
+    """Options of the gated spectral adapter."""
+
+    lam: float = option(1e-4, "weight λ of the L1 penalty λ Σ |g_i| on the gates, ≥ 0")
+    active_threshold: float = option(1e-3, "|g_i| above which a gate counts as active in the reports, ≥ 0")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("lam", self.lam >= 0, "must be ≥ 0")
+        self.require("active_threshold", self.active_threshold >= 0, "must be ≥ 0")
 
 
 class GatedSpectralLinear(SpectralLinear):
@@ -60,12 +74,10 @@ class GatedSpectralAdapter(SpectralMethod):
     """Gated spectral adapter: per-matrix gates on the top-k singular values with an L1 penalty."""
 
     name = "gsa"
-    default_options = {"lam": 1e-4, "active_threshold": 1e-3}
+    options_cls = GSAOptions
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        if float(self.options["lam"]) < 0:
-            raise ValueError(f"methods.gsa.lam must be ≥ 0, got {self.options['lam']}")
         self._gates: list[nn.Parameter] = []
 
     def plan_ranks(self, top_k: list[int]) -> dict:
@@ -85,18 +97,18 @@ class GatedSpectralAdapter(SpectralMethod):
 
     def penalty(self) -> torch.Tensor:
         """``λ Σ_m ‖g_m‖₁`` (a scalar tensor on the gates' device)."""
-        return float(self.options["lam"]) * torch.stack([g.abs().sum() for g in self._gates]).sum()
+        return float(self.options.lam) * torch.stack([g.abs().sum() for g in self._gates]).sum()
 
     def extra_loss(self, model: nn.Module, outputs: Any, batch: dict[str, torch.Tensor],
                    state: LoopState) -> torch.Tensor | None:
-        if not self._gates or float(self.options["lam"]) == 0:
+        if not self._gates or float(self.options.lam) == 0:
             return None
         pen = self.penalty()
         state.log["penalty"] = float(pen.detach())
         return pen
 
     def module_rank(self, mod: GatedSpectralLinear) -> float:
-        return float((mod.g.detach().abs() > float(self.options["active_threshold"])).sum())
+        return float((mod.g.detach().abs() > float(self.options.active_threshold)).sum())
 
     def module_score(self, mod: GatedSpectralLinear) -> float:
         return float(mod.g.detach().abs().mean())
@@ -106,7 +118,7 @@ class GatedSpectralAdapter(SpectralMethod):
         active = [self.module_rank(m) for m in mods]
         with torch.no_grad():
             pen = float(self.penalty()) if self._gates else 0.0
-        return {"lam": float(self.options["lam"]), "active_gates": int(sum(active)),
+        return {"lam": float(self.options.lam), "active_gates": int(sum(active)),
                 "mean_active_gates": float(sum(active) / max(len(active), 1)),
                 "mean_abs_gate": float(sum(self.module_score(m) for m in mods) / max(len(mods), 1)),
                 "final_penalty": pen}

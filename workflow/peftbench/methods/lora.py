@@ -8,16 +8,19 @@ Budget: the uniform rank ``r`` that spends ``budget`` % of backbone parameters o
 attention q/k/v/output and both feed-forward matrices (:func:`peftbench.budget.uniform_rank`);
 the real count is recorded. The classifier and pooler are trained in full (``modules_to_save``).
 
-Options (``methods.lora`` in config): ``alpha`` (16, scaling α/r), ``dropout`` (0.1, on the
-adapter input). Its learning rate is ``training.methods.lora.lr``.
+Options (``method_options.lora``): :class:`LoRAOptions`. Its learning rate is the adapter layer's
+(``training.adapters.lr``), as for every adapter method.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
 from ..budget import uniform_rank
 from . import register
 from .base import Method, ranks_frame
+from .options import MethodOptions, option
 
 
 def peft_targets(targets) -> list[str]:
@@ -25,14 +28,27 @@ def peft_targets(targets) -> list[str]:
     return [t.name for t in targets]
 
 
+@dataclass
+class LoRAOptions(MethodOptions):
+    """Options of LoRA and of every method built on it (glora, fwlora, phased)."""
+
+    alpha: float = option(16, "LoRA scaling numerator α: the update is (α / r) B A (Hu et al. 2021, Eq. 3)")
+    dropout: float = option(0.1, "dropout probability on the adapter input, in [0, 1)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("alpha", self.alpha > 0, "must be > 0")
+        self.require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+
+
 @register
 class LoRA(Method):
     """Uniform-rank LoRA via peft."""
 
     name = "lora"
+    options_cls = LoRAOptions
     identity_at_init = True
     compilable = True
-    default_options = {"alpha": 16, "dropout": 0.1}
 
     def rank(self) -> int:
         """The uniform rank for this run's budget."""
@@ -41,8 +57,8 @@ class LoRA(Method):
     def build(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, TaskType, get_peft_model
 
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=self.rank(), lora_alpha=self.options["alpha"],
-                         lora_dropout=self.options["dropout"], target_modules=peft_targets(self.ctx.targets),
+        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=self.rank(), lora_alpha=self.options.alpha,
+                         lora_dropout=self.options.dropout, target_modules=peft_targets(self.ctx.targets),
                          modules_to_save=self.ctx.head_modules)
         return get_peft_model(model, cfg)
 

@@ -37,12 +37,12 @@ steps actually run per phase); ``ranks.parquet``: ``rank`` per module and ``acti
 in which the module was trainable). ``log_gradnorms`` is on by default: ``gradnorms.parquet`` holds
 per-(group, layer) and per-group norms (attention, mlp, embeddings, head) every ``log_every`` steps.
 
-Options (``methods.phased``): ``strategy`` ("both->mlp->attn"), ``bounds`` (None = default above),
-``alpha`` (16), ``dropout`` (0.1) — the last two as in ``lora``.
+Options (``method_options.phased``): :class:`PhasedOptions`.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +50,8 @@ from torch import nn
 
 from . import register
 from .base import LoopState, ranks_frame
-from .lora import LoRA
+from .lora import LoRA, LoRAOptions
+from .options import OptionsError, option
 
 ATTN_KINDS = {"query", "key", "value", "attention_output"}
 MLP_KINDS = {"intermediate", "output"}
@@ -112,19 +113,35 @@ def in_set(set_name: str, kind: str, layer: int, n_layers: int) -> bool:
     raise ValueError(f"unknown phase set {set_name!r}")
 
 
+@dataclass
+class PhasedOptions(LoRAOptions):
+    """Options of phased LoRA (alpha and dropout as in LoRA)."""
+
+    strategy: str = option("both->mlp->attn", f"phase sets {PHASE_SETS} joined by '->', e.g. one of {STRATEGIES}")
+    bounds: list[float] | None = option(None, "phase boundaries as strictly increasing fractions of training in "
+                                              "(0, 1), one fewer than the phases; null: equal thirds/halves")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            phase_bounds(len(parse_strategy(self.strategy)), self.bounds)
+        except ValueError as exc:
+            raise OptionsError(f"{'bounds' if 'bounds' in str(exc) else 'strategy'}: {exc}") from None
+
+
 @register
 class PhasedLoRA(LoRA):
     """LoRA with phase-wise module switching (see module docstring)."""
 
     name = "phased"
-    default_options = {"strategy": "both->mlp->attn", "bounds": None, "alpha": 16, "dropout": 0.1}
+    options_cls = PhasedOptions
     log_gradnorms = True
     compilable = False  # not checked under torch.compile yet: runs eagerly
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.phases = parse_strategy(self.options["strategy"])
-        self.bounds = phase_bounds(len(self.phases), self.options["bounds"])
+        self.phases = parse_strategy(self.options.strategy)
+        self.bounds = phase_bounds(len(self.phases), self.options.bounds)
         self.boundaries = boundary_steps(self.bounds, ctx.total_steps)
         self.n_layers = max(t.layer for t in ctx.targets) + 1
         # active[p][j]: target j trainable in phase p

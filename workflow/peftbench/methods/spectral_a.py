@@ -64,7 +64,6 @@ class SpectralAdditive(SpectralMethod):
     """Spectral Adapter^A: additive tuning of the top-r singular vectors."""
 
     name = "spectral_a"
-    default_options: dict = {}
 
     def plan_ranks(self, top_k: list[int]) -> dict:
         """Uniform LoRA rank for the budget, capped at the stored top-k and ``min(d_in, d_out)``."""

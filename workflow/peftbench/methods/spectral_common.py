@@ -164,11 +164,10 @@ def freeze_except_head(model: nn.Module, head_modules: list[str]) -> None:
 class SpectralMethod(Method):
     """Base of the spectral methods: wrap each target with a :class:`SpectralLinear` subclass.
 
-    Subclasses set ``name``, ``default_options``, implement :meth:`plan_ranks` and
+    Subclasses set ``name``, ``options_cls``, implement :meth:`plan_ranks` and
     :meth:`make_wrapper`, and may override :meth:`module_score` / :meth:`extra_summary`.
     """
 
-    uses_svd = True
     identity_at_init = True  # every correction is exactly zero at init
 
     def __init__(self, ctx):

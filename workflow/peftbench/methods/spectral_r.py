@@ -110,7 +110,6 @@ class SpectralRotational(SpectralMethod):
     """Spectral Adapter^R: orthogonal (Cayley) rotation of the top-r singular vectors."""
 
     name = "spectral_r"
-    default_options: dict = {}
 
     def plan_ranks(self, top_k: list[int]) -> dict:
         """Largest uniform r ≥ 2 with ``n · r(r−1) ≤ budget_params``, capped per matrix."""

@@ -1,0 +1,120 @@
+"""Tokenised splits as padded tensors, batched with per-batch trimming or fixed length buckets.
+
+Reads the ``tokenize`` stage's Parquet cache (:mod:`peftbench.tokenization`) once into
+``(n, L)`` int64 matrices; a batch is a row selection trimmed to its longest example (or to the
+smallest length bucket that holds it).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from .io import read_metadata
+
+
+class TokenizedSplit:
+    """A tokenised split held as one padded int matrix, batched with per-batch trimming.
+
+    Attributes:
+        input_ids, attention_mask, token_type_ids: ``(n, L)`` int64 tensors (``L`` the longest
+            example), padding ``pad_token_id`` / 0.
+        lengths: ``(n,)`` tokens per example.
+        labels: ``(n,)`` int64 class ids or float32 scores.
+    """
+
+    def __init__(self, path: str | Path, max_samples: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenised split {path} not found; run `snakemake {path}` (rule tokenize) first")
+        meta = read_metadata(path)
+        table = pq.read_table(path)
+        n = table.num_rows
+        if n == 0:
+            raise ValueError(f"{path} has no rows; the split is empty")
+        rows = np.arange(n)
+        if max_samples is not None and max_samples < n:
+            # A fixed subset (seed 0), the same for every method and seed of the grid.
+            rows = np.sort(np.random.default_rng(0).permutation(n)[:max_samples])
+            table = table.take(rows)
+            n = len(rows)
+        self.path = path
+        self.pad_token_id = int(meta.get("pad_token_id", 0))
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        self.lengths = torch.from_numpy(np.diff(offsets).astype(np.int64))
+        width = int(self.lengths.max())
+        self.input_ids = self._pad(ids, offsets, width, self.pad_token_id)
+        self.attention_mask = self._pad(table.column("attention_mask").combine_chunks(), offsets, width, 0)
+        self.token_type_ids = (self._pad(table.column("token_type_ids").combine_chunks(), offsets, width, 0)
+                               if "token_type_ids" in table.column_names else None)
+        label = table.column("label").to_numpy()
+        self.labels = torch.from_numpy(label.astype(np.float32 if label.dtype.kind == "f" else np.int64))
+        self.buckets: list[int] = []
+
+    def bucket_widths(self, n: int, multiple: int = 8) -> list[int]:
+        """``n`` padded sequence lengths covering this split: the ``i/n`` quantiles of the example
+        lengths (i = 1..n) rounded up to a multiple of ``multiple`` and capped at the longest
+        example; duplicates removed, so fewer than ``n`` may come back.
+
+        Raises:
+            ValueError: ``n < 1``.
+        """
+        if n < 1:
+            raise ValueError(f"length_buckets must be >= 1 to make buckets, got {n}")
+        longest = int(self.lengths.max())
+        q = np.quantile(self.lengths.numpy(), np.arange(1, n + 1) / n)
+        widths = {min(longest, int(math.ceil(x / multiple) * multiple)) for x in q}
+        widths.add(longest)
+        return sorted(widths)
+
+    def set_buckets(self, widths: list[int]) -> None:
+        """Pad batches up to the smallest of ``widths`` that holds their longest example.
+
+        Raises:
+            ValueError: a width shorter than the longest example (it would truncate).
+        """
+        widths = sorted(int(w) for w in widths)
+        if widths and widths[-1] < int(self.lengths.max()):
+            raise ValueError(f"length buckets {widths} do not hold the longest example of {self.path} "
+                             f"({int(self.lengths.max())} tokens)")
+        if widths and widths[-1] > self.input_ids.shape[1]:
+            extra = widths[-1] - self.input_ids.shape[1]
+            self.input_ids = torch.nn.functional.pad(self.input_ids, (0, extra), value=self.pad_token_id)
+            self.attention_mask = torch.nn.functional.pad(self.attention_mask, (0, extra), value=0)
+            if self.token_type_ids is not None:
+                self.token_type_ids = torch.nn.functional.pad(self.token_type_ids, (0, extra), value=0)
+        self.buckets = widths
+
+    def width(self, idx: torch.Tensor) -> int:
+        """Padded length of the batch ``idx``: its longest example, or the bucket holding it."""
+        w = int(self.lengths[idx].max())
+        if self.buckets:
+            w = self.buckets[int(np.searchsorted(self.buckets, w))]
+        return w
+
+    @staticmethod
+    def _pad(col, offsets: np.ndarray, width: int, pad: int) -> torch.Tensor:
+        flat = col.values.to_numpy().astype(np.int64)
+        n = len(offsets) - 1
+        out = np.full((n, width), pad, dtype=np.int64)
+        lengths = np.diff(offsets)
+        pos = np.arange(width)[None, :] < lengths[:, None]
+        out[pos] = flat[offsets[0]:offsets[-1]]
+        return torch.from_numpy(out)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The examples ``idx`` as model inputs plus ``labels``: ``(len(idx), W)`` tensors with ``W``
+        from :meth:`width` (the longest example, or its length bucket)."""
+        width = self.width(idx)
+        b = {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width]}
+        if self.token_type_ids is not None:
+            b["token_type_ids"] = self.token_type_ids[idx, :width]
+        b["labels"] = self.labels[idx]
+        return {k: v.to(device, non_blocking=True) for k, v in b.items()}

@@ -1,0 +1,146 @@
+"""A run's training recipe, split into what changes its results and what only changes its speed.
+
+:class:`Recipe` holds the hyperparameters that define a run (learning rate, epochs, batch size …,
+the training/evaluation caps and the method's options); Snakemake tracks it, so editing one reruns
+exactly the runs it reaches. :class:`Runtime` holds the knobs that make the same run faster or
+more observable without changing what it learns — evaluation batch size, logging and checkpoint
+cadence, length buckets, ``torch.compile`` — and is handed to the job outside Snakemake's params
+trigger, so toggling ``compile: true`` does not mark finished runs outdated.
+
+Both are resolved from the config by :func:`peftbench.config.recipe_for` / :func:`runtime_for`.
+Neither states a default: keys a caller leaves out (a hand-typed ``peftbench train --recipe``)
+take the schema's ``training.defaults`` (:func:`peftbench.config.schema_defaults`), the only place
+defaults live.
+
+Torch-free.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+def _from_dict(cls, d: dict[str, Any] | None, what: str):
+    d = dict(d or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; allowed: {names}")
+    from .config import schema_defaults
+
+    defaults = {**schema_defaults("training", "defaults"), **schema_defaults("data")}
+    missing = [n for n in names if n not in d and n not in defaults]
+    if missing:
+        raise ValueError(f"{what}: no value and no schema default for {missing}")
+    return cls(**{n: d[n] if n in d else defaults[n] for n in names})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The hyperparameters that define a run's result (tracked: a change reruns the run).
+
+    Attributes:
+        lr: peak learning rate.
+        epochs: passes over the (capped) training set.
+        batch_size: training examples per optimizer step.
+        warmup_ratio: fraction of optimizer steps of linear warm-up.
+        weight_decay: AdamW decoupled weight decay (not on biases/LayerNorm).
+        max_grad_norm: gradient clipping threshold (L2 over all trainable parameters).
+        log_gradnorms: log per-group gradient norms (``gradnorms.parquet``); ``None`` = the
+            method's default.
+        max_train_samples: cap on training examples (a fixed subset, the same for every seed and
+            method); ``None`` uses all.
+        max_eval_samples: cap on examples per dev split (fixed subset); ``None`` uses all.
+        method_options: the method's options (``method_options.<name>``, defaults filled in).
+    """
+
+    lr: float
+    epochs: int
+    batch_size: int
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    log_gradnorms: bool | None
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Recipe":
+        """Build from a dict; missing keys take the schema defaults.
+
+        Raises:
+            ValueError: an unknown key (the message lists the allowed ones).
+        """
+        d = dict(d or {})
+        d.setdefault("method_options", {})
+        return _from_dict(cls, d, "training recipe")
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys): the tracked ``--recipe`` of the train rule."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Knobs that change a run's speed or observability, not its result (not tracked).
+
+    Attributes:
+        eval_batch_size: examples per evaluation forward pass.
+        log_every: optimizer steps between training-loss rows in ``curve.parquet`` (and host syncs).
+        checkpoint_every: optimizer steps between checkpoints (also one after every epoch's
+            evaluation); 0 turns checkpoints off. Needs a checkpoint directory.
+        keep_checkpoints: keep the last checkpoint after the run's outputs are complete.
+        length_buckets: pad every batch up to one of this many fixed sequence lengths (quantiles of
+            the training lengths, multiples of 8) instead of its own longest example, so the model
+            sees few distinct shapes (what CUDA graphs / ``torch.compile`` need); 0 = pad each batch
+            to its longest example. Padding is masked, so a forward pass changes only by
+            floating-point rounding; dropout masks are drawn per padded shape, so a bucketed run is
+            another (equally valid) random draw than an unbucketed one with the same seed.
+        compile: wrap the training forward/backward in ``torch.compile`` (evaluation stays eager).
+            Falls back to eager, with a log line saying why, where compilation is not possible: a
+            CUDA-graph mode on a CPU, or a method that does not declare ``compilable``.
+            Compilation time is measured apart (``compile_s``).
+        compile_mode: ``torch.compile`` mode; ``reduce-overhead`` uses CUDA graphs (GPU only).
+        compile_backend: ``torch.compile`` backend (``inductor``; ``eager`` traces with Dynamo and
+            runs eagerly, for checking the wiring on a CPU).
+    """
+
+    eval_batch_size: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: bool
+    length_buckets: int
+    compile: bool
+    compile_mode: str
+    compile_backend: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Runtime":
+        """Build from a dict; missing keys take the schema defaults.
+
+        Raises:
+            ValueError: an unknown key (the message lists the allowed ones).
+        """
+        return _from_dict(cls, d, "runtime option")
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys): the untracked ``--runtime`` of the train rule."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+#: Recipe keys of ``training.*`` layers that belong to the tracked :class:`Recipe`.
+RECIPE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Recipe)
+                                     if f.name not in ("max_train_samples", "max_eval_samples", "method_options"))
+#: Recipe keys of ``training.*`` layers that belong to the untracked :class:`Runtime`.
+RUNTIME_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Runtime))
+#: Keys of ``training.defaults`` / ``training.tasks.<task>`` read by the tokenize stage only.
+TOKENIZE_KEYS: tuple[str, ...] = ("max_length",)
+
+
+def split_recipe(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a flat mapping of recipe and runtime keys into ``(recipe, runtime)`` mappings
+    (keys of :data:`RUNTIME_KEYS` go to runtime, everything else to the recipe)."""
+    return ({k: v for k, v in d.items() if k not in RUNTIME_KEYS}, {k: v for k, v in d.items() if k in RUNTIME_KEYS})

@@ -1,0 +1,243 @@
+"""peftbench's vocabulary: the one table of every name that stages, rules and plots share.
+
+Torch-free and import-cheap, so the Snakefile, the config check and the analysis stage read it
+without loading a deep-learning stack. Everything else asks this module instead of keeping its
+own list:
+
+- :data:`TASKS`: the GLUE tasks (what each reads, predicts and scores, its display label), in
+  the GLUE paper's order, which is also the display order of every table and figure;
+- :data:`METRICS`: metric names (the field's standard ones, used unchanged as column names
+  ``dev_<metric>``), their display label, short name and scale (stored as fractions, shown ×100);
+- :data:`RUN_STATUSES`: what a row of ``runs.parquet`` can say about its run;
+- :data:`RUN_FILES`: the files of one run directory (``metrics.parquet`` last: the completion marker);
+- :data:`TABLES`: the aggregated tables under ``results/tables``;
+- :data:`GRAD_GROUPS`: the parameter groups of the gradient-norm logs;
+- :data:`TARGET_KINDS`: the kinds of adapted weight matrix, in layer order;
+- :data:`PLOTS`: every figure of the ``plot`` rule with the tables it reads.
+
+The GLUE task table follows Wang et al. 2019, "GLUE: A Multi-Task Benchmark and Analysis
+Platform for Natural Language Understanding" (arXiv:1804.07461), Table 1, and the Hugging Face
+``nyu-mll/glue`` schema.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One evaluation metric.
+
+    Attributes:
+        name: column name stem (``dev_<name>``), the field's standard name.
+        label: axis / table label.
+        short: short table header.
+        scale: factor between the stored fraction and the displayed number (100: shown as %).
+    """
+
+    name: str
+    label: str
+    short: str
+    scale: float = 100.0
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("matthews_correlation", "Matthews corr.", "MCC"),
+    Metric("accuracy", "accuracy", "acc"),
+    Metric("f1", "F1", "F1"),
+    Metric("pearson", "Pearson r", "Pearson"),
+    Metric("spearman", "Spearman ρ", "Spearman"),
+)}
+
+#: Short names of the eval-split suffixes of multi-split tasks (MNLI matched / mismatched).
+_SPLIT_SHORT = {"matched": "m", "mismatched": "mm"}
+
+
+def metric(name: str) -> Metric:
+    """The :class:`Metric` of a metric column stem, split suffixes included.
+
+    ``accuracy_matched`` (MNLI) is accuracy on the matched split: label "accuracy (matched)",
+    short "acc-m". An unknown name comes back as itself (label = short = name), so a table with a
+    metric this module does not know still renders.
+    """
+    if name in METRICS:
+        return METRICS[name]
+    base, _, suffix = name.rpartition("_")
+    if base in METRICS and suffix in _SPLIT_SHORT:
+        m = METRICS[base]
+        return Metric(name, f"{m.label} ({suffix})", f"{m.short}-{_SPLIT_SHORT[suffix]}", m.scale)
+    return Metric(name, name, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One GLUE task.
+
+    Attributes:
+        name: GLUE config name (``cola``, ``sst2`` …), as in ``nyu-mll/glue``.
+        label: display name (``CoLA``, ``SST-2``; MNLI: ``MNLI-m``, its main metric's split).
+        text_columns: one column (single sentence) or two (sentence pair), tokenised as a pair.
+        num_labels: classes; 1 means regression (STS-B, MSE loss, score 0–5).
+        metrics: metric names computed on every evaluation split (keys of :data:`METRICS`).
+        main_metric: the metric the GLUE average and the significance tests use.
+        eval_splits: dev splits; the first is the one the main metric is read from. MNLI has two
+            (matched, mismatched) and its metrics carry the suffix ``_matched``/``_mismatched``.
+    """
+
+    name: str
+    label: str
+    text_columns: tuple[str, ...]
+    num_labels: int
+    metrics: tuple[str, ...]
+    main_metric: str
+    eval_splits: tuple[str, ...] = ("validation",)
+
+    @property
+    def is_regression(self) -> bool:
+        """True for STS-B: one output, MSE loss, Pearson/Spearman metrics."""
+        return self.num_labels == 1
+
+    def metric_names(self) -> list[str]:
+        """All metric column names for this task (without the ``dev_`` prefix).
+
+        For MNLI each metric is reported per eval split (``accuracy_matched``,
+        ``accuracy_mismatched``); every other task has one eval split and plain names.
+        """
+        if len(self.eval_splits) == 1:
+            return list(self.metrics)
+        return [f"{m}_{split_suffix(s)}" for s in self.eval_splits for m in self.metrics]
+
+
+def split_suffix(split: str) -> str:
+    """``validation_matched`` -> ``matched``; ``validation`` -> ``validation``."""
+    return split.split("_", 1)[1] if "_" in split else split
+
+
+#: Every GLUE task, in the GLUE paper's order (the display order of tables and figures).
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec("cola", "CoLA", ("sentence",), 2, ("matthews_correlation", "accuracy"), "matthews_correlation"),
+    TaskSpec("sst2", "SST-2", ("sentence",), 2, ("accuracy",), "accuracy"),
+    TaskSpec("mrpc", "MRPC", ("sentence1", "sentence2"), 2, ("accuracy", "f1"), "accuracy"),
+    TaskSpec("stsb", "STS-B", ("sentence1", "sentence2"), 1, ("pearson", "spearman"), "pearson"),
+    TaskSpec("qqp", "QQP", ("question1", "question2"), 2, ("accuracy", "f1"), "accuracy"),
+    TaskSpec("mnli", "MNLI-m", ("premise", "hypothesis"), 3, ("accuracy",), "accuracy_matched",
+             ("validation_matched", "validation_mismatched")),
+    TaskSpec("qnli", "QNLI", ("question", "sentence"), 2, ("accuracy",), "accuracy"),
+    TaskSpec("rte", "RTE", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy"),
+    TaskSpec("wnli", "WNLI", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy"),
+)}
+
+#: ``task`` value of the GLUE-average rows (significance and per-method statistics tables).
+GLUE_AVG = "glue_avg"
+GLUE_AVG_LABEL = "GLUE avg"
+
+
+def get_task(name: str) -> TaskSpec:
+    """Return the spec of GLUE task ``name``.
+
+    Raises:
+        KeyError: unknown task, with the list of known ones.
+    """
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown GLUE task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def task_label(name: str) -> str:
+    """Display label of a task (``GLUE avg`` for :data:`GLUE_AVG`; unknown names as they are)."""
+    if name == GLUE_AVG:
+        return GLUE_AVG_LABEL
+    return TASKS[name].label if name in TASKS else name
+
+
+def order_tasks(tasks) -> list[str]:
+    """Tasks in :data:`TASKS` order, unknown ones A–Z after them, :data:`GLUE_AVG` last."""
+    rank = {t: i for i, t in enumerate(TASKS)}
+    return sorted(dict.fromkeys(tasks), key=lambda t: (t == GLUE_AVG, rank.get(t, len(rank)), t))
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs and their files
+# ------------------------------------------------------------------------------------------------
+
+#: ``status`` of a row of ``runs.parquet``: finished; ended early with a NaN/inf loss (outputs
+#: written, message in ``error``); or no ``metrics.parquet`` at aggregation time (killed, crashed).
+RUN_STATUSES: dict[str, str] = {
+    "ok": "finished; metrics from the last (dev_*) and best (best_dev_*) epoch",
+    "failed": "stopped by a NaN/inf loss; outputs written, the message is in `error`",
+    "missing": "no metrics.parquet when the runs were aggregated (the job crashed or was killed)",
+}
+
+#: The files of one run directory (key -> file name). ``metrics`` is written last: its presence
+#: marks a finished run.
+RUN_FILES: dict[str, str] = {
+    "curve": "curve.parquet",
+    "adapter": "adapter.safetensors",
+    "ranks": "ranks.parquet",
+    "gradnorms": "gradnorms.parquet",
+    "metrics": "metrics.parquet",
+}
+
+#: Aggregated tables under ``results/tables`` (key -> file name); the first four are concatenated
+#: run files (``runs`` from ``metrics``), the last two are written by the significance stage.
+TABLES: dict[str, str] = {
+    "runs": "runs.parquet",
+    "curves": "curves.parquet",
+    "ranks": "ranks.parquet",
+    "gradnorms": "gradnorms.parquet",
+    "significance": "significance.parquet",
+    "method_stats": "method_stats.parquet",
+}
+
+#: Which run file each concatenated table collects.
+TABLE_SOURCES: dict[str, str] = {"runs": "metrics", "curves": "curve", "ranks": "ranks", "gradnorms": "gradnorms"}
+
+#: Parameter groups of the gradient-norm logs, in display order.
+GRAD_GROUPS: tuple[str, ...] = ("embeddings", "attention", "mlp", "head")
+
+#: Kinds of adapted weight matrix, in the order they appear in a transformer layer.
+TARGET_KINDS: tuple[str, ...] = ("query", "key", "value", "attention_output", "intermediate", "output")
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlotKind:
+    """One figure of the ``plot`` rule (``results/comparison/{kind}.pdf`` + ``.png``; its report
+    caption is the ``{kind}`` section of ``workflow/report/plot.rst``).
+
+    Attributes:
+        name: the ``{kind}`` wildcard and ``peftbench plot KIND``.
+        inputs: tables it reads (keys of :data:`TABLES`, or ``spectrum``: the svd stage's
+            ``spectrum.parquet`` of every model).
+        per_task: one figure per task (``{kind}`` is then a task name, e.g. ``cola.pdf``).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    per_task: bool = False
+
+
+PLOTS: dict[str, PlotKind] = {p.name: p for p in (
+    PlotKind("glue", ("runs", "significance")),
+    PlotKind("task", ("runs", "significance"), per_task=True),
+    PlotKind("pareto", ("runs",)),
+    PlotKind("cost", ("runs",)),
+    PlotKind("curves", ("curves",)),
+    PlotKind("ranks", ("ranks",)),
+    PlotKind("spectrum", ("spectrum",)),
+    PlotKind("gradnorms", ("gradnorms",)),
+)}
