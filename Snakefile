@@ -26,10 +26,10 @@ include: "workflow/rules/analysis.smk"
 
 
 rule all:
+    default_target: True
     input:
         # every figure of peftbench.vocab.PLOTS; the per-task kind once per task of the grid
         expand(
             "results/comparison/{name}.pdf", name=figure_names(config["grid"]["tasks"])
         ),
         "results/comparison/summary.md",
-    default_target: True

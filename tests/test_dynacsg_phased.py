@@ -15,7 +15,7 @@ from peftbench.methods.phased import STRATEGIES, boundary_steps, phase_at
 from peftbench.models import backbone_param_count, find_targets, head_module_names, load_classifier
 from peftbench.svd import compute_svd, load_factors
 from peftbench.vocab import get_task
-from peftbench.train import gradient_norms
+from peftbench.train import gradient_norms, train_step
 
 
 @pytest.fixture(scope="module")
@@ -191,23 +191,10 @@ def test_dynacsg_cli_writes_active_gates(tiny_model_dir, tiny_data, tiny_svd, tm
 
 # ---------------------------------------------------------------- phased -------------------------------------
 def _loop_step(model, method, state, batch, grad_rows):
-    """One iteration of train.run's inner loop (same hook order)."""
-    method.on_step_start(model, state)
-    out = model(**batch)
-    loss = out.loss
-    extra = method.extra_loss(model, out, batch, state)
-    if extra is not None:
-        loss = loss + extra
-    loss.backward()
-    method.after_backward(model, state)
-    grad_rows.append((state.step, gradient_norms(model)))
-    params = [p for g in state.optimizer.param_groups for p in g["params"]]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    state.optimizer.step()
-    state.scheduler.step()
-    state.step += 1
-    method.after_optimizer_step(model, state)
-    state.optimizer.zero_grad(set_to_none=True)
+    """One step of the training loop (peftbench.train.train_step), with its gradient norms."""
+    step = state.step
+    _, grads = train_step(model, method, batch, state, 1.0, record_gradnorms=True)
+    grad_rows.append((step, grads))
 
 
 def test_phased_inactive_params_bitwise_frozen(tiny_model_dir):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .vocab import TaskSpec
+from .vocab import TARGET_KINDS, TaskSpec
 
 
 class ModelError(RuntimeError):
@@ -80,18 +80,18 @@ def load_classifier(spec: str, task: TaskSpec) -> nn.Module:
         resolve_model(spec), num_labels=task.num_labels, problem_type=problem, dtype=torch.float32)
 
 
-# (regex on the module name, kind). Covers BERT/RoBERTa/ELECTRA (query/key/value) and
-# DeBERTa-v2/v3 (query_proj/key_proj/value_proj).
-_TARGET_PATTERNS = [
-    (r"\.attention\.self\.(query|query_proj)$", "query"),
-    (r"\.attention\.self\.(key|key_proj)$", "key"),
-    (r"\.attention\.self\.(value|value_proj)$", "value"),
-    (r"\.attention\.output\.dense$", "attention_output"),
-    (r"\.intermediate\.dense$", "intermediate"),
-    (r"\.layer\.\d+\.output\.dense$", "output"),
-]
-KINDS = [k for _, k in _TARGET_PATTERNS]
-TARGET_MODULE_NAMES = ["query", "key", "value", "query_proj", "key_proj", "value_proj", "dense"]
+# Kind (peftbench.vocab.TARGET_KINDS) -> regex on the module name. Covers BERT/RoBERTa/ELECTRA
+# (query/key/value) and DeBERTa-v2/v3 (query_proj/key_proj/value_proj).
+_TARGET_PATTERNS = {
+    "query": r"\.attention\.self\.(query|query_proj)$",
+    "key": r"\.attention\.self\.(key|key_proj)$",
+    "value": r"\.attention\.self\.(value|value_proj)$",
+    "attention_output": r"\.attention\.output\.dense$",
+    "intermediate": r"\.intermediate\.dense$",
+    "output": r"\.layer\.\d+\.output\.dense$",
+}
+assert tuple(_TARGET_PATTERNS) == TARGET_KINDS, "models._TARGET_PATTERNS must cover vocab.TARGET_KINDS in order"
+KINDS = list(TARGET_KINDS)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def find_targets(model: nn.Module) -> list[Target]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        for pat, kind in _TARGET_PATTERNS:
+        for kind, pat in _TARGET_PATTERNS.items():
             if re.search(pat, name):
                 layer = int(re.search(r"\.layer\.(\d+)\.", name).group(1))
                 out.append(Target(name, layer, kind, mod.out_features, mod.in_features))

@@ -207,6 +207,9 @@ GRAD_GROUPS: tuple[str, ...] = ("embeddings", "attention", "mlp", "head")
 
 #: Kinds of adapted weight matrix, in the order they appear in a transformer layer.
 TARGET_KINDS: tuple[str, ...] = ("query", "key", "value", "attention_output", "intermediate", "output")
+#: Target kinds of the attention block and of the feed-forward (MLP) block.
+ATTENTION_KINDS: tuple[str, ...] = ("query", "key", "value", "attention_output")
+MLP_KINDS: tuple[str, ...] = ("intermediate", "output")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,16 +43,16 @@ rule significance:
     output:
         table=table_path("significance"),
         stats=table_path("method_stats"),
-    params:
-        reference=ANALYSIS["reference_method"],
-        all_pairs="--all-pairs" if ANALYSIS["all_pairs"] else "--no-all-pairs",
-        stats=ANALYSIS_STATS,
     log:
         "results/logs/significance.log",
     benchmark:
         "results/benchmarks/significance.tsv"
     conda:
         "../../envs/analysis.yaml"
+    params:
+        reference=ANALYSIS["reference_method"],
+        all_pairs="--all-pairs" if ANALYSIS["all_pairs"] else "--no-all-pairs",
+        stats=ANALYSIS_STATS,
     shell:
         "python -m peftbench significance --runs {input.runs} --out {output.table} "
         "--stats-out {output.stats} --reference {params.reference} {params.all_pairs} "
@@ -70,18 +70,18 @@ rule plot:
             subcategory=lambda w: "Per task" if w.kind in TASKS else None,
         ),
         png="results/comparison/{kind}.png",
-    wildcard_constraints:
-        kind="|".join(figure_names()),
-    params:
-        args=lambda w, input: shlex.join(plot_argv(w.kind, input)),
-        reference=ANALYSIS["reference_method"],
-        stats=ANALYSIS_STATS,
     log:
         "results/logs/plot_{kind}.log",
     benchmark:
         "results/benchmarks/plot_{kind}.tsv"
+    wildcard_constraints:
+        kind="|".join(figure_names()),
     conda:
         "../../envs/analysis.yaml"
+    params:
+        args=lambda w, input: shlex.join(plot_argv(w.kind, input)),
+        reference=ANALYSIS["reference_method"],
+        stats=ANALYSIS_STATS,
     shell:
         "python -m peftbench plot {params.args} --reference {params.reference} "
         "--out {output.pdf} {params.stats} > {log} 2>&1"
@@ -97,15 +97,15 @@ rule summary:
             caption="../report/summary.rst",
             category="Comparison",
         ),
-    params:
-        reference=ANALYSIS["reference_method"],
-        stats=ANALYSIS_STATS,
     log:
         "results/logs/summary.log",
     benchmark:
         "results/benchmarks/summary.tsv"
     conda:
         "../../envs/analysis.yaml"
+    params:
+        reference=ANALYSIS["reference_method"],
+        stats=ANALYSIS_STATS,
     shell:
         "python -m peftbench summary --runs {input.runs} --significance {input.significance} "
         "--reference {params.reference} --out {output.md} {params.stats} > {log} 2>&1"

@@ -88,7 +88,10 @@ def train_inputs(w):
     """Tokenised train and dev splits, plus the SVD factors for methods that use them."""
     inputs = {
         "train": f"results/data/{w.model}/{w.task}/train.parquet",
-        **{s: f"results/data/{w.model}/{w.task}/{s}.parquet" for s in eval_splits(w.task)},
+        **{
+            s: f"results/data/{w.model}/{w.task}/{s}.parquet"
+            for s in eval_splits(w.task)
+        },
     }
     if method_info(w.method).uses_svd:
         inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"

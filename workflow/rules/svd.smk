@@ -3,17 +3,17 @@ rule svd:
     output:
         factors="results/svd/{model}/factors.safetensors",
         spectrum="results/svd/{model}/spectrum.parquet",
-    params:
-        spec=model_spec,
-        top_k=config["svd"]["top_k"],
     log:
         "results/logs/svd/{model}.log",
     benchmark:
         "results/benchmarks/svd/{model}.tsv"
-    resources:
-        gpu=1,
     conda:
         "../../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        spec=model_spec,
+        top_k=config["svd"]["top_k"],
     shell:
         "python -m peftbench svd --model-name {wildcards.model} --model {params.spec:q}"
         " --top-k {params.top_k} --factors {output.factors} --spectrum {output.spectrum} > {log} 2>&1"

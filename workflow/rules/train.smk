@@ -4,6 +4,15 @@ rule train:
         unpack(train_inputs),
     output:
         **{name: f"{RUN_DIR}/{fname}" for name, fname in RUN_FILES.items()},
+    log:
+        f"results/logs/train/{RUN_PATTERN}.log",
+    benchmark:
+        f"results/benchmarks/train/{RUN_PATTERN}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 2
+    resources:
+        gpu=1,
     params:
         spec=model_spec,
         key=lambda w: " ".join(wildcard_key(w).cli_args()),
@@ -13,15 +22,6 @@ rule train:
         out=lambda w: wildcard_key(w).run_dir(),
         # Outside the outputs: Snakemake deletes a failed job's outputs, never this directory.
         checkpoints=lambda w: wildcard_key(w).checkpoint_dir(),
-    log:
-        f"results/logs/train/{RUN_PATTERN}.log",
-    benchmark:
-        f"results/benchmarks/train/{RUN_PATTERN}.tsv",
-    threads: 2
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/train.yaml"
     shell:
         "python -m peftbench train {params.key} --model {params.spec:q} --train {input.train} {params.args}"
         " --recipe {params.recipe:q} --runtime {params.runtime:q}"

@@ -52,9 +52,8 @@ from . import register
 from .base import LoopState, ranks_frame
 from .lora import LoRA, LoRAOptions
 from .options import OptionsError, option
+from ..vocab import ATTENTION_KINDS, MLP_KINDS
 
-ATTN_KINDS = {"query", "key", "value", "attention_output"}
-MLP_KINDS = {"intermediate", "output"}
 PHASE_SETS = ("both", "attn", "mlp", "early", "late")
 STRATEGIES = ("both->mlp->attn", "attn->mlp->both", "both->mlp->both", "early->late")
 
@@ -103,7 +102,7 @@ def in_set(set_name: str, kind: str, layer: int, n_layers: int) -> bool:
     if set_name == "both":
         return True
     if set_name == "attn":
-        return kind in ATTN_KINDS
+        return kind in ATTENTION_KINDS
     if set_name == "mlp":
         return kind in MLP_KINDS
     if set_name == "early":
