@@ -32,7 +32,10 @@ def _split_arg(s: str) -> tuple[str, str]:
 def cmd_svd(a: argparse.Namespace) -> None:
     from .svd import compute_svd
 
-    compute_svd(a.model, a.model_name, a.top_k, a.factors, a.spectrum, a.device)
+    from .config import schema_defaults
+
+    top_k = a.top_k if a.top_k is not None else schema_defaults("svd")["top_k"]
+    compute_svd(a.model, a.model_name, top_k, a.factors, a.spectrum, a.device)
 
 
 def cmd_tokenize(a: argparse.Namespace) -> None:
@@ -99,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("svd", help="truncated SVD of every target matrix of a model")
     s.add_argument("--model-name", required=True, help="short name (models: key)")
     s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
-    s.add_argument("--top-k", type=int, default=64, help="singular triplets kept per matrix")
+    s.add_argument("--top-k", type=int, default=None,
+                   help="singular triplets kept per matrix (default: the schema's svd.top_k)")
     s.add_argument("--factors", required=True, help="output factors.safetensors")
     s.add_argument("--spectrum", required=True, help="output spectrum.parquet")
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

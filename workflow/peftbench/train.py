@@ -347,7 +347,8 @@ class Loop:
                 f"clipping threshold max_grad_norm (now {self.recipe.max_grad_norm:g}).")
         p.last_finite = mean_loss
         p.curve.append({"step": state.step, "epoch": state.step / state.steps_per_epoch, "kind": "train",
-                        "loss": mean_loss, "lr": state.scheduler.get_last_lr()[0], **state.log})
+                        "loss": mean_loss, "lr": state.scheduler.get_last_lr()[0],
+                        **{k: float(v) for k, v in state.log.items()}})  # tensors read here, once
         state.log.clear()
 
     def _evaluate(self, p: Progress, epoch: int) -> None:

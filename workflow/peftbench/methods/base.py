@@ -84,8 +84,10 @@ class LoopState:
         epoch: current epoch, 0-based.
         total_steps, steps_per_epoch: as in :class:`BuildContext`.
         optimizer, scheduler: the live AdamW and its LR schedule.
-        log: scalars a hook wants in ``curve.parquet`` for this step (e.g. a penalty); cleared by
-            the loop after each logged step.
+        log: scalars a hook wants in ``curve.parquet`` (e.g. a penalty): the value set last before
+            a logged step is written, then the dict is cleared. Values may be floats or 0-d tensors
+            still on the device (``loss.detach()``): the loop reads tensors only at logged steps,
+            so a hook that logs every step forces no host sync.
         rebuild: set by the loop; call :meth:`rebuild_optimizer`.
     """
 
