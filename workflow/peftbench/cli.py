@@ -81,9 +81,9 @@ def cmd_config_reference(a: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .config import SCHEMA
-    from .config_reference import load, render
+    from .config_reference import load, reference
 
-    text = render(load(a.schema or SCHEMA))
+    text = reference(load(a.schema or SCHEMA))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write the table as Parquet")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("config-reference", help="render the config reference (Markdown) from the config schema")
+    s = sub.add_parser("config-reference", help="render the config reference (Markdown) from the config schema and the methods' typed options")
     s.add_argument("--schema", default=None, help="schema file (default: workflow/schemas/config.schema.yaml)")
     s.add_argument("--out", default=None, help="output Markdown file (default: stdout)")
     s.set_defaults(func=cmd_config_reference)

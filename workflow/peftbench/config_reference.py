@@ -306,3 +306,41 @@ def undocumented(schema: dict) -> list[str]:
 
     walk(_Node("", schema, schema, False, False, ()))
     return out
+
+
+def render_method_options() -> str:
+    """Markdown tables of every method's typed options (``method_options.<method>.<option>``):
+    type, default and help sentence, from each method's ``Options`` dataclass.
+
+    Imports every method module (and so PyTorch), unlike :func:`render`.
+    """
+    import dataclasses
+    import typing
+
+    from .methods import METHOD_TABLE, get_method
+    from .methods.options import _type_name
+
+    lines = ["", "## `method_options.<method>`: typed options per method", "",
+             "Declared next to each method (`workflow/peftbench/methods/<module>.py`, class `Options`); "
+             "checked when the DAG is planned.", ""]
+    for info in METHOD_TABLE:
+        cls = get_method(info.name).options_cls
+        fields = dataclasses.fields(cls)
+        lines += [f"### `method_options.{info.name}` ({info.label})", ""]
+        if not fields:
+            lines += ["No options.", ""]
+            continue
+        hints = typing.get_type_hints(cls)
+        lines += ["| key path | type | default | description |", "|---|---|---|---|"]
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `method_options.{info.name}.{f.name}` | {_cell(_type_name(hints[f.name]))} | "
+                         f"`{_json(default)}` | {_cell(f.metadata.get('help', ''))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference(schema: dict, source: str = SCHEMA_PATH) -> str:
+    """The whole committed reference: :func:`render` of the schema, then
+    :func:`render_method_options`."""
+    return render(schema, source) + render_method_options()
