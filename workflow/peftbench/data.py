@@ -46,7 +46,7 @@ def load_split(task: TaskSpec, split: str, glue_dir: str | Path | None = None) -
         if not Path(glue_dir).is_dir():
             raise DataError(
                 f"local GLUE mirror {glue_dir} does not exist. Fix: set data.glue_dir in config.yaml "
-                f"(or on the command line: --config 'data={glue_dir: PATH}') to a directory holding {{task}}/{{split}}.parquet, "
+                f"(or on the command line: --config 'data={{glue_dir: PATH}}') to a directory holding {{task}}/{{split}}.parquet, "
                 f"or set data.glue_dir to null to download {HUB_ID} from the Hugging Face hub.")
         if not path.is_file():
             raise DataError(
