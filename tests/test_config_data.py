@@ -194,3 +194,8 @@ def test_missing_column_is_named(tmp_path):
 def test_hidden_test_labels_are_allowed(glue_dir):
     df = load_split(get_task("cola"), "test", glue_dir)
     assert (df["label"] == -1).all()
+
+
+def test_missing_mirror_names_the_command_line_fix(tmp_path):
+    with pytest.raises(DataError, match=r"--config 'data=\{glue_dir: PATH\}'"):
+        load_split(get_task("cola"), "train", tmp_path / "nowhere")
