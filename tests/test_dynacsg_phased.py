@@ -208,10 +208,21 @@ def test_phased_inactive_params_bitwise_frozen(tiny_model_dir):
     batch = _batch(n=4)
     attn = [p for j, ps in enumerate(method._params) if ctx.targets[j].kind not in ("intermediate", "output") for p in ps]
     mlp = [p for j, ps in enumerate(method._params) if ctx.targets[j].kind in ("intermediate", "output") for p in ps]
+    in_opt = [id(q) for g in opt.param_groups for q in g["params"]]
+    assert {id(p) for p in attn + mlp} <= set(in_opt)  # every factor stays in AdamW, frozen or not
+    grads_at_backward = []  # (grad is None) of every factor right after backward, before any hook
+    hook = method.after_backward
+
+    def spy(model_, state_):
+        grads_at_backward.append({id(p): p.grad is None for p in attn + mlp})
+        hook(model_, state_)
+
+    method.after_backward = spy
     rows = []
     for _ in range(2):  # phase 0: everything trains
         _loop_step(model, method, state, batch, rows)
     assert all(opt.state[p]["step"] == 2 for p in attn + mlp)
+    assert not any(any(g.values()) for g in grads_at_backward)
     for phase, frozen, live in ((1, attn, mlp), (1, attn, mlp), (2, mlp, attn)):
         before = [p.detach().clone() for p in frozen]
         st = [copy.deepcopy(opt.state[p]) for p in frozen]
@@ -219,19 +230,70 @@ def test_phased_inactive_params_bitwise_frozen(tiny_model_dir):
         head_before = model.base_model.model.classifier.modules_to_save.default.weight.detach().clone()
         _loop_step(model, method, state, batch, rows)
         assert state.log["phase"] == phase
+        # no backward work for the frozen factors: autograd never produced their gradient
+        assert all(grads_at_backward[-1][id(p)] for p in frozen) and not any(p.requires_grad for p in frozen)
+        assert not any(grads_at_backward[-1][id(p)] for p in live) and all(p.requires_grad for p in live)
         for p, b, s in zip(frozen, before, st):
             assert torch.equal(p.detach(), b)  # bitwise unchanged, no weight decay
             assert float(opt.state[p]["step"]) == float(s["step"])
             assert torch.equal(opt.state[p]["exp_avg"], s["exp_avg"])
             assert torch.equal(opt.state[p]["exp_avg_sq"], s["exp_avg_sq"])
+            assert p.grad is None
         assert any(not torch.equal(p.detach(), b) for p, b in zip(live, live_before))
         assert not torch.equal(model.base_model.model.classifier.modules_to_save.default.weight, head_before)
+    assert [id(q) for g in opt.param_groups for q in g["params"]] == in_opt  # never rebuilt
+    # the attention factors frozen through phase 1 resumed from their phase-0 moments in phase 2
+    assert all(float(opt.state[p]["step"]) == 3 for p in attn) and all(float(opt.state[p]["step"]) == 4 for p in mlp)
+    # counts and saved tensors include the factors frozen in the last phase
+    assert method.param_counts(model)["adapter_params"] == sum(p.numel() for p in attn + mlp)
+    saved = method.state_to_save(model)
+    assert sum(v.numel() for k, v in saved.items() if "lora_" in k) == sum(p.numel() for p in attn + mlp)
     # logged norms: zero for attention in the mlp phase (steps 2, 3), zero for mlp in the attn phase (step 4)
     norms = {step: {(g, l): v for g, l, v in r} for step, r in rows}
     assert norms[2][("attention", -1)] == 0.0 and norms[2][("mlp", -1)] > 0 and norms[2][("head", -1)] > 0
     assert norms[4][("mlp", -1)] == 0.0 and norms[4][("attention", -1)] > 0
     assert norms[0][("mlp", -1)] > 0 and norms[0][("attention", -1)] > 0
     assert method.phase_steps == [2, 2, 1]
+
+
+def test_late_phase_skips_the_backward_through_the_lower_layers(tiny_model_dir):
+    """early->late: in the late phase nothing below the upper half needs a gradient, so autograd
+    records no graph there (the backward stops at the first late layer)."""
+    model, method, ctx = _build(tiny_model_dir, "phased", total_steps=4, options={"strategy": "early->late"})
+    assert method.boundaries == [2]
+    batch = _batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    for step, lower_needs_grad in ((0, True), (2, False)):
+        method.on_step_start(model, LoopState(step=step, epoch=0, total_steps=4, steps_per_epoch=4))
+        hs = model(**inputs, output_hidden_states=True).hidden_states  # embeddings, layer 0, layer 1
+        assert not hs[0].requires_grad
+        assert hs[1].requires_grad is lower_needs_grad
+        assert hs[2].requires_grad
+    early = [p for j, ps in enumerate(method._params) if ctx.targets[j].layer == 0 for p in ps]
+    assert early and not any(p.requires_grad for p in early)
+
+
+def test_phase_boundaries_as_absolute_steps(tiny_model_dir):
+    from peftbench.methods.options import OptionsError
+
+    model = load_classifier(str(tiny_model_dir), get_task("stsb"))
+    m = get_method("phased")(_ctx(model, "phased", total_steps=10, options={"bound_steps": [3, 7]}))
+    assert m.boundaries == m.phase_boundaries == [3, 7] and m.bounds == [0.3, 0.7]
+    state = LoopState(step=0, epoch=0, total_steps=10, steps_per_epoch=10)
+    phases = []
+    for s in range(10):
+        state.step = s
+        m.on_step_start(model, state)
+        phases.append(state.log["phase"])
+    assert phases == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    # the last boundary must leave a last phase: checked when the run's step count is known
+    with pytest.raises(ValueError, match=r"method_options\.phased\.bound_steps: \[3, 10\].*10 optimizer steps"):
+        get_method("phased")(_ctx(model, "phased", total_steps=10, options={"bound_steps": [3, 10]}))
+    for bad, key in (({"bounds": [0.2, 0.5], "bound_steps": [2, 5]}, "bound_steps.*mutually exclusive"),
+                     ({"bound_steps": [5, 5]}, "bound_steps"), ({"bound_steps": [0, 5]}, "bound_steps"),
+                     ({"bound_steps": [3]}, "bound_steps"), ({"strategy": "early->attn"}, "strategy.*mlp/late")):
+        with pytest.raises(OptionsError, match=key):
+            get_method("phased").options_cls.from_dict(bad, where="method_options.phased")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -259,7 +321,8 @@ def test_phase_boundaries_every_strategy(tiny_model_dir, strategy):
     ctx = _ctx(model, "phased", total_steps=10, options={"strategy": "both->mlp->attn", "bounds": [0.2, 0.9]})
     assert get_method("phased")(ctx).boundaries == [2, 9]
     assert boundary_steps([0.5], 9) == [4] and phase_at(4, [4]) == 1 and phase_at(3, [4]) == 0
-    for bad in ({"bounds": [0.5]}, {"bounds": [0.7, 0.3]}, {"strategy": "mlp"}, {"strategy": "attn->ffn"}):
+    for bad in ({"bounds": [0.5]}, {"bounds": [0.7, 0.3]}, {"strategy": "mlp"}, {"strategy": "attn->ffn"},
+                {"strategy": "attn->attn"}):
         with pytest.raises(ValueError):
             get_method("phased")(_ctx(model, "phased", options=bad))
 
@@ -285,3 +348,56 @@ def test_phased_cli_gradnorms_and_ranks(tiny_model_dir, tiny_data, tmp_path):
     curve = pd.read_parquet(out / "curve.parquet")
     tr = curve[curve.kind == "train"].set_index("step")["phase"]
     assert tr.loc[2] == 0 and tr.loc[6] == 1 and tr.loc[12] == 2
+    # per-phase gradient-norm summary: a frozen group's mean is exactly 0 in its frozen phase
+    assert row["gradnorm_mean_attention_p1"] == 0.0 and row["gradnorm_mean_mlp_p2"] == 0.0
+    assert row["gradnorm_mean_attention_p0"] == pytest.approx(grp.loc[[0, 2], "attention"].mean())
+    assert row["gradnorm_mean_mlp_p1"] == pytest.approx(grp.loc[[4, 6], "mlp"].mean())
+    assert row["gradnorm_mean_mlp_p1"] > 0
+    assert row["gradnorm_max_total"] == pytest.approx(grp["total"].max())
+    # every factor is saved, the attention ones frozen at the end included
+    from safetensors.torch import load_file
+
+    lora = {k: v for k, v in load_file(out / "adapter.safetensors").items() if "lora_" in k}
+    assert len(lora) == 24 and sum(v.numel() for v in lora.values()) == row["adapter_params"]
+
+
+def test_phased_resumes_with_its_frozen_factors(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """Killed at the end of epoch 1 (step 6, the mlp phase: attention factors frozen, so the loop's
+    checkpoint of trainable parameters lacks them), the run resumes to the same metrics."""
+    from peftbench import train as train_mod
+
+    rec = {"lr": 2e-3, "epochs": 2, "batch_size": 16, "max_train_samples": 96, "max_eval_samples": 64,
+           "log_every": 1, "checkpoint_every": 2}
+
+    def args(out, ckpt):
+        return ["train", "--model-name", "tiny", "--model", str(tiny_model_dir), "--task", "stsb", "--method",
+                "phased", "--budget", "2", "--seed", "3", "--train", str(tiny_data["stsb"]["train"]),
+                "--dev", f"validation={tiny_data['stsb']['validation']}", *recipe_args(rec), "--out", str(out),
+                "--checkpoint-dir", str(ckpt)]
+
+    main(args(tmp_path / "a", tmp_path / "ca"))
+
+    class Interrupt(BaseException):
+        pass
+
+    real_save, calls = train_mod.Checkpointer.save, {"n": 0}
+
+    def save_then_die(self, *a, **k):
+        real_save(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # steps 2, 4, then the epoch-1 checkpoint at step 6
+            raise Interrupt()
+
+    monkeypatch.setattr(train_mod.Checkpointer, "save", save_then_die)
+    with pytest.raises(Interrupt):
+        main(args(tmp_path / "b", tmp_path / "cb"))
+    payload = torch.load(tmp_path / "cb" / "checkpoint.pt", weights_only=False)
+    assert payload["step"] == 6 and payload["method"]["applied"] == 1
+    assert payload["method"]["frozen_factors"] and not set(payload["method"]["frozen_factors"]) & set(payload["params"])
+    monkeypatch.setattr(train_mod.Checkpointer, "save", real_save)
+    main(args(tmp_path / "b", tmp_path / "cb"))
+    a, b = (pd.read_parquet(tmp_path / d / "metrics.parquet").iloc[0] for d in ("a", "b"))
+    for col in ("dev_pearson", "best_dev_pearson", "steps", "phase_steps", "gradnorm_mean_total"):
+        assert a[col] == b[col], col
+    ca, cb = (pd.read_parquet(tmp_path / d / "curve.parquet") for d in ("a", "b"))
+    assert ca["loss"].equals(cb["loss"])

@@ -314,6 +314,32 @@ def test_gradnorms_group_norm():
     assert ax.get_yscale() == "log"
 
 
+def make_logged_gradnorms():
+    """Rows as peftbench.train.gradient_norms writes them: per-layer rows AND the group's own row
+    (layer -1) for attention, only a layer -1 row for head and total."""
+    rows = []
+    for seed in (0, 1):
+        for step in (0, 10):
+            k = 1 + seed
+            for layer, g in enumerate((3.0, 4.0)):
+                rows.append(dict(model="m", task="rte", method="phased", budget=0.2, seed=seed, step=step,
+                                 group="attention", layer=layer, grad_norm=g * k))
+            for group, v in (("attention", 5.0 * k), ("head", 12.0 * k), ("total", 13.0 * k)):
+                rows.append(dict(model="m", task="rte", method="phased", budget=0.2, seed=seed, step=step,
+                                 group=group, layer=-1, grad_norm=v))
+    return pd.DataFrame(rows)
+
+
+def test_gradnorms_use_the_group_row_not_its_sum_with_the_layer_rows():
+    ax = panels(plots.plot_gradnorms(make_logged_gradnorms())[0])[0]
+    lines = {ln.get_label(): ln.get_ydata() for ln in ax.lines}
+    # attention: the logged group norm 5 (seed 0) / 10 (seed 1), not sqrt(3² + 4² + 5²) = 5·√2
+    np.testing.assert_allclose(lines["attention"], [7.5, 7.5])
+    np.testing.assert_allclose(lines["head"], [18.0, 18.0])
+    np.testing.assert_allclose(lines["total"], [19.5, 19.5])
+    assert list(lines) == ["attention", "head", "total"]  # GRAD_GROUPS order, the total last
+
+
 def test_gradnorms_placeholder(tmp_path):
     out = tmp_path / "gradnorms.pdf"
     figs = plots.plot_gradnorms(make_gradnorms().iloc[:0], out=out)

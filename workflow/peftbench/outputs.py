@@ -65,6 +65,48 @@ def metric_columns(task: TaskSpec, evals: list[dict[str, float]], error: str | N
     return row
 
 
+def gradnorm_columns(gradrows: list[tuple], phase_boundaries: list[int] | None = None) -> dict[str, float]:
+    """Per-run summary of the gradient-norm log, as ``metrics.parquet`` columns.
+
+    Reads the group rows (``layer = −1``: each group of :data:`peftbench.vocab.GRAD_GROUPS` and
+    :data:`peftbench.vocab.GRAD_TOTAL`, as :func:`peftbench.train.gradient_norms` writes them) and
+    ignores the per-layer rows, which the group rows already hold. Statistics are over the logged
+    steps (every ``log_every``-th), in gradient-norm units:
+
+    - ``gradnorm_mean_<group>``, ``gradnorm_max_<group>``: mean and max of the group norm;
+    - with ``phase_boundaries`` (phased LoRA: the step at which each phase after the first starts),
+      ``gradnorm_mean_<group>_p<k>``: the mean over the logged steps of phase ``k``
+      (:func:`peftbench.methods.phased.phase_at`; a phase without a logged step gets NaN).
+
+    Args:
+        gradrows: ``(step, group, layer, grad_norm)`` tuples, ``step`` the 0-based index of the step.
+        phase_boundaries: see above; ``None`` for methods without phases.
+
+    Returns:
+        ``{}`` when nothing was logged. A NaN/inf norm (a diverged step) propagates into its group's
+        statistics.
+    """
+    rows = [(int(s), str(g), float(v)) for s, g, layer, v in gradrows if int(layer) == -1]
+    if not rows:
+        return {}
+    df = pd.DataFrame(rows, columns=["step", "group", "grad_norm"])
+    out: dict[str, float] = {}
+    for g, sub in df.groupby("group", sort=True):
+        vals = sub["grad_norm"].to_numpy()
+        out[f"gradnorm_mean_{g}"] = float(vals.mean())
+        out[f"gradnorm_max_{g}"] = float(vals.max())
+    if phase_boundaries is not None:
+        from .methods.phased import phase_at
+
+        bounds = list(phase_boundaries)
+        phase = df["step"].map(lambda s: phase_at(s, bounds))
+        for g, sub in df.groupby("group", sort=True):
+            for k in range(len(bounds) + 1):
+                vals = sub.loc[phase[sub.index] == k, "grad_norm"].to_numpy()
+                out[f"gradnorm_mean_{g}_p{k}"] = float(vals.mean()) if len(vals) else float("nan")
+    return out
+
+
 def _with_keys(df: pd.DataFrame, key: RunKey) -> pd.DataFrame:
     df = df.copy()
     for i, (k, v) in enumerate(key.columns().items()):

@@ -35,10 +35,10 @@ from .methods import BuildContext, LoopState, get_method, method_info
 from .metrics import compute_metrics
 from .models import backbone_param_count, find_targets, head_module_names, is_head_param, load_classifier
 from .optim import optimizer_factory, rebuild_optimizer, warmup_steps
-from .outputs import PROTOCOL, device_name, metric_columns, peak_mem_mib, versions, write_run
+from .outputs import PROTOCOL, device_name, gradnorm_columns, metric_columns, peak_mem_mib, versions, write_run
 from .recipe import Recipe, Runtime
 from .runkey import RunKey
-from .vocab import TaskSpec, get_task
+from .vocab import GRAD_TOTAL, TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         backbone_params, trainable_pct (% of backbone, adapter only), budget_params, budget_pct,
         train_s, samples_per_s, eval_s, compile_s, compiled, compile_note, length_buckets,
         peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr, protocol,
-        device, versions, plus method columns (e.g. rank).
+        device, versions, plus method columns (e.g. rank) and, when gradient norms were logged,
+        ``gradnorm_mean_<group>`` / ``gradnorm_max_<group>`` (and per phase ``gradnorm_mean_<group>_p<k>``;
+        :func:`peftbench.outputs.gradnorm_columns`).
 
     Raises:
         FileNotFoundError, ValueError: missing inputs, bad recipe or options.
@@ -169,6 +171,8 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
         "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),
         "batch_size": recipe.batch_size, "lr": float(recipe.lr), "protocol": PROTOCOL, "device": device_name(dev),
         **versions(), **method.summary(model),
+        # per-group gradient-norm statistics (none unless logged); per phase for phased methods
+        **gradnorm_columns(p.gradrows, getattr(method, "phase_boundaries", None)),
     }
 
 
@@ -209,7 +213,8 @@ def train_step(model, method, batch: dict[str, torch.Tensor], state: LoopState, 
 
     Args:
         batch: model inputs plus ``labels``, ``(B, W)`` tensors on the model's device.
-        record_gradnorms: also return :func:`gradient_norms` of this step (after ``after_backward``).
+        record_gradnorms: also return :func:`gradient_norms` of this step (after ``after_backward``)
+            over the optimizer's parameters.
 
     Returns:
         ``(loss, grad_rows)``: the detached fp32 loss (a 0-d tensor still on the device: no host
@@ -225,8 +230,8 @@ def train_step(model, method, batch: dict[str, torch.Tensor], state: LoopState, 
             loss = loss + extra
     loss.backward()
     method.after_backward(model, state)
-    grads = gradient_norms(model) if record_gradnorms else []
     params = [q for g in state.optimizer.param_groups for q in g["params"]]
+    grads = gradient_norms(model, params) if record_gradnorms else []
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     state.optimizer.step()
     state.scheduler.step()
@@ -390,34 +395,62 @@ def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], d
 
 
 def _grad_group(name: str) -> tuple[str, int]:
-    """(group, layer) of a parameter for gradient-norm logging; layer −1 where not per layer."""
+    """(group, layer) of parameter ``name`` for gradient-norm logging; layer −1 where not per layer.
 
+    Groups (:data:`peftbench.vocab.GRAD_GROUPS`): ``head`` (classifier, pooler), ``embeddings``
+    (any name with ``embeddings``), ``attention`` / ``mlp`` (inside encoder layer ``N``:
+    ``….layer.N.attention.…`` / the rest of the layer), ``other`` (everything else, e.g. DeBERTa's
+    ``encoder.LayerNorm`` or a hypernetwork outside the layers).
+    """
     if is_head_param(name):
         return "head", -1
     if "embeddings" in name:
         return "embeddings", -1
     m = re.search(r"\.layer\.(\d+)\.", name)
-    layer = int(m.group(1)) if m else -1
-    if ".attention." in name:
-        return "attention", layer
-    return "mlp", layer
+    if m is None:
+        return "other", -1
+    return ("attention" if ".attention." in name else "mlp"), int(m.group(1))
 
 
-def gradient_norms(model) -> list[tuple[str, int, float]]:
-    """L2 norm of the current gradients per (group, layer) and per group (layer −1).
+def gradient_norms(model, params=None) -> list[tuple[str, int, float]]:
+    """L2 norms of the current gradients: per (group, layer), per group and in total.
 
-    Groups: attention, mlp (feed-forward), embeddings, head. Parameters without gradient count 0.
+    Rows ``(group, layer, norm)``: for every group of :data:`peftbench.vocab.GRAD_GROUPS` holding a
+    counted parameter, one row per encoder layer (``layer`` ≥ 0, attention and mlp only) and one
+    group row with ``layer = −1`` (the group's norm over all its parameters, ``sqrt(Σ_layers norm²)``
+    for attention/mlp: the per-layer rows and the group row overlap, never add them up); plus
+    ``(GRAD_TOTAL, −1, ‖g‖₂)`` over every counted parameter (the norm gradient clipping sees).
+    Norms are of the fp32-upcast gradients ∂L/∂θ (the loss's units per parameter unit).
+
+    Args:
+        model: the model whose ``named_parameters()`` name the groups.
+        params: the parameters to count (the training loop passes the optimizer's); default: every
+            parameter with ``requires_grad`` or a gradient. A counted parameter whose ``.grad`` is
+            ``None`` (a factor phased LoRA froze for the phase) contributes exactly 0, so a frozen
+            group is logged with norm 0.0 rather than left out.
+
+    One host sync: the squared sums stay on the device until a single transfer at the end.
     """
-    sq: dict[tuple[str, int], float] = {}
+    counted = None if params is None else {id(q) for q in params}
+    sq: dict[tuple[str, int], list[torch.Tensor]] = {}
     for n, p in model.named_parameters():
-        if p.grad is None:
+        if counted is None:
+            if not (p.requires_grad or p.grad is not None):
+                continue
+        elif id(p) not in counted:
             continue
         g, layer = _grad_group(n)
-        v = float(p.grad.detach().float().pow(2).sum())
-        sq[(g, layer)] = sq.get((g, layer), 0.0) + v
-        if layer >= 0:
-            sq[(g, -1)] = sq.get((g, -1), 0.0) + v
-    return [(g, layer, math.sqrt(v)) for (g, layer), v in sorted(sq.items())]
+        keys = [(g, layer), (GRAD_TOTAL, -1)] + ([(g, -1)] if layer >= 0 else [])
+        v = p.grad.detach().float().pow(2).sum() if p.grad is not None else None
+        for k in keys:
+            parts = sq.setdefault(k, [])
+            if v is not None:
+                parts.append(v)
+    keys = sorted(sq)
+    present = [k for k in keys if sq[k]]
+    norms = dict(zip(present, torch.stack([torch.stack(sq[k]).sum() for k in present]).sqrt().tolist())) \
+        if present else {}
+    return [(g, layer, norms.get((g, layer), 0.0)) for g, layer in keys]
 
 
 COMPILE_WARM_CALLS = 2

@@ -11,7 +11,7 @@ own list:
 - :data:`RUN_STATUSES`: what a row of ``runs.parquet`` can say about its run;
 - :data:`RUN_FILES`: the files of one run directory (``metrics.parquet`` last: the completion marker);
 - :data:`TABLES`: the aggregated tables under ``results/tables``;
-- :data:`GRAD_GROUPS`: the parameter groups of the gradient-norm logs;
+- :data:`GRAD_GROUPS`, :data:`GRAD_TOTAL`: the parameter groups of the gradient-norm logs and their union;
 - :data:`TARGET_KINDS`: the kinds of adapted weight matrix, in layer order;
 - :data:`PLOTS`: every figure of the ``plot`` rule with the tables it reads.
 
@@ -202,8 +202,15 @@ TABLES: dict[str, str] = {
 #: Which run file each concatenated table collects.
 TABLE_SOURCES: dict[str, str] = {"runs": "metrics", "curves": "curve", "ranks": "ranks", "gradnorms": "gradnorms"}
 
-#: Parameter groups of the gradient-norm logs, in display order.
-GRAD_GROUPS: tuple[str, ...] = ("embeddings", "attention", "mlp", "head")
+#: Parameter groups of the gradient-norm logs, in display order: embeddings (word, position, type
+#: and relative-position embeddings, their LayerNorm), attention and mlp (everything inside an encoder
+#: layer: adapters, and in full fine-tuning the layer's own weights and LayerNorms), head (classifier,
+#: pooler), other (trainable parameters outside the layers that are none of these, e.g. DeBERTa's
+#: encoder-level LayerNorm or a shared hypernetwork). The groups are disjoint.
+GRAD_GROUPS: tuple[str, ...] = ("embeddings", "attention", "mlp", "head", "other")
+#: Group name of the overall gradient norm of the logs: every trainable parameter (the union of
+#: :data:`GRAD_GROUPS`, the norm gradient clipping sees), logged with layer −1.
+GRAD_TOTAL = "total"
 
 #: Kinds of adapted weight matrix, in the order they appear in a transformer layer.
 TARGET_KINDS: tuple[str, ...] = ("query", "key", "value", "attention_output", "intermediate", "output")

@@ -39,7 +39,7 @@ from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
 
 from ..methods import FULL_BUDGET, METHODS
-from ..vocab import GLUE_AVG, GRAD_GROUPS, TARGET_KINDS, TASKS, order_tasks, task_label
+from ..vocab import GLUE_AVG, GRAD_GROUPS, GRAD_TOTAL, TARGET_KINDS, TASKS, order_tasks, task_label
 from ..vocab import metric as metric_info
 from .significance import (
     StatsOptions,
@@ -763,14 +763,36 @@ def plot_spectrum(spectrum: pd.DataFrame, out: str | Path | None = None) -> list
     return figs
 
 
+def _group_norms(gradnorms: pd.DataFrame) -> pd.DataFrame:
+    """One norm per ``(model, task, method, budget, seed, step, group)`` from a gradnorms table.
+
+    :func:`peftbench.train.gradient_norms` logs per-layer rows (``layer`` ≥ 0) *and* the group's
+    own row (``layer`` −1, the norm over all its layers; also the only row of head, embeddings,
+    other and :data:`~peftbench.vocab.GRAD_TOTAL`). The group row is used where it exists; only a
+    group logged without one (tables from older runs) gets ``sqrt(Σ_layers grad_norm²)``, exact for
+    Frobenius norms of disjoint parameter sets. Summing both kinds would count every layer twice
+    (a norm √2 too large).
+
+    Returns:
+        the key columns plus ``norm``.
+    """
+    keys = ["model", "task", "method", "budget", "seed", "step", "group"]
+    layer = gradnorms["layer"].astype(int)
+    whole = gradnorms[layer < 0].groupby(keys)["grad_norm"].first().astype(float).rename("norm")
+    per_layer = (gradnorms[layer >= 0].assign(sq=lambda d: d["grad_norm"].astype(float) ** 2)
+                 .groupby(keys)["sq"].sum().pow(0.5).rename("norm"))
+    per_layer = per_layer[~per_layer.index.isin(whole.index)]
+    return pd.concat([whole, per_layer]).reset_index()
+
+
 def plot_gradnorms(gradnorms: pd.DataFrame, out: str | Path | None = None) -> list[Figure]:
     """Per-group gradient norm vs training step; one page per ``(model, task, budget)``, one panel
-    per method, one line per group.
+    per method, one line per group (:data:`~peftbench.vocab.GRAD_GROUPS`, then
+    :data:`~peftbench.vocab.GRAD_TOTAL`).
 
-    The group norm at a step is the L2 norm over the group's layers,
-    ``sqrt(sum_layers grad_norm²)`` (exact for Frobenius norms of disjoint parameter sets); lines
-    show its mean over seeds and the band ±1 SD (none with one seed); log y. An empty table gives
-    one page saying no gradient norms were logged.
+    The group norm at a step comes from :func:`_group_norms` (the logged group row, never added to its
+    per-layer rows); lines show its mean over seeds and the band ±1 SD (none with one seed); log y.
+    An empty table gives one page saying no gradient norms were logged.
 
     Raises:
         ValueError: missing columns in a non-empty table.
@@ -783,12 +805,11 @@ def plot_gradnorms(gradnorms: pd.DataFrame, out: str | Path | None = None) -> li
                                    "no gradient norms were logged in this run (gradnorms.parquet is empty)")]
     else:
         figs = []
-        groups_all = list(dict.fromkeys([g for g in GRAD_GROUPS if g in set(gradnorms["group"])]
-                                        + sorted(set(gradnorms["group"]) - set(GRAD_GROUPS))))
+        known = GRAD_GROUPS + (GRAD_TOTAL,)
+        present = set(gradnorms["group"])
+        groups_all = [g for g in known if g in present] + sorted(present - set(known))
         gcolors = {g: _PALETTE[i % len(_PALETTE)] for i, g in enumerate(groups_all)}
-        keys = ["model", "task", "method", "budget", "seed", "step", "group"]
-        g2 = (gradnorms.assign(sq=gradnorms["grad_norm"].astype(float) ** 2).groupby(keys)["sq"].sum()
-              .pow(0.5).rename("norm").reset_index())
+        g2 = _group_norms(gradnorms)
         for (model, task, budget), g in g2.groupby(["model", "task", "budget"], sort=False):
             methods = order_methods(g["method"].unique())
             nrows, ncols = _grid(len(methods), 3)
@@ -813,8 +834,8 @@ def plot_gradnorms(gradnorms: pd.DataFrame, out: str | Path | None = None) -> li
                 ax.legend(fontsize=7, title="parameter group", title_fontsize=7)
             fig.suptitle(f"{model}: {task_label(task)} gradient norms per parameter group, "
                          f"{_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
-            _footer(fig, "Group norm = sqrt(sum over layers of squared per-layer gradient norms); line: mean "
-                         "over seeds, band: ±1 SD over seeds (none with one seed).")
+            _footer(fig, "Group norm: the group's logged norm over all its parameters (total: every trainable "
+                         "parameter); line: mean over seeds, band: ±1 SD over seeds (none with one seed).")
             figs.append(fig)
     if out is not None:
         save_figures(figs, out)

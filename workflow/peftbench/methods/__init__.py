@@ -55,7 +55,8 @@ class MethodInfo:
 #: Budget (% of backbone parameters) recorded by budget-free methods: all of the backbone.
 FULL_BUDGET = 100.0
 
-#: Every method, in display order (baselines first).
+#: Every method, in display order (baselines first; lora_attn / lora_mlp are phased LoRA's static
+#: baselines, so they stand beside it).
 METHOD_TABLE: tuple[MethodInfo, ...] = (
     MethodInfo("full", "full", "full fine-tuning", budget_free=True),
     MethodInfo("lora", "lora", "LoRA"),
@@ -66,6 +67,8 @@ METHOD_TABLE: tuple[MethodInfo, ...] = (
     MethodInfo("spectral_r", "spectral_r", "Spectral Adapter^R", uses_svd=True),
     MethodInfo("gsa", "gsa", "GSA", uses_svd=True),
     MethodInfo("dynacsg", "dynacsg", "DynaCSG", uses_svd=True),
+    MethodInfo("lora_attn", "lora_attn", "LoRA (attention only)"),
+    MethodInfo("lora_mlp", "lora_mlp", "LoRA (MLP only)"),
     MethodInfo("phased", "phased", "phased LoRA"),
 )
 

@@ -1,10 +1,29 @@
 """AdaLoRA: SVD-parameterised LoRA whose rank budget is pruned by importance (peft ``AdaLoraConfig``).
 
-Zhang et al., ICLR 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning":
-``ΔW = P Λ Q`` (Eq. 3) with an orthogonality regulariser ``‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F``
-(Eq. 4); singular values are masked by a sensitivity-based importance score smoothed by EMAs
-β1, β2 (Eq. 8–11) while the total budget falls on a cubic schedule from ``init_r`` to
-``target_r`` per matrix between ``tinit`` and ``total_step − tfinal`` (Eq. 12).
+Zhang et al., ICLR 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning"
+(arXiv:2303.10512): ``ΔW = P Λ Q`` (Eq. 3) with an orthogonality regulariser
+``‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F`` (Eq. 4); singular values are masked by a sensitivity-based
+importance score smoothed by EMAs β1, β2 (Eq. 8–11) while the total budget falls on a cubic
+schedule from ``init_r`` to ``target_r`` per matrix between ``tinit`` and ``total_step − tfinal``
+(Eq. 12).
+
+Scaling (α convention). peft's ``SVDLinear`` (peft/tuners/adalora/layer.py), like the paper's own
+``loralib.SVDLinear`` (QingruZhang/AdaLoRA ``loralib/loralib/adalora.py``), computes
+``h = W0 x + (α / ranknum) P (Λ ⊙ Q dropout(x))`` with ``ranknum = init_r``: set once when the
+layer is built and **never lowered while masking**, so the scale stays ``α / init_r`` for the
+whole run, whatever rank a matrix is pruned to. At the same final rank ``r = target_r`` as LoRA
+(scale ``α / r``), AdaLoRA's update is therefore scaled by ``r / init_r`` of LoRA's
+(``init_r = ceil(1.5 r)``: 2/3 at r = 8, 8/12). The family shares one convention: the same α
+(:data:`peftbench.methods.lora.LORA_ALPHA` = 16 by default, LoRA's option class) divided by the
+rank the adapter was allocated with (``init_r`` here, as in the official code); α is not rescaled
+to equalise the scale with LoRA's at ``target_r``, because the official scripts do not do that
+either (``NLU/scripts/run_debertav3_*.sh``: ``--lora_alpha 16`` for MNLI/QQP/SST-2, 32 for
+CoLA/QNLI/RTE/MRPC/STS-B, with ``ranknum = lora_r`` = the initial rank). Before this convention
+the option defaulted to peft's ``lora_alpha = 8`` (scale 8 / init_r, a third of LoRA's 16 / r at
+the same final rank with init_ratio 1.5).
+
+Dropout: the LoRA family's (``dropout`` option, inherited from :class:`LoRAOptions`); the
+official AdaLoRA scripts pass none (``loralib``'s default 0.0).
 
 peft pitfalls handled here (see DESIGN.md): ``update_and_allocate(step)`` runs after
 ``optimizer.step()`` and before ``zero_grad()`` (peft#1327, #1801); the orthogonal regulariser is
@@ -15,6 +34,9 @@ not removed, so the trainable count stays at ``init_r`` size: both the allocated
 
 Budget: ``target_r`` is the uniform LoRA rank for the budget (the final, pruned budget matches
 LoRA's); ``init_r = ceil(init_ratio × target_r)`` (paper: 12 → 8, ratio 1.5).
+
+torch.compile: ``compilable``: the allocation masks ``Λ`` in place between steps (outside the
+traced forward) and changes no module or shape.
 
 Options (``method_options.adalora``): :class:`AdaLoRAOptions`.
 """
@@ -28,17 +50,18 @@ from torch import nn
 from ..budget import uniform_rank
 from . import register
 from .base import LoopState, Method, ranks_frame
-from .lora import peft_targets
-from .options import MethodOptions, option
+from .lora import LORA_ALPHA, LoRAOptions, peft_targets
+from .options import option
 
 
 @dataclass
-class AdaLoRAOptions(MethodOptions):
-    """Options of AdaLoRA (names as in peft's ``AdaLoraConfig`` where they map onto it)."""
+class AdaLoRAOptions(LoRAOptions):
+    """Options of AdaLoRA: ``alpha`` and ``dropout`` as in LoRA (the family's convention), the rest
+    named as in peft's ``AdaLoraConfig`` where they map onto it."""
 
+    alpha: float = option(LORA_ALPHA, "scaling numerator α (peft lora_alpha), > 0: the update is (α / init_r) "
+                                      "P Λ Q for the whole run (peft and loralib keep ranknum = init_r)")
     init_ratio: float = option(1.5, "initial rank per matrix = ceil(init_ratio × target rank), ≥ 1 (paper: 12 → 8)")
-    alpha: float | None = option(None, "lora_alpha; null = peft's default")
-    dropout: float = option(0.1, "dropout probability on the adapter input, in [0, 1)")
     tinit: float = option(0.1, "initial warm-up without pruning, fraction of total steps, in [0, 1)")
     tfinal: float = option(0.2, "final fine-tuning with the budget fixed, fraction of total steps, in [0, 1)")
     delta_t: int = option(10, "optimizer steps between two budget allocations, ≥ 1")
@@ -49,8 +72,6 @@ class AdaLoRAOptions(MethodOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require("init_ratio", self.init_ratio >= 1, "must be ≥ 1")
-        self.require("alpha", self.alpha is None or self.alpha > 0, "must be > 0 or null")
-        self.require("dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
         self.require("tinit", 0 <= self.tinit < 1, "must be in [0, 1)")
         self.require("tfinal", 0 <= self.tfinal < 1 and self.tinit + self.tfinal < 1,
                      "must be in [0, 1) with tinit + tfinal < 1")
@@ -95,11 +116,10 @@ class AdaLoRA(Method):
         from peft import AdaLoraConfig, TaskType, get_peft_model
 
         s = self.schedule()
-        kw = {} if self.options.alpha is None else {"lora_alpha": self.options.alpha}
         cfg = AdaLoraConfig(task_type=TaskType.SEQ_CLS, target_modules=peft_targets(self.ctx.targets),
-                            modules_to_save=self.ctx.head_modules, lora_dropout=self.options.dropout,
-                            beta1=self.options.beta1, beta2=self.options.beta2,
-                            orth_reg_weight=self.options.orth_reg_weight, **s, **kw)
+                            modules_to_save=self.ctx.head_modules, lora_alpha=self.options.alpha,
+                            lora_dropout=self.options.dropout, beta1=self.options.beta1, beta2=self.options.beta2,
+                            orth_reg_weight=self.options.orth_reg_weight, **s)
         return get_peft_model(model, cfg)
 
     def after_optimizer_step(self, model: nn.Module, state: LoopState) -> None:
@@ -129,7 +149,10 @@ class AdaLoRA(Method):
         return sum(r * (t.d_in + t.d_out + 1) for t in self.ctx.targets)
 
     def current_ranks(self, model: nn.Module) -> list[int]:
-        """Unmasked singular values per target (the rank each matrix holds now)."""
+        """Non-zero singular values ``Λ`` per target, in ``ctx.targets`` order: the rank each matrix
+        holds now. ``Λ`` starts at zero (peft's init), so this is 0 before the first step; after the
+        final allocation (step ``total_step − tfinal``) the masked entries stay exactly 0 and the
+        ranks sum to at most ``target_r × len(targets)``."""
         from peft.tuners.adalora import AdaLoraLayer
 
         by_name = {}
@@ -143,10 +166,13 @@ class AdaLoRA(Method):
         return ranks
 
     def summary(self, model: nn.Module) -> dict:
+        """``rank`` (target_r), ``init_rank``, ``lora_scale`` (α / init_r), ``effective_adapter_params``
+        and ``mean_final_rank`` (mean of :meth:`current_ranks`)."""
         s = self.schedule()
         ranks = self.current_ranks(model)
         eff = sum(r * (t.d_in + t.d_out + 1) for r, t in zip(ranks, self.ctx.targets))
-        return {"rank": s["target_r"], "init_rank": s["init_r"], "effective_adapter_params": eff,
+        return {"rank": s["target_r"], "init_rank": s["init_r"], "lora_scale": self.options.alpha / s["init_r"],
+                "effective_adapter_params": eff,
                 "mean_final_rank": float(sum(ranks) / max(len(ranks), 1))}
 
     def tables(self, model: nn.Module) -> dict:
