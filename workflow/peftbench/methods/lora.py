@@ -4,9 +4,9 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", Eq. 3:
 ``h = W0 x + (α / r) B A x`` with ``B ∈ R^{d_out×r}`` (zero-init) and ``A ∈ R^{r×d_in}``
 (Kaiming-uniform init), ``W0`` frozen.
 
-Budget: the uniform rank ``r`` that spends ``budget`` % of backbone parameters over the
-attention q/k/v/output and both feed-forward matrices (:func:`peftbench.budget.uniform_rank`);
-the real count is recorded. The classifier and pooler are trained in full (``modules_to_save``).
+Budget: the uniform rank ``r`` that spends the budget's parameter count ``ctx.budget_params`` over
+the attention q/k/v/output and both feed-forward matrices (:func:`peftbench.budget.rank_for_params`;
+a rank budget ``r<N>`` gives exactly ``r = N``); the real count is recorded. The classifier and pooler are trained in full (``modules_to_save``).
 
 Options (``method_options.lora``): :class:`LoRAOptions`. Its learning rate is the adapter layer's
 (``training.adapters.lr``), as for every adapter method.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..budget import uniform_rank
+from ..budget import rank_for_params
 from . import register
 from .base import Method, ranks_frame
 from .options import MethodOptions, option
@@ -51,8 +51,8 @@ class LoRA(Method):
     compilable = True
 
     def rank(self) -> int:
-        """The uniform rank for this run's budget."""
-        return uniform_rank(self.ctx.budget, self.ctx.backbone_params, self.ctx.targets)
+        """The uniform rank for this run's budget (:func:`peftbench.budget.rank_for_params`)."""
+        return rank_for_params(self.ctx.budget_params, self.ctx.targets)
 
     def build(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, TaskType, get_peft_model
