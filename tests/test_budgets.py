@@ -2,9 +2,8 @@
 and one Budget value through the run key, the CLI, the BuildContext, the rules and the tables."""
 from __future__ import annotations
 
-import copy
-import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +18,9 @@ from peftbench.budget import (BUDGET_TOLERANCE, DENOMINATORS, TOKEN_REGEX, Budge
                               default_denominator, per_rank_cost, rank_for_params, uniform_rank)
 from peftbench.cli import main
 from peftbench.methods import METHODS, BuildContext, get_method
-from peftbench.runkey import RunKey
 from peftbench.models import (backbone_param_count, embedding_param_count, find_targets, head_module_names,
                               load_classifier)
+from peftbench.runkey import RunKey
 from peftbench.vocab import get_task
 
 from conftest import recipe_args
@@ -44,7 +43,6 @@ def test_every_spelling_has_one_token_kind_and_value(spec, token, kind, value):
     b = Budget.parse(spec)
     assert (b.token, b.kind, b.value) == (token, kind, value)
     assert Budget.parse(b.token) == b and budget_token(spec) == token and str(b) == token
-    import re
     assert re.fullmatch(TOKEN_REGEX, token)  # the Snakemake wildcard accepts every token
 
 
