@@ -271,7 +271,8 @@ def _check_common(out, method):
     row = pd.read_parquet(out / "metrics.parquet").iloc[0]
     assert row["method"] == method and row["status"] == "ok" and -1 <= row["dev_main"] <= 1
     assert row["capacity_limited"] in (False, np.False_)
-    budget_params = row["budget"] / 100 * row["backbone_params"]
+    budget_params = row["budget_params"]  # the budget's parameter count (1 % of the backbone here)
+    assert budget_params == pytest.approx(float(row["budget"]) / 100 * row["backbone_params"])
     assert abs(row["adapter_params"] - budget_params) <= 0.1 * budget_params  # ±10 % budget rule
     adapter = load_file(out / "adapter.safetensors")
     assert sum(v.numel() for v in adapter.values()) == row["trainable_params"]

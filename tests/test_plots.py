@@ -174,6 +174,71 @@ def test_pareto_points_and_front():
     assert "Pareto front" in legend
 
 
+BACKBONE = 184_000_000
+R8 = 1_327_104  # LoRA rank 8 on DeBERTa-v3-base's 72 target matrices
+
+
+def r8_runs():
+    """r8 runs with parameter counts: adalora allocates 1.5x its budget (init rank 12) and ends at
+    8 (effective = the budget); gsa trains 2,000 gates (capacity-limited, outside the r8 family)."""
+    rows = []
+    for t, base in (("cola", 0.50), ("rte", 0.70)):
+        for method, d, alloc, eff, used, cap in (("lora", 0.0, R8, None, R8, None),
+                                                 ("adalora", 0.05, int(1.5 * R8), R8, int(1.005 * R8), None),
+                                                 ("gsa", -0.05, 2000, None, 2000, True)):
+            for r in run_rows(method, t, {s: base + d + 0.004 * s for s in range(3)}):
+                r.update(budget="r8", adapter_params=alloc, trainable_params=alloc + 770, effective_adapter_params=eff, budget_used_params=used,
+                         budget_params=float(R8), backbone_params=BACKBONE, capacity_limited=cap,
+                         trainable_pct=100 * alloc / BACKBONE, budget_denominator="backbone")
+                rows.append(r)
+        for r in run_rows("full", t, {s: base + 0.02 for s in range(3)}):
+            r.update(adapter_params=BACKBONE, backbone_params=BACKBONE, budget_params=float(BACKBONE),
+                     budget_used_params=BACKBONE, trainable_pct=100.0)
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def test_pareto_x_is_the_final_effective_count_with_the_allocated_count_marked():
+    figs = plots.plot_pareto(r8_runs(), OPTS)
+    ax = panels(figs[0])[0]
+    xs = {c.get_label(): np.asarray(c.lines[0].get_xdata(), dtype=float) for c in ax.containers}
+    np.testing.assert_allclose(xs["adalora"], [100 * R8 / BACKBONE])  # effective, not 1.5x allocated
+    np.testing.assert_allclose(xs["lora"], [100 * R8 / BACKBONE])
+    np.testing.assert_allclose(xs["gsa"], [100 * 2000 / BACKBONE])   # drawn at its real size
+    alloc = [ln for ln in ax.lines if ln.get_gid() == "allocated:adalora"]
+    assert len(alloc) == 1
+    np.testing.assert_allclose(alloc[0].get_xdata(), [100 * 1.5 * R8 / BACKBONE], rtol=1e-6)
+    assert not [ln for ln in ax.lines if ln.get_gid() in ("allocated:lora", "allocated:gsa")]
+    assert [ln.get_gid() for ln in ax.lines if (ln.get_gid() or "").startswith("off:")] == ["off:gsa"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("allocated parameters") for t in legend)
+    assert "outside its budget family (own size)" in legend
+    assert "final effective adapter parameters" in ax.get_xlabel()
+    labels = [t.get_text() for t in ax.texts]
+    assert any(t.endswith("(r8)") for t in labels) and any(t.endswith("(r8, own family)") for t in labels)
+
+
+def test_rank_budget_and_off_family_pages_and_summary_sections():
+    df = r8_runs()
+    sig = compare_methods(df, opts=OPTS)
+    figs = plots.plot_glue(df, sig, OPTS)
+    assert [f.get_suptitle() for f in figs] == ["m: GLUE dev, r8 budget (LoRA rank 8)",
+                                                "m: GLUE dev, outside r8: 2k adapter params (own family)"]
+    ticks = [t.get_text() for t in panels(figs[0])[0].get_xticklabels()]
+    assert ticks == ["full (n=3)", "lora (n=3)", "adalora (n=3)"]  # gsa is not in the r8 family
+    task = plots.plot_task(df, "rte", sig, OPTS)[0]
+    assert [ax.get_title() for ax in panels(task)] == ["r8 budget (LoRA rank 8)",
+                                                       "outside r8: 2k adapter params (own family)"]
+    md = summary_markdown(df, sig, OPTS)
+    heads = [ln for ln in md.splitlines() if ln.startswith("## m:")]
+    assert heads[0] == "## m: budget r8 (the parameter count of LoRA rank 8 on every adapted matrix)"
+    assert heads[1].startswith("## m: outside r8: 2k adapter params — planned at budget r8")
+    cost = {ln.split(" | ")[0]: ln for ln in md.splitlines() if ln.startswith(("| gsa |", "| adalora |"))
+            and "1,327,104" in ln}
+    assert "| 0 / 6 |" in cost["| gsa"] and "| 6 / 6 |" in cost["| adalora"]
+    assert plots.plot_cost(df)  # token budgets in the cost bars
+
+
 def test_pareto_front_helper():
     idx = plots.pareto_front([0.1, 0.2, 0.5, 100.0], [80.0, 79.0, 83.0, 82.0])
     assert list(idx) == [0, 2]

@@ -10,6 +10,7 @@ import pytest
 
 from peftbench import methods as registry
 from peftbench.methods import FULL_BUDGET, METHOD_TABLE, METHODS, MethodInfo, get_method, register
+from peftbench.budget import Budget, BudgetError
 from peftbench.runkey import KEY_COLUMNS, RunKey
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,16 +74,49 @@ def test_runkey_round_trips_path_cli_and_columns():
     RunKey.add_arguments(parser)
     assert RunKey.from_args(parser.parse_args(key.cli_args())) == key
     assert list(key.columns()) == list(KEY_COLUMNS)
-    assert key.columns() == {"model": "minilm", "task": "stsb", "method": "lora", "budget": 0.5, "seed": 2}
+    # the budget column is the path token (a string: "0.5", "r8", "100"), the same in every table
+    assert key.columns() == {"model": "minilm", "task": "stsb", "method": "lora", "budget": "0.5", "seed": 2}
+
+
+def test_rank_budget_round_trips_path_cli_and_columns():
+    key = RunKey.of("minilm", "stsb", "lora", "r8", 2)
+    assert key.budget == Budget.rank(8) and key.budget.kind == "rank" and key.budget.value == 8
+    assert key.run_dir() == "results/runs/minilm/stsb/lora/br8/s2"
+    assert RunKey.parse(key.run_dir()) == key
+    parser = argparse.ArgumentParser()
+    RunKey.add_arguments(parser)
+    assert key.cli_args()[key.cli_args().index("--budget") + 1] == "r8"
+    assert RunKey.from_args(parser.parse_args(key.cli_args())) == key
+    assert key.columns()["budget"] == "r8"
+
+
+def test_budget_spellings_are_one_key():
+    assert RunKey.of("m", "t", "lora", 0.5, 1) == RunKey.of("m", "t", "lora", "0.50", 1)
+    assert RunKey.of("m", "t", "lora", 1.0, 1).budget.token == "1"
+    # sortable: percentages by value (not as strings: 2 < 10), then rank budgets, then full
+    keys = [RunKey.of("m", "t", "lora", b, 1) for b in ("r8", "10", "r2", 2, 0.5)] + [RunKey.of("m", "t", "full", 0, 1)]
+    assert [b.token for b in sorted(k.budget for k in keys)] == ["0.5", "2", "10", "r2", "r8", "100"]
+
+
+def test_bad_budget_on_the_command_line_names_what_is_allowed(capsys):
+    parser = argparse.ArgumentParser()
+    RunKey.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-name", "m", "--task", "t", "--method", "lora", "--budget", "r0", "--seed", "1"])
+    assert "r<N>" in capsys.readouterr().err
+    with pytest.raises(BudgetError, match="full budget of budget-free methods"):
+        RunKey.of("m", "t", "lora", 100, 1)
 
 
 def test_budget_free_method_is_stored_under_the_full_budget():
     key = RunKey.of("minilm", "cola", "full", 0.6, 1)
-    assert key.budget == FULL_BUDGET and key.run_dir().endswith("/full/b100/s1")
+    assert key.budget == Budget.full() and key.budget.value == FULL_BUDGET
+    assert key.run_dir().endswith("/full/b100/s1") and key.columns()["budget"] == "100"
+    assert RunKey.of("minilm", "cola", "full", "r8", 1) == key
     assert RunKey.of("minilm", "cola", "lora", 1.0, 1).run_dir().endswith("/lora/b1/s1")
 
 
-@pytest.mark.parametrize("path", ["results/runs/a/b/c/d/e", "x/y", "r/m/t/meth/bX/s1"])
+@pytest.mark.parametrize("path", ["results/runs/a/b/c/d/e", "x/y", "r/m/t/meth/bX/s1", "r/m/t/meth/br0/s1"])
 def test_parse_rejects_what_is_not_a_run_directory(path):
     with pytest.raises(ValueError, match="is not a run directory"):
         RunKey.parse(path)

@@ -17,11 +17,17 @@ from peftbench.analysis.significance import (
     STATS_COLUMNS,
     StatsOptions,
     bootstrap_ci,
+    budget_label,
+    budget_match,
     compare_methods,
+    family_label,
+    family_runs,
     glue_average_runs,
     holm,
     method_stats,
+    order_budgets,
     paired_comparison,
+    parse_family,
     read_table,
     validate_runs,
 )
@@ -189,7 +195,7 @@ def runs():
 def test_compare_methods_columns_and_values(runs):
     sig = compare_methods(runs, opts=OPTS)
     assert list(sig.columns) == SIGNIFICANCE_COLUMNS
-    r = one(sig, task="rte", budget=0.2, method="adalora")
+    r = one(sig, task="rte", budget="0.2", method="adalora")
     a = np.array([ADA[s] for s in range(6)])
     b = np.array([LORA[s] for s in range(6)])
     t = stats.ttest_rel(a, b)
@@ -207,7 +213,7 @@ def test_compare_methods_columns_and_values(runs):
 
 def test_failed_and_missing_seed_are_reported_not_dropped(runs):
     sig = compare_methods(runs, opts=OPTS)
-    r = one(sig, task="rte", budget=0.2, method="gsa")
+    r = one(sig, task="rte", budget="0.2", method="gsa")
     seeds = [0, 1, 3, 4]
     a = np.array([GSA[s] for s in seeds])
     b = np.array([LORA[s] for s in seeds])
@@ -232,25 +238,25 @@ def test_status_ok_with_nan_value_counts_as_failed():
 
 def test_holm_within_family(runs):
     sig = compare_methods(runs, opts=OPTS)
-    fam = sig[(sig["task"] == "rte") & (sig["budget"] == 0.2)]
+    fam = sig[(sig["task"] == "rte") & (sig["budget"] == "0.2")]
     assert set(fam["method"]) == {"full", "adalora", "gsa"}
     np.testing.assert_allclose(fam["p_ttest_holm"], holm(fam["p_ttest"].to_numpy()))
     np.testing.assert_allclose(fam["p_wilcoxon_holm"], holm(fam["p_wilcoxon"].to_numpy()), equal_nan=True)
     assert (fam["n_tests_family"] == 3).all()
     # another family (budget 0.8: full and adalora) is adjusted separately
-    fam8 = sig[(sig["task"] == "rte") & (sig["budget"] == 0.8)]
+    fam8 = sig[(sig["task"] == "rte") & (sig["budget"] == "0.8")]
     assert set(fam8["method"]) == {"full", "adalora"}
     np.testing.assert_allclose(fam8["p_ttest_holm"], holm(fam8["p_ttest"].to_numpy()))
 
 
 def test_full_belongs_to_every_budget_family(runs):
     sig = compare_methods(runs, opts=OPTS)
-    f2 = one(sig, task="rte", budget=0.2, method="full")
-    f8 = one(sig, task="rte", budget=0.8, method="full")
+    f2 = one(sig, task="rte", budget="0.2", method="full")
+    f8 = one(sig, task="rte", budget="0.8", method="full")
     a = np.array([FULL[s] for s in range(6)])
     assert f2["mean_method"] == pytest.approx(a.mean()) == f8["mean_method"]
     assert f8["p_ttest"] == pytest.approx(stats.ttest_rel(a, np.array([LORA[s] for s in range(6)])).pvalue)
-    assert 100.0 not in set(sig["budget"])
+    assert "100" not in set(sig["budget"])  # budget tokens (strings), full copied into each family
 
 
 def test_n1_gives_a_row_without_tests():
@@ -273,7 +279,7 @@ def test_missing_reference_gives_rows_with_n0():
 
 def test_all_pairs(runs):
     sig = compare_methods(runs, all_pairs=True, opts=OPTS)
-    fam = sig[(sig["task"] == "rte") & (sig["budget"] == 0.2)]
+    fam = sig[(sig["task"] == "rte") & (sig["budget"] == "0.2")]
     assert len(fam) == math.comb(4, 2)
     pairs = {frozenset(p) for p in zip(fam["method"], fam["baseline"])}
     assert pairs == {frozenset(p) for p in itertools.combinations(["lora", "adalora", "gsa", "full"], 2)}
@@ -416,3 +422,85 @@ def test_cli_significance_missing_column_names_file(tmp_path, runs):
     args = parse(["significance", "--runs", str(rp), "--out", str(tmp_path / "s.parquet")])
     with pytest.raises(ValueError, match=r"runs\.parquet: missing column\(s\) seed"):
         args.func(args)
+
+
+# ------------------------------------------------------------------------------------------
+# Budget tokens and runs outside their budget family
+# ------------------------------------------------------------------------------------------
+
+R8 = 1_327_104  # the parameter count of LoRA rank 8 on DeBERTa-v3-base's 72 target matrices
+
+
+def sized(method, values, used, budget="r8", task="rte", capacity_limited=None, allocated=None, **extra):
+    """Runs with parameter columns: ``used`` adapter parameters counted against the budget."""
+    out = rows(method, values, task=task, budget=budget)
+    for r in out:
+        full = method == "full"
+        r.update(budget_params=184_000_000.0 if full else float(R8), budget_used_params=used,
+                 adapter_params=allocated if allocated is not None else used, backbone_params=184_000_000,
+                 capacity_limited=capacity_limited, **extra)
+    return out
+
+
+@pytest.fixture
+def mixed():
+    """r8: lora and adalora match (adalora allocates 1.5x but counts its final 8-rank allocation);
+    gsa trains 2,000 gates (capacity-limited), glora 1.2x the budget: both outside the r8 family."""
+    parts = []
+    for task in ("rte", "cola"):
+        parts += [sized("lora", LORA, R8, task=task), sized("adalora", ADA, int(1.005 * R8), task=task, allocated=int(1.5 * R8)),
+                  sized("gsa", {s: v for s, v in GSA.items() if v is not None}, 2000, task=task, capacity_limited=True),
+                  sized("glora", LORA, int(1.2 * R8), task=task, capacity_limited=False),
+                  sized("full", FULL, 184_000_000, task=task)]
+    df = table(*parts)
+    # a missing gsa run has no sizes: it follows gsa's other runs out of the family
+    miss = dict(model="m", task="rte", method="gsa", budget="r8", seed=5, status="missing", error="no metrics")
+    return pd.concat([df, pd.DataFrame([miss])], ignore_index=True)
+
+
+def test_budget_column_is_a_token_and_sorts_as_budgets():
+    df = table(rows("lora", {0: 0.7}, budget=10), rows("lora", {0: 0.7}, budget=2), rows("lora", {0: 0.7}, budget="r8"),
+               rows("lora", {0: 0.7}, budget="r2"), rows("full", {0: 0.8}))
+    v = validate_runs(df)
+    assert sorted(v["budget"]) == ["10", "100", "2", "r2", "r8"]  # strings: "100" is full fine-tuning
+    st = method_stats(df, OPTS)
+    assert list(dict.fromkeys(st.loc[st["task"] == "rte", "budget"])) == ["2", "10", "r2", "r8"]
+    assert order_budgets(["r8", "10", "r8~2000", 2, "100", "r2"]) == ["2", "10", "r2", "r8", "r8~2000", "100"]
+    with pytest.raises(ValueError, match=r"column budget: budget 'eight'"):
+        validate_runs(table(rows("lora", {0: 0.7}, budget="eight")))
+
+
+def test_runs_outside_their_budget_family_get_their_own(mixed):
+    fam = family_runs(mixed, OPTS)
+    first = fam.groupby(["method", "budget"]).first()
+    assert set(fam.loc[fam["method"] == "gsa", "budget"]) == {"r8~2000"}  # every gsa run, the missing one too
+    assert set(fam.loc[fam["method"] == "glora", "budget"]) == {"r8~1600000"}
+    assert set(fam.loc[fam["method"].isin(["lora", "adalora"]), "budget"]) == {"r8"}
+    assert not first.loc[("gsa", "r8~2000"), "budget_match"] and first.loc[("adalora", "r8"), "budget_match"]
+    assert first.loc[("gsa", "r8~2000"), "nominal_budget"] == "r8"
+    assert set(fam.loc[fam["method"] == "full", "budget"]) == {"r8"}  # full is not copied into off-families
+    assert budget_label("r8~2000") == "outside r8: 2k adapter params"
+    assert family_label("r8", 1_592_524) == "r8~1600000" and parse_family("r8~2000")[1] == 2000.0
+
+
+def test_runs_outside_their_budget_family_are_not_compared_inside_it(mixed):
+    sig = compare_methods(mixed, opts=OPTS)
+    r8 = sig[sig["budget"] == "r8"]
+    assert set(r8["method"]) == {"full", "adalora"} and r8["budget_match"].all()
+    g = one(sig, task="rte", budget="r8~2000", method="gsa")
+    assert not g["budget_match"] and g["nominal_budget"] == "r8"
+    assert g["n"] == 0 and "own family" in g["note"] and "lora has no runs in this family" in g["note"]
+    assert g["n_missing_method"] == 1 and g["missing_seeds_method"] == "5"  # counted where gsa is
+    # Holm counts only the r8 family's own tests
+    assert (r8.loc[r8["task"] == "rte", "n_tests_family"] == 2).all()
+    st = method_stats(mixed, OPTS)
+    gl = one(st, task=GLUE_AVG, budget="r8~2000", method="gsa")
+    assert not gl["budget_match"] and gl["n_ok"] == 4
+    assert list(dict.fromkeys(st["budget"])) == ["r8", "r8~2000", "r8~1600000"]  # off-families by real size
+
+
+def test_a_table_without_sizes_matches_every_run_that_is_not_capacity_limited():
+    df = table(rows("lora", LORA), rows("gsa", {0: 0.7, 1: 0.71}))
+    assert budget_match(validate_runs(df)).all()
+    df["capacity_limited"] = [False] * len(LORA) + [True, True]
+    assert list(budget_match(validate_runs(df))) == [True] * len(LORA) + [False, False]

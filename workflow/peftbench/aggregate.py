@@ -46,7 +46,8 @@ def aggregate(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, int]
             if f.is_file():
                 df = pd.read_parquet(f)
                 if len(df):
-                    parts[name].append(df)
+                    # the key of the run directory is the truth (older runs wrote the budget as a float)
+                    parts[name].append(df.assign(**key.columns()))
     counts = {"missing": missing}
     for name, frames in parts.items():
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(KEY_COLUMNS))

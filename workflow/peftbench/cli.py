@@ -53,7 +53,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     row = run(key=key, model_spec=a.model, train_path=a.train, dev_paths=dict(a.dev), out_dir=a.out,
               recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
               runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
-              svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir)
+              svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir,
+              budget_denominator=a.budget_denominator)
     print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "status", "metric", "dev_main",
                                           "trainable_params", "train_s")}))
 
@@ -93,6 +94,7 @@ def cmd_config_reference(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peftbench`` argument parser with every subcommand."""
+    from .budget import DENOMINATORS
     from .runkey import RunKey
 
     p = argparse.ArgumentParser(prog="peftbench", description=__doc__.split("\n")[0])
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", required=True, help="tokenised train split")
     s.add_argument("--dev", type=_split_arg, action="append", required=True, help="SPLIT=PATH, repeatable")
     s.add_argument("--svd", default=None, help="factors.safetensors (spectral methods)")
+    s.add_argument("--budget-denominator", default=None, choices=list(DENOMINATORS),
+                   help="what a percentage --budget is a percentage of (peftbench.budget.DENOMINATORS; "
+                        "default: the schema's grid.budget_denominator)")
     s.add_argument("--recipe", default=None,
                    help="tracked training recipe as JSON (peftbench.recipe.Recipe; missing keys: schema defaults)")
     s.add_argument("--runtime", default=None,

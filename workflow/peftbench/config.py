@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from .budget import DENOMINATORS, Budget, BudgetError
 from .methods.options import OptionsError, parse_scalar
 from .recipe import RECIPE_KEYS, RUNTIME_KEYS, TOKENIZE_KEYS, Recipe, Runtime
 
@@ -171,9 +172,14 @@ def check(cfg: dict) -> None:
 
     Builds every method's options class, which imports the method modules (and PyTorch).
 
+    Also checks every ``grid.budgets`` entry (:meth:`peftbench.budget.Budget.parse`: a number in
+    (0, 100) or ``r<N>``; a numeric string from ``--config`` becomes a number) and
+    ``grid.budget_denominator`` (:data:`peftbench.budget.DENOMINATORS`).
+
     Raises:
-        ConfigError: unknown method or task, a grid model missing from ``models:``, a per-method
-            block for a method that does not exist, an unknown option or a bad option value.
+        ConfigError: unknown method or task, a grid model missing from ``models:``, a bad or
+            duplicated budget, an unknown budget denominator, a per-method block for a method
+            that does not exist, an unknown option or a bad option value.
     """
     from .methods import METHODS, get_method
     from .vocab import TASKS
@@ -193,6 +199,10 @@ def check(cfg: dict) -> None:
         known("task", "grid.tasks", t, TASKS)
     for m in grid["methods"]:
         known("method", "grid.methods", m, METHODS)
+    grid["budgets"] = check_budgets(grid["budgets"])
+    if grid["budget_denominator"] not in DENOMINATORS:
+        raise ConfigError(f"config key grid.budget_denominator: {grid['budget_denominator']!r} is not allowed; "
+                          f"allowed: {list(DENOMINATORS)}")
     tr = cfg["training"]
     for m in tr.get("methods") or {}:
         known("method", f"training.methods.{m}", m, METHODS)
@@ -209,6 +219,32 @@ def check(cfg: dict) -> None:
         except OptionsError as exc:
             raise ConfigError(str(exc)) from None
     known("method", "analysis.reference_method", cfg["analysis"]["reference_method"], METHODS)
+
+
+def check_budgets(budgets: list) -> list:
+    """``grid.budgets`` checked and in canonical form: numbers stay numbers (a numeric string from
+    ``--config`` becomes a float), ``r<N>`` stays a string.
+
+    Raises:
+        ConfigError: an entry that is not a budget (names ``grid.budgets.<i>``, the value and what
+            is allowed), the full budget 100, or two entries with the same token (``0.5`` and ``"0.5"``).
+    """
+    out, seen = [], {}
+    for i, value in enumerate(budgets):
+        try:
+            b = Budget.parse(value)
+            if b.is_full:
+                raise BudgetError(f"budget {value!r}: 100 is the full budget of budget-free methods, not a grid "
+                                  f"budget; give a percentage in (0, 100) of grid.budget_denominator or a LoRA-rank "
+                                  f"equivalent r<N>")
+        except BudgetError as exc:
+            raise ConfigError(f"config key grid.budgets.{i}: {exc}") from None
+        if b.token in seen:
+            raise ConfigError(f"config key grid.budgets.{i}: {value!r} is the same budget as grid.budgets.{seen[b.token]} "
+                              f"({b.token}); list each budget once")
+        seen[b.token] = i
+        out.append(b.token if b.is_rank else (value if isinstance(value, (int, float)) else b.value))
+    return out
 
 
 def load(path: str | Path, overrides: dict | None = None) -> dict:

@@ -152,6 +152,22 @@ def is_head_param(name: str) -> bool:
 def backbone_param_count(model: nn.Module) -> int:
     """Number of backbone parameters: everything except the task head (classifier, pooler).
 
-    This is the denominator of every budget (``budget`` % of this count).
+    This is the denominator of percentage budgets under ``grid.budget_denominator: backbone``
+    (see :mod:`peftbench.budget`).
     """
     return sum(p.numel() for n, p in model.named_parameters() if not is_head_param(n))
+
+
+def embedding_param_count(model: nn.Module) -> int:
+    """Parameters of the backbone's embedding tables: every ``nn.Embedding`` outside the task head
+    (token, position and token-type embeddings; DeBERTa's relative-position table
+    ``encoder.rel_embeddings``). A weight shared by several modules is counted once.
+
+    ``backbone_param_count − embedding_param_count`` is the ``backbone_without_embeddings``
+    denominator of percentage budgets.
+    """
+    seen: dict[int, int] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) and not is_head_param(name + ".weight"):
+            seen[id(mod.weight)] = mod.weight.numel()
+    return sum(seen.values())

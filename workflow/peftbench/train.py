@@ -33,7 +33,8 @@ from .batches import TokenizedSplit
 from .checkpoint import Checkpointer, Progress, fingerprint
 from .methods import BuildContext, LoopState, get_method, method_info
 from .metrics import compute_metrics
-from .models import backbone_param_count, find_targets, head_module_names, is_head_param, load_classifier
+from .models import (backbone_param_count, embedding_param_count, find_targets, head_module_names, is_head_param,
+                     load_classifier)
 from .optim import optimizer_factory, rebuild_optimizer, warmup_steps
 from .outputs import PROTOCOL, device_name, gradnorm_columns, metric_columns, peak_mem_mib, versions, write_run
 from .recipe import Recipe, Runtime
@@ -53,7 +54,8 @@ class TrainingDiverged(RuntimeError):
 
 def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict[str, str | Path],
         out_dir: str | Path, recipe: Recipe, runtime: Runtime | None = None, svd_path: str | Path | None = None,
-        device: str | None = None, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
+        device: str | None = None, checkpoint_dir: str | Path | None = None,
+        budget_denominator: str | None = None) -> dict[str, Any]:
     """Train one (model, task, method, budget, seed) and write its outputs to ``out_dir``.
 
     With ``checkpoint_dir``, the run saves a checkpoint every ``runtime.checkpoint_every`` steps
@@ -63,7 +65,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     for inspection).
 
     Args:
-        key: the run (model short name, task, method, budget in % of backbone parameters, seed).
+        key: the run (model short name, task, method, budget — a percentage or ``r<N>`` —, seed).
         model_spec: what ``models:`` maps the model to (hub id, directory, ``package:NAME``).
         train_path: tokenised train split.
         dev_paths: ``{split: tokenised path}`` for every dev split of the task.
@@ -73,12 +75,18 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         device: ``cuda``/``cpu``; default CUDA when available.
         checkpoint_dir: where checkpoints go (outside the outputs, so Snakemake does not delete
             them when the job fails); ``None`` disables checkpoints.
+        budget_denominator: what a percentage budget is a percentage of
+            (:data:`peftbench.budget.DENOMINATORS`); ``None``: the schema default.
 
     Returns:
         The ``metrics.parquet`` row as a dict. Columns: model, task, method, budget, seed, status,
         error, metric (main metric name), dev_main, best_dev_main, best_epoch, ``dev_<m>`` and
         ``best_dev_<m>`` per task metric, trainable_params, adapter_params, head_params,
-        backbone_params, trainable_pct (% of backbone, adapter only), budget_params, budget_pct,
+        backbone_params, trainable_pct (% of backbone, adapter only), budget_params (the budget as a
+        parameter count, what the method was sized for), budget_denominator, denominator_params,
+        budget_pct (budget_params in % of denominator_params), budget_used_params (adapter
+        parameters the method counts against the budget: AdaLoRA's final allocation, all adapter
+        parameters otherwise),
         train_s, samples_per_s, eval_s, compile_s, compiled, compile_note, length_buckets,
         peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr, protocol,
         device, versions, plus method columns (e.g. rank) and, when gradient norms were logged,
@@ -107,7 +115,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
 
     # model: backbone wrapped by the method, the module the training steps call
     model, method, backbone = build_model(model_spec, task, key, recipe, steps_per_epoch, total_steps, dev,
-                                          svd_path)
+                                          svd_path, budget_denominator)
     model = model.to(dev)
     model.train()
     forward, compile_note = compile_for_training(model, type(method), dev, runtime)
@@ -126,7 +134,10 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     progress = Progress()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    ckpt = Checkpointer(checkpoint_dir, fingerprint(key, model_spec, recipe, train_path)) if checkpoint_dir else None
+    # a percentage budget's count depends on its denominator: a checkpoint of another one is not resumed
+    denominator = method.ctx.budget_denominator if key.budget.is_pct else None
+    ckpt = (Checkpointer(checkpoint_dir, fingerprint(key, model_spec, recipe, train_path, denominator))
+            if checkpoint_dir else None)
     if ckpt is not None and ckpt.exists() and ckpt.load(model, method, state, gen, progress, new_optimizer):
         log.info("resumed from %s at step %d (epoch %d)", ckpt.path, state.step, progress.epoch)
     log.info("%s: %d train examples, %d steps (%d per epoch), %d trainable parameters, device %s", key, len(train),
@@ -158,12 +169,13 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
     """The ``metrics.parquet`` row of a run (without the key columns; see :func:`run`)."""
     counts = method.param_counts(model)
     budget_count = method.budget_count(model)
+    size = method.ctx.budget_size
     return {
         "status": "ok" if error is None else "failed", "error": error, "metric": task.main_metric,
         **metric_columns(task, p.evals, error),
         "trainable_params": counts["adapter_params"] + counts["head_params"], **counts,
         "backbone_params": backbone, "trainable_pct": 100.0 * counts["adapter_params"] / backbone,
-        "budget_params": budget_count, "budget_pct": 100.0 * budget_count / backbone,
+        **size.columns(), "budget_used_params": budget_count,
         "train_s": p.train_s, "samples_per_s": (p.seen - p.compile_seen) / max(p.train_s, 1e-9), "eval_s": p.eval_s,
         "compile_s": p.compile_s, "compiled": compiled, "compile_note": compile_note,
         "length_buckets": ",".join(map(str, train.buckets)),
@@ -177,21 +189,26 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
 
 
 def build_model(model_spec: str, task: TaskSpec, key: RunKey, recipe: Recipe, steps_per_epoch: int,
-                total_steps: int, dev: torch.device, svd_path: str | Path | None = None):
+                total_steps: int, dev: torch.device, svd_path: str | Path | None = None,
+                budget_denominator: str | None = None):
     """Load the pretrained classifier and wrap it with the run's method (still on the CPU).
+
+    The method is sized by the budget's parameter count (:attr:`BuildContext.budget_params`:
+    ``key.budget`` on this model, a percentage of ``budget_denominator``, default the schema's).
 
     Returns:
         ``(model, method, backbone_params)``.
 
     Raises:
-        OptionsError, ValueError: bad method options or budget (from the method).
+        OptionsError, ValueError: bad method options, budget or denominator.
     """
     model = load_classifier(model_spec, task)
     backbone = backbone_param_count(model)
     ctx = BuildContext(task=task, budget=key.budget, backbone_params=backbone, targets=find_targets(model),
                        head_modules=head_module_names(model), total_steps=total_steps,
                        steps_per_epoch=steps_per_epoch, options=dict(recipe.method_options), seed=key.seed,
-                       device=dev, svd_path=Path(svd_path) if svd_path else None)
+                       device=dev, svd_path=Path(svd_path) if svd_path else None,
+                       budget_denominator=budget_denominator, embedding_params=embedding_param_count(model))
     method = get_method(key.method)(ctx)
     return method.build(model), method, backbone
 

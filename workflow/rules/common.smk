@@ -13,6 +13,7 @@ shell.prefix(
 sys.path.insert(0, PACKAGE_DIR)
 
 import peftbench.config as pbconfig
+from peftbench.budget import TOKEN_REGEX
 from peftbench.methods import method_info
 from peftbench.runkey import RUN_PATTERN, RunKey
 from peftbench.analysis.cli import table_path
@@ -33,7 +34,7 @@ wildcard_constraints:
     model="[^/]+",
     task="[a-z0-9]+",
     method="[a-z0-9_]+",
-    budget="[0-9]+(\.[0-9]+)?",
+    budget=TOKEN_REGEX,
     seed="[0-9]+",
     split="[a-z0-9_]+",
 
@@ -99,10 +100,18 @@ def train_inputs(w):
 
 
 def train_args(w, input):
-    """`--dev SPLIT=PATH` for every dev split, and `--svd` where the method needs it."""
+    """`--dev SPLIT=PATH` for every dev split, `--svd` where the method needs it, and for a
+    percentage budget `--budget-denominator` (a tracked param: changing grid.budget_denominator
+    reruns exactly the percentage-budget runs; r<N> and full budgets do not depend on it).
+    """
     dev = " ".join(f"--dev {s}={input[s]}" for s in eval_splits(w.task))
     svd = f" --svd {input.svd}" if method_info(w.method).uses_svd else ""
-    return dev + svd
+    den = (
+        f" --budget-denominator {GRID['budget_denominator']}"
+        if wildcard_key(w).budget.is_pct
+        else ""
+    )
+    return dev + svd + den
 
 
 def wildcard_key(w):

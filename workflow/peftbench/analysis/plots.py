@@ -38,16 +38,21 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
 
-from ..methods import FULL_BUDGET, METHODS
+from ..methods import METHODS
 from ..vocab import GLUE_AVG, GRAD_GROUPS, GRAD_TOTAL, TARGET_KINDS, TASKS, order_tasks, task_label
 from ..vocab import metric as metric_info
 from .significance import (
+    FULL_TOKEN,
     StatsOptions,
     budget_families,
     budget_free_methods,
+    budget_label,
     family_runs,
+    family_token,
     method_stats,
+    order_budgets,
     order_methods,
+    parse_family,
 )
 
 __all__ = [
@@ -128,12 +133,14 @@ def _stars(p: float) -> str:
 
 def significance_marks(significance: pd.DataFrame | None, reference: str | None = None,
                        p_column: str = "p_ttest_holm") -> dict:
-    """Stars per ``(model, task, budget, method)`` from the rows comparing a method with
+    """Stars per ``(model, task, budget token, method)`` from the rows comparing a method with
     ``reference`` (default: the table's ``reference`` column): ``*`` p < 0.05, ``**`` p < 0.01,
     ``***`` p < 0.001 on ``p_column`` (Holm-adjusted paired t-test by default).
 
     Returns:
-        ``{(model, task, budget, method): stars}``; empty when ``significance`` is None or empty.
+        ``{(model, task, budget, method): stars}`` (``budget``: the family token,
+        :func:`~peftbench.analysis.significance.family_token`); empty when ``significance`` is None
+        or empty.
 
     Raises:
         ValueError: a needed column is missing from ``significance``.
@@ -147,7 +154,7 @@ def significance_marks(significance: pd.DataFrame | None, reference: str | None 
                          "regenerate it with `snakemake results/tables/significance.parquet`")
     base = reference if reference is not None else significance["reference"]
     sig = significance[significance["baseline"] == base]
-    return {(r.model, r.task, float(r.budget), r.method): _stars(getattr(r, p_column))
+    return {(r.model, r.task, family_token(r.budget), r.method): _stars(getattr(r, p_column))
             for r in sig.itertuples(index=False)}
 
 
@@ -185,8 +192,17 @@ def _n_tasks(n: int) -> str:
     return f"{n} task" if n == 1 else f"{n} tasks"
 
 
-def _fmt_budget(b: float) -> str:
-    return "full (100%)" if b == FULL_BUDGET else f"{b:g}% budget"
+def _fmt_budget(b) -> str:
+    """Panel/page label of a budget or family token: ``"0.5% budget"``, ``"r8 budget (LoRA rank 8)"``,
+    ``"full (100%)"``, ``"outside r8: 2.3k adapter params (own family)"``."""
+    nominal, size = parse_family(b)
+    if size is not None:
+        return f"{budget_label(b)} (own family)"
+    if nominal.is_full:
+        return "full (100%)"
+    if nominal.is_pct:
+        return f"{nominal.token}% budget"
+    return f"{nominal.token} budget (LoRA rank {int(nominal.value)})"
 
 
 def _footer(fig: Figure, text: str, width: int = 190) -> None:
@@ -270,8 +286,9 @@ def _comparison_panel(ax, st: pd.DataFrame, seeds: pd.DataFrame, marks: dict, me
         offs = 0.25 + (np.linspace(-0.07, 0.07, k) if k > 1 else np.zeros(k))
         ax.scatter(i + offs, vals, s=9, color="0.55", zorder=2, linewidths=0)
         if np.isfinite(lo) and np.isfinite(hi):
-            ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color=colors[m], ms=6,
-                        capsize=3, elinewidth=1.5, zorder=3)
+            # equal seeds give the interval [v, v], which rounding can put a hair past the mean
+            ax.errorbar(i, mean, yerr=[[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]], fmt="o", color=colors[m],
+                        ms=6, capsize=3, elinewidth=1.5, zorder=3)
         else:
             ax.plot(i, mean, "o", color=colors[m], ms=6, zorder=3)
         top = np.nanmax([mean, hi, *vals])
@@ -330,6 +347,20 @@ def _comparison_footer(fig: Figure, opts: StatsOptions, reference: str | None, h
     _footer(fig, text)
 
 
+def _family_methods(st: pd.DataFrame, budget: str, reference: str | None) -> list[str]:
+    """The methods one family's panel shows (``st``: one model's :func:`method_stats` rows).
+
+    A budget family shows every method of the model (a method that never ran there says "no
+    runs"), except those whose runs at this budget are all outside it (they have a family, and a
+    panel, of their own); an off-family shows only its own methods.
+    """
+    if parse_family(budget)[1] is not None:
+        return order_methods(st.loc[st["budget"] == budget, "method"].unique(), reference)
+    here = set(st.loc[st["budget"] == budget, "method"])
+    moved = set(st.loc[(st["nominal_budget"] == budget) & (st["budget"] != budget), "method"]) - here
+    return order_methods([m for m in st["method"].unique() if m not in moved], reference)
+
+
 def _prepare(runs: pd.DataFrame, opts: StatsOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
     stats_ = method_stats(runs, opts)
     fam = family_runs(runs, opts)
@@ -366,7 +397,7 @@ def plot_glue(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
     colors = method_colors(stats_["method"].unique())
     figs = []
     for (model, budget), sb in stats_.groupby(["model", "budget"], sort=False):
-        methods = order_methods(stats_.loc[stats_["model"] == model, "method"].unique(), reference)
+        methods = _family_methods(stats_[stats_["model"] == model], budget, reference)
         tasks = order_tasks(sb["task"].unique())
         nrows, ncols = _grid(len(tasks))
         fig, axes = _page(nrows, ncols)
@@ -377,8 +408,8 @@ def plot_glue(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
             title = (f"GLUE average ({_n_tasks(int(st['n_tasks'].iloc[0]))})" if task == GLUE_AVG
                      else task_label(task))
             _comparison_panel(ax, st, sd, marks, methods, colors, reference, title,
-                              _metric_label(metric), (model, task, float(budget)), task == GLUE_AVG, ncols)
-        fig.suptitle(f"{model}: GLUE dev, {_fmt_budget(budget)} (trainable % of backbone)", fontsize=11, x=0.01, ha="left")
+                              _metric_label(metric), (model, task, budget), task == GLUE_AVG, ncols)
+        fig.suptitle(f"{model}: GLUE dev, {_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
         _comparison_legend(fig, reference, colors)
         _comparison_footer(fig, opts, reference, bool(marks))
         figs.append(fig)
@@ -407,17 +438,16 @@ def plot_task(runs: pd.DataFrame, task: str, significance: pd.DataFrame | None =
     colors = method_colors(stats_["method"].unique())
     figs = []
     for model, sm in stats_.groupby("model", sort=False):
-        methods = order_methods(sm["method"].unique(), reference)
-        budgets = sorted(sm["budget"].unique())
+        budgets = order_budgets(sm["budget"].unique())
         nrows, ncols = _grid(len(budgets), 3)
         fig, axes = _page(nrows, ncols, height_per_row=4.2)
         for ax, b in zip(_drop_unused(axes, len(budgets)), budgets):
             st = sm[sm["budget"] == b]
             sd = seeds[(seeds["model"] == model) & (seeds["budget"] == b)]
-            _comparison_panel(ax, st, sd, marks, methods, colors, reference, _fmt_budget(b),
-                              _metric_label(st["metric"].iloc[0]), (model, task, float(b)), ncols=ncols)
-        fig.suptitle(f"{model}: {task_label(task)} dev, per trainable-parameter budget "
-                     "(% of backbone)", fontsize=11, x=0.01, ha="left")
+            _comparison_panel(ax, st, sd, marks, _family_methods(sm, b, reference), colors, reference,
+                              _fmt_budget(b), _metric_label(st["metric"].iloc[0]), (model, task, b), ncols=ncols)
+        fig.suptitle(f"{model}: {task_label(task)} dev, per trainable-parameter budget", fontsize=11, x=0.01,
+                     ha="left")
         _comparison_legend(fig, reference, colors)
         _comparison_footer(fig, opts, reference, bool(marks))
         figs.append(fig)
@@ -430,13 +460,44 @@ def plot_task(runs: pd.DataFrame, task: str, significance: pd.DataFrame | None =
 # Pareto and cost
 # --------------------------------------------------------------------------------------------
 
-def _param_pct(runs: pd.DataFrame) -> pd.Series:
-    if "trainable_pct" in runs.columns:
-        return runs["trainable_pct"].astype(float)
+def _param_pcts(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per run: ``(effective %, allocated %)`` of backbone parameters.
+
+    Allocated: ``adapter_params`` (the trained tensors; AdaLoRA's ``init_r`` allocation);
+    effective: ``effective_adapter_params`` where the method reports it (AdaLoRA after pruning,
+    gates left open …), else ``adapter_params``. Without parameter counts, ``trainable_pct`` for
+    both.
+
+    Raises:
+        ValueError: none of those columns.
+    """
     if {"adapter_params", "backbone_params"} <= set(runs.columns):
-        return 100.0 * runs["adapter_params"].astype(float) / runs["backbone_params"].astype(float)
-    raise ValueError("runs table: needs column trainable_pct (or adapter_params and backbone_params) "
+        backbone = pd.to_numeric(runs["backbone_params"], errors="coerce").astype(float)
+        alloc = pd.to_numeric(runs["adapter_params"], errors="coerce").astype(float)
+        eff = alloc
+        if "effective_adapter_params" in runs.columns:
+            e = pd.to_numeric(runs["effective_adapter_params"], errors="coerce").astype(float)
+            eff = e.where(np.isfinite(e), alloc)
+        return 100.0 * eff / backbone, 100.0 * alloc / backbone
+    if "trainable_pct" in runs.columns:
+        pct = pd.to_numeric(runs["trainable_pct"], errors="coerce").astype(float)
+        return pct, pct
+    raise ValueError("runs table: needs columns adapter_params and backbone_params (or trainable_pct) "
                      "for the Pareto plot; " + _TABLE_HINT.format(name="runs.parquet"))
+
+
+def _finite_mean(v: pd.Series) -> float:
+    x = v.to_numpy(dtype=float)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
+def _short_budget(b) -> str:
+    """Point label of a budget or family token: ``0.2%``, ``r8``, ``r8, own family``."""
+    nominal, size = parse_family(b)
+    if size is not None:
+        return f"{nominal.token}, own family"
+    return f"{nominal.token}%" if nominal.is_pct else nominal.token
 
 
 def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
@@ -452,50 +513,73 @@ def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
 
 
 def plot_pareto(runs: pd.DataFrame, opts: StatsOptions = StatsOptions(), out: str | Path | None = None) -> list[Figure]:
-    """Trainable parameters (% of backbone, log x) vs GLUE average (%), one point per method and
-    budget, one page per model.
+    """Final effective adapter parameters (% of backbone, log x) vs GLUE average (%), one point per
+    method and budget family, one page per model.
 
-    x: mean ``trainable_pct`` over the method's runs at that budget (adapter parameters as % of
-    backbone parameters); y: GLUE-average mean over seeds ×100 with its bootstrap CI
+    x: mean over the method's runs in the family of the **final effective** adapter parameters as %
+    of backbone parameters (``effective_adapter_params`` where the method reports it — AdaLoRA
+    after pruning to its target rank —, else ``adapter_params``); the **allocated** count
+    (``adapter_params``: the tensors trained, AdaLoRA's initial rank, 1.35–1.8× its budget) is a
+    hollow second marker joined to the point by a dotted line, drawn where it differs from the
+    effective count by more than 1 %. y: GLUE-average mean over seeds ×100 with its bootstrap CI
     (:func:`~peftbench.analysis.significance.method_stats`, ``task == "glue_avg"``). Points of one
-    method are joined across budgets; the dashed step line is the Pareto front. Method/budget
-    pairs whose GLUE average is undefined (a task failed or is missing for every seed) are listed
-    in the footer instead of drawn.
+    method are joined across budgets; runs outside their budget family
+    (:func:`~peftbench.analysis.significance.budget_families`) are drawn at their real size with a
+    diamond and labelled "own family"; the dashed step line is the Pareto front over the effective
+    counts. Method/family pairs whose GLUE average is undefined (a task failed or is missing for
+    every seed) are listed in the footer instead of drawn.
 
     Raises:
         ValueError: invalid run table, or no parameter-count columns.
     """
     stats_ = method_stats(runs, opts)
-    runs = runs.assign(_pct=_param_pct(runs))
+    fam = family_runs(runs, opts)
+    fam = fam[fam["task"] != GLUE_AVG]
+    eff, alloc = _param_pcts(fam)
+    fam = fam.assign(_eff=eff, _alloc=alloc)
     colors = method_colors(stats_["method"].unique())
     glue = stats_[stats_["task"] == GLUE_AVG]
-    full_like = budget_free_methods(runs)
+    full_like = budget_free_methods(fam)
     figs = []
-    for model, rm in runs.groupby("model", sort=False):
+    for model, rm in fam.groupby("model", sort=False):
         fig, axes = _page(1, 1, height_per_row=6.0)
         ax = axes[0, 0]
         pts, skipped = [], []
+        # budget-free methods are copied into every budget family with identical statistics: once
+        free = rm["method"].isin(full_like)
+        if free.any():
+            rm = rm[~free | (rm["budget"] == order_budgets(rm.loc[free, "budget"].unique())[0])]
         for (method, b), g in rm.groupby(["method", "budget"], sort=False):
-            row = glue[(glue["model"] == model) & (glue["method"] == method)]
-            # budget-free methods are copied into every budget family with identical statistics
-            row = row.head(1) if method in full_like else row[row["budget"] == b]
-            x = float(g["_pct"].mean())
+            row = glue[(glue["model"] == model) & (glue["method"] == method) & (glue["budget"] == b)]
+            x, xa = _finite_mean(g["_eff"]), _finite_mean(g["_alloc"])
+            label = "" if method in full_like else _short_budget(b)
             if row.empty or row["n_ok"].iloc[0] == 0 or not np.isfinite(x):
-                skipped.append(f"{method} {b:g}%")
+                skipped.append(f"{method} {label}".strip())
                 continue
             r = row.iloc[0]
-            pts.append(dict(method=method, budget=b, x=x, y=100 * r["mean"], lo=100 * r["ci_low"],
-                            hi=100 * r["ci_high"], n=int(r["n_ok"])))
-        p = pd.DataFrame(pts, columns=["method", "budget", "x", "y", "lo", "hi", "n"])
+            pts.append(dict(method=method, budget=b, label=label, x=x, alloc=xa, y=100 * r["mean"],
+                            lo=100 * r["ci_low"], hi=100 * r["ci_high"], n=int(r["n_ok"]),
+                            match=bool(r["budget_match"])))
+        p = pd.DataFrame(pts, columns=["method", "budget", "label", "x", "alloc", "y", "lo", "hi", "n", "match"])
+        any_alloc = any_off = False
         for method in order_methods(p["method"].unique()):
             q = p[p["method"] == method].sort_values("x")
             c = colors[method]
             yerr = np.vstack([q["y"] - q["lo"], q["hi"] - q["y"]])
-            yerr = np.where(np.isfinite(yerr), yerr, 0.0)
+            # rounding can put a degenerate interval [v, v] a hair past the mean: clip at 0
+            yerr = np.clip(np.where(np.isfinite(yerr), yerr, 0.0), 0.0, None)
             ax.errorbar(q["x"], q["y"], yerr=yerr, fmt="o-", color=c, ms=7, capsize=3, lw=1.2,
                         label=method)
             for r in q.itertuples():
-                ax.annotate(f"{r.y:.1f} ({r.budget:g}%)" if r.budget != FULL_BUDGET else f"{r.y:.1f}",
+                if not r.match:
+                    any_off = True
+                    ax.plot([r.x], [r.y], "D", color=c, ms=9, mfc="none", mew=1.4, zorder=4, gid=f"off:{method}")
+                if np.isfinite(r.alloc) and abs(r.alloc - r.x) > 0.01 * r.x:
+                    any_alloc = True
+                    ax.plot([r.x, r.alloc], [r.y, r.y], ":", color=c, lw=1.0, zorder=2)
+                    ax.plot([r.alloc], [r.y], "o", color=c, ms=7, mfc="white", mew=1.4, zorder=3,
+                            gid=f"allocated:{method}")
+                ax.annotate(f"{r.y:.1f} ({r.label})" if r.label else f"{r.y:.1f}",
                             (r.x, r.y), xytext=(5, 4), textcoords="offset points", fontsize=7, color=c)
         if len(p):
             f = p.iloc[pareto_front(p["x"], p["y"])]
@@ -505,15 +589,25 @@ def plot_pareto(runs: pd.DataFrame, opts: StatsOptions = StatsOptions(), out: st
         else:
             ax.text(0.5, 0.5, "no method has a complete GLUE average", transform=ax.transAxes,
                     ha="center", va="center", fontsize=12)
-        ax.set_xlabel("trainable adapter parameters (% of backbone parameters, log scale)")
+        ax.set_xlabel("final effective adapter parameters (% of backbone parameters, log scale)")
         tasks = glue.loc[glue["model"] == model, "tasks"]
         ax.set_ylabel("GLUE average of main metrics (%)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        handles, _ = ax.get_legend_handles_labels()
+        if any_alloc:
+            handles.append(Line2D([], [], marker="o", color="0.3", mfc="white", ls=":", ms=7,
+                                  label="allocated parameters (e.g. AdaLoRA's initial rank)"))
+        if any_off:
+            handles.append(Line2D([], [], marker="D", color="0.3", mfc="none", ls="", ms=8,
+                                  label="outside its budget family (own size)"))
+        ax.legend(handles=handles, fontsize=8, loc="best")
         fig.suptitle(f"{model}: accuracy vs trainable parameters", fontsize=11, x=0.01, ha="left")
         text = (f"Points: GLUE average (mean over seeds of the per-seed mean main metric over tasks: "
-                f"{tasks.iloc[0] if len(tasks) else '-'}), bars: {opts.confidence:.0%} bootstrap CI. "
-                "Labels: value (budget).")
+                f"{tasks.iloc[0] if len(tasks) else '-'}), bars: {opts.confidence:.0%} bootstrap CI, at the final "
+                "effective adapter parameters (effective_adapter_params where the method reports it, else all "
+                "adapter parameters). Hollow circles joined by a dotted line: the parameters allocated (trained "
+                "tensors) where they differ. Diamonds: runs outside ±10 % of their budget or capacity-limited, "
+                "in a family of their own size. Labels: value (budget).")
         if skipped:
             text += " Not drawn (GLUE average undefined, a task failed or is missing): " + ", ".join(skipped) + "."
         _footer(fig, text)
@@ -539,6 +633,7 @@ def plot_cost(runs: pd.DataFrame, out: str | Path | None = None) -> list[Figure]
     ok = runs[runs["status"] == "ok"]
     if ok.empty:
         raise ValueError("runs table: no run with status 'ok', nothing to plot in cost.pdf")
+    ok = ok.assign(budget=ok["budget"].map(family_token))
     figs = []
     for model, rm in ok.groupby("model", sort=False):
         colors_b = {}
@@ -547,12 +642,12 @@ def plot_cost(runs: pd.DataFrame, out: str | Path | None = None) -> list[Figure]
         mem = rm.groupby(["method", "budget"])["peak_mem_mib"].max()
         ntask = per_task.groupby(["method", "budget"]).size()
         methods = order_methods(rm["method"].unique())
-        budgets = sorted(b for b in rm["budget"].unique() if b != FULL_BUDGET)
-        budgets_all = budgets + ([FULL_BUDGET] if (rm["budget"] == FULL_BUDGET).any() else [])
+        budgets = [b for b in order_budgets(rm["budget"].unique()) if b != FULL_TOKEN]
+        budgets_all = budgets + ([FULL_TOKEN] if (rm["budget"] == FULL_TOKEN).any() else [])
         cmap = colormaps["viridis"]
         for i, b in enumerate(budgets):
             colors_b[b] = cmap(0.15 + 0.7 * i / max(1, len(budgets) - 1))
-        colors_b[FULL_BUDGET] = "0.45"
+        colors_b[FULL_TOKEN] = "0.45"
         fig, axes = _page(1, 2, height_per_row=5.0)
         width = 0.8 / max(1, len(budgets))
         for ax, series, ylabel, fmt in ((axes[0, 0], t, "training time per run (s)", _fmt_value),
@@ -570,11 +665,11 @@ def plot_cost(runs: pd.DataFrame, out: str | Path | None = None) -> list[Figure]
             ax.margins(y=0.18)
             ax.grid(axis="y", alpha=0.3)
             ax.legend(handles=[Patch(color=colors_b[b], label=_fmt_budget(b)) for b in budgets_all],
-                      fontsize=7, title="budget (% of backbone)", title_fontsize=7)
+                      fontsize=7, title="budget", title_fontsize=7)
         axes[0, 0].set_title("training wall time (mean over tasks of the mean over seeds)", fontsize=9)
         axes[0, 1].set_title("peak memory (max over runs)", fontsize=9)
         fig.suptitle(f"{model}: training cost per method", fontsize=11, x=0.01, ha="left")
-        nt = ", ".join(f"{m} {b:g}%: {n}" for (m, b), n in ntask.items() if n != ntask.max())
+        nt = ", ".join(f"{m} {_short_budget(b)}: {n}" for (m, b), n in ntask.items() if n != ntask.max())
         dev = ", ".join(sorted(map(str, rm["device"].unique()))) if "device" in rm.columns else "?"
         rest = runs.loc[(runs["model"] == model) & (runs["status"] != "ok"), "status"].value_counts()
         left_out = (" Not counted: " + ", ".join(f"{n} {st} run{'' if n == 1 else 's'}" for st, n in rest.items())
@@ -606,10 +701,13 @@ def plot_curves(curves: pd.DataFrame, out: str | Path | None = None, reference: 
     ev = curves[(curves["kind"] == "eval") & np.isfinite(curves["dev_main"].astype(float))]
     if ev.empty:
         raise ValueError("curves table: no eval rows with a finite dev_main; were the runs evaluated?")
-    ev = budget_families(ev.assign(budget=ev["budget"].astype(float)))
+    ev = budget_families(ev)
     colors = method_colors(ev["method"].unique())
     figs = []
-    for (model, budget), g in ev.groupby(["model", "budget"], sort=False):
+    models, budgets = list(ev["model"].unique()), order_budgets(ev["budget"].unique())
+    pages = ev.groupby(["model", "budget"], sort=False)
+    for model, budget in sorted(pages.groups, key=lambda k: (models.index(k[0]), budgets.index(k[1]))):
+        g = pages.get_group((model, budget))
         tasks = order_tasks(g["task"].unique())
         nrows, ncols = _grid(len(tasks), 3)
         fig, axes = _page(nrows, ncols, height_per_row=3.3)

@@ -6,11 +6,25 @@ run; see :data:`RUNS_REQUIRED`) and returns tidy tables. Metric values stay frac
 
 Statistics (all from :mod:`scipy.stats`; our code only pairs, groups and guards edge cases):
 
+* **Budgets.** The ``budget`` column holds budget tokens (:class:`peftbench.budget.Budget`:
+  ``"0.5"`` a percentage, ``"r8"`` a LoRA-rank equivalent, ``"100"`` the full budget); numbers in
+  older tables are read as percentages. Budgets sort with :func:`order_budgets` (percentages by
+  value, then rank budgets, then full), never as strings.
 * **Families.** A family is one ``(model, task, budget)``. A budget-free method (``full``: its
   line of :data:`~peftbench.methods.METHOD_TABLE` says ``budget_free``; a method the table does
-  not know counts as budget-free when all its runs have ``budget == FULL_BUDGET``) is copied into
-  every budget family of its model. The GLUE average forms its own family per ``(model, budget)``
+  not know counts as budget-free when all its runs have the full budget) is copied into every
+  budget family of its model. The GLUE average forms its own family per ``(model, budget)``
   with ``task == "glue_avg"``.
+* **Runs outside their budget family.** A run is compared inside its budget family only when it
+  matches the budget (``budget_match``): the adapter parameters it counts against the budget
+  (``budget_used_params``: AdaLoRA's final allocation, every adapter parameter otherwise; else
+  ``effective_adapter_params``, else ``adapter_params``) are within ±10 %
+  (:data:`peftbench.budget.BUDGET_TOLERANCE`) of ``budget_params``, and it is not
+  ``capacity_limited``. Any other run goes to a family of its own real size, labelled
+  ``"{budget}~{params}"`` (e.g. ``"r8~2300"``: planned at r8, about 2,300 adapter parameters;
+  :func:`family_label`; one per model, method and planned budget, the size being the mean over
+  those runs, two significant digits), with ``budget_match`` False; full fine-tuning is not copied
+  into it. A table without ``budget_params`` matches every run that is not capacity-limited.
 * **Run status.** ``status`` is one of :data:`~peftbench.vocab.RUN_STATUSES`: ``ok``, ``failed``
   (NaN/inf loss) or ``missing`` (no ``metrics.parquet`` when the runs were aggregated). Only ok
   runs give values; failed and missing runs are counted, never dropped.
@@ -55,6 +69,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..budget import BUDGET_TOLERANCE, Budget, BudgetError, within_budget
 from ..config import schema_defaults
 from ..methods import FULL_BUDGET, METHODS
 from ..vocab import GLUE_AVG, RUN_STATUSES, TASKS, order_tasks
@@ -78,7 +93,21 @@ __all__ = [
     "order_methods",
     "order_tasks",
     "budget_free_methods",
+    "budget_match",
+    "family_label",
+    "parse_family",
+    "family_token",
+    "order_budgets",
+    "budget_label",
+    "FULL_TOKEN",
 ]
+
+#: The ``budget`` token of budget-free runs (full fine-tuning): ``"100"``.
+FULL_TOKEN: str = Budget.full().token
+#: Separates the planned budget from the real size in an off-family label (``"r8~2300"``).
+OFF_FAMILY_SEP = "~"
+#: Columns holding a run's adapter count against the budget, first present and finite wins.
+USED_PARAMS_COLUMNS = ("budget_used_params", "effective_adapter_params", "adapter_params")
 
 #: Columns :func:`validate_runs` requires in ``runs.parquet``.
 RUNS_REQUIRED = ("model", "task", "method", "budget", "seed", "status", "metric", "dev_main")
@@ -134,6 +163,120 @@ class StatsOptions:
 
 
 # --------------------------------------------------------------------------------------------
+# Budget tokens and families
+# --------------------------------------------------------------------------------------------
+
+def family_label(budget: str, params: float) -> str:
+    """The family of runs planned at ``budget`` that train ``params`` adapter parameters instead:
+    ``"{budget}~{params to two significant digits}"`` (``family_label("r8", 2304)`` → ``"r8~2300"``;
+    ``"r8~nan"`` when the size was not recorded)."""
+    size = float(params)
+    return f"{Budget.parse(budget).token}{OFF_FAMILY_SEP}{int(float(f'{size:.2g}')) if math.isfinite(size) else 'nan'}"
+
+
+def parse_family(value) -> tuple[Budget, float | None]:
+    """``(planned budget, real size)`` of a family token: ``("r8~2300")`` → ``(r8, 2300.0)``; a plain
+    budget → ``(budget, None)``.
+
+    Raises:
+        peftbench.budget.BudgetError: not a budget or family token.
+    """
+    if isinstance(value, str) and OFF_FAMILY_SEP in value:
+        nominal, _, size = value.partition(OFF_FAMILY_SEP)
+        try:
+            return Budget.parse(nominal), float(size)
+        except ValueError:
+            raise BudgetError(f"family {value!r} is not <budget>~<parameters>") from None
+    return Budget.parse(value), None
+
+
+def family_token(value) -> str:
+    """The canonical token of a budget (any spelling, numbers of older tables included: ``0.2`` →
+    ``"0.2"``, ``100.0`` → ``"100"``) or of an off-family label (unchanged).
+
+    Raises:
+        peftbench.budget.BudgetError: not a budget or family token.
+    """
+    nominal, size = parse_family(value)
+    return nominal.token if size is None else str(value)
+
+
+def _budget_sort_key(value) -> tuple:
+    nominal, size = parse_family(value)
+    return (*nominal.sort_key(), 0 if size is None else 1, size or 0.0)
+
+
+def order_budgets(values: Iterable) -> list[str]:
+    """Distinct budget/family tokens in display order: percentages by value, then rank budgets
+    (``r1`` < ``r2`` < ``r8``), then full; an off-family right after its planned budget."""
+    return sorted({family_token(v) for v in values}, key=_budget_sort_key)
+
+
+def budget_label(value) -> str:
+    """Display label of a budget or family: ``"0.5%"``, ``"r8 (LoRA rank 8)"``, ``"full (100%)"``,
+    ``"outside r8: 2.3k adapter params"``."""
+    nominal, size = parse_family(value)
+    if size is None:
+        return nominal.label
+    if not math.isfinite(size):
+        return f"outside {nominal.token}: size not recorded"
+    return f"outside {nominal.token}: {_human(size)} adapter params"
+
+
+def _human(n: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def _used_params(df: pd.DataFrame) -> pd.Series:
+    """Per row: the adapter parameters counted against the budget (:data:`USED_PARAMS_COLUMNS`)."""
+    out = pd.Series(np.nan, index=df.index, dtype=float)
+    for c in USED_PARAMS_COLUMNS:
+        if c in df.columns:
+            v = pd.to_numeric(df[c], errors="coerce").astype(float)
+            out = out.where(np.isfinite(out), v)
+    return out
+
+
+def budget_match(runs: pd.DataFrame, budget_free: set[str] | None = None,
+                 tolerance: float = BUDGET_TOLERANCE) -> pd.Series:
+    """Per run: does it match its budget (see the module docstring, "Runs outside their budget
+    family")?
+
+    True for budget-free methods; False for ``capacity_limited`` runs and for runs whose count
+    (:data:`USED_PARAMS_COLUMNS`) is outside ``budget_params · (1 ± tolerance)``; a run without
+    sizes (``missing``, or a table without ``budget_params``) follows the other runs of its
+    ``(model, method, budget)`` (False when all of them are False), else True.
+    """
+    free = budget_free_methods(runs) if budget_free is None else budget_free
+    used = _used_params(runs)
+    target = (pd.to_numeric(runs["budget_params"], errors="coerce").astype(float)
+              if "budget_params" in runs.columns else pd.Series(np.nan, index=runs.index))
+    sized = np.isfinite(used) & np.isfinite(target) & (target > 0)
+    ok = pd.Series(True, index=runs.index)
+    if sized.any():
+        ok[sized] = [within_budget(u, t, tolerance) for u, t in zip(used[sized], target[sized])]
+    if "capacity_limited" in runs.columns:
+        cap = runs["capacity_limited"].map(lambda v: bool(v) if v is not None and v == v else False)
+        ok &= ~cap.astype(bool)
+        sized |= cap.astype(bool)
+    free_rows = runs["method"].isin(free)
+    ok[free_rows] = True
+    # runs without sizes follow their siblings
+    unsized = ~sized & ~free_rows
+    if unsized.any():
+        keys = ["model", "method", "budget"]
+        off = ok[sized].groupby([runs.loc[sized, k] for k in keys]).all()
+        for i in runs.index[unsized]:
+            k = tuple(runs.loc[i, keys])
+            if k in off.index and not off.loc[k]:
+                ok[i] = False
+    return ok.astype(bool)
+
+
+# --------------------------------------------------------------------------------------------
 # Input
 # --------------------------------------------------------------------------------------------
 
@@ -174,15 +317,16 @@ def validate_runs(runs: pd.DataFrame, source: str = "runs table", value: str = "
 
     Required columns: :data:`RUNS_REQUIRED` plus ``value`` (a table whose runs are all
     ``missing`` may lack ``metric`` and the value columns: they are added as NaN). ``budget``
-    becomes float, ``seed`` int, ``status`` str. ``status`` must be one of
+    becomes its token string (:class:`peftbench.budget.Budget`: ``0.5`` → ``"0.5"``, ``100.0`` →
+    ``"100"``, ``"r8"``), ``seed`` int, ``status`` str. ``status`` must be one of
     :data:`~peftbench.vocab.RUN_STATUSES` (``missing``: the ``aggregate`` rule found no
     ``metrics.parquet``; such a row has its keys only). A run with ``status == "ok"`` but a
     non-finite ``value`` is treated as failed (its ``error`` says so).
 
     Raises:
-        ValueError: missing columns, no rows, a ``status`` outside ``RUN_STATUSES`` (the message
-            lists the allowed ones), or two rows for the same ``(model, task, method, budget,
-            seed)``; the message names ``source``.
+        ValueError: missing columns, no rows, a ``budget`` that is not a budget, a ``status``
+            outside ``RUN_STATUSES`` (the message lists the allowed ones), or two rows for the
+            same ``(model, task, method, budget, seed)``; the message names ``source``.
     """
     need = list(dict.fromkeys([*RUNS_REQUIRED, value]))
     missing = [c for c in need if c not in runs.columns]
@@ -198,7 +342,10 @@ def validate_runs(runs: pd.DataFrame, source: str = "runs table", value: str = "
     for c in need:
         if c not in df.columns:
             df[c] = math.nan
-    df["budget"] = df["budget"].astype(float)
+    try:
+        df["budget"] = df["budget"].map(lambda b: Budget.parse(b).token).astype(object)
+    except BudgetError as exc:
+        raise ValueError(f"{source}: column budget: {exc}") from None
     df["seed"] = df["seed"].astype(int)
     df["status"] = df["status"].astype(str)
     bad = sorted(set(df["status"]) - set(RUN_STATUSES))
@@ -242,7 +389,8 @@ def budget_free_methods(runs: pd.DataFrame) -> set[str]:
     :data:`~peftbench.methods.FULL_BUDGET`).
 
     A method of the method table is budget-free when its line says so (``budget_free``); a method
-    the table does not know is budget-free when all its runs have ``budget == FULL_BUDGET``.
+    the table does not know is budget-free when all its runs have the full budget (``100``, token
+    :data:`FULL_TOKEN`).
     """
     out = set()
     for m, b in runs.groupby("method")["budget"]:
@@ -250,9 +398,16 @@ def budget_free_methods(runs: pd.DataFrame) -> set[str]:
         if info is not None:
             if info.budget_free:
                 out.add(m)
-        elif bool(np.all(b.astype(float).to_numpy() == FULL_BUDGET)):
+        elif all(_is_full(v) for v in b):
             out.add(m)
     return out
+
+
+def _is_full(value) -> bool:
+    try:
+        return parse_family(value) == (Budget.full(), None)
+    except BudgetError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,31 +533,51 @@ def paired_comparison(method_values: Sequence[float], baseline_values: Sequence[
 # --------------------------------------------------------------------------------------------
 
 def budget_families(runs: pd.DataFrame) -> pd.DataFrame:
-    """Assign every run to its budget families.
+    """Assign every run to its budget family.
 
-    Runs of a budget-free method (:func:`budget_free_methods`: full fine-tuning) are copied into
-    every budget that another method of the same model uses; the copy's ``budget`` is the family
-    budget and ``run_budget`` keeps the original (``FULL_BUDGET``). Other runs keep their budget.
-    A model with only budget-free methods keeps the single family ``FULL_BUDGET``.
+    ``budget`` becomes the family token and three columns are added: ``run_budget`` (the run's
+    own budget: :data:`FULL_TOKEN` for full fine-tuning), ``nominal_budget`` (the grid budget the
+    family belongs to) and ``budget_match`` (:func:`budget_match`).
+
+    * A run that matches its budget keeps it as its family.
+    * A run that does not (count outside ±10 % of ``budget_params``, or ``capacity_limited``) goes
+      to the family of its real size, :func:`family_label` of its planned budget and the mean
+      count (:data:`USED_PARAMS_COLUMNS`) of the unmatched runs of its ``(model, method, budget)``.
+    * Runs of a budget-free method (:func:`budget_free_methods`: full fine-tuning) are copied into
+      every budget family that another method of the same model has (not into off-family
+      families). A model with only budget-free methods keeps the single family of the full budget.
+
+    Works on tables without parameter columns (curves, ranks): every run then matches.
 
     Returns:
-        A copy of ``runs`` with the added column ``run_budget``.
+        A copy of ``runs`` with ``budget`` as family tokens and the added columns.
     """
     df = runs.copy()
+    df["budget"] = df["budget"].map(family_token).astype(object)
     df["run_budget"] = df["budget"]
+    df["nominal_budget"] = df["budget"]
     full = budget_free_methods(df)
+    df["budget_match"] = budget_match(df, full) if len(df) else pd.Series(dtype=bool)
+    off = ~df["budget_match"].astype(bool)
+    if off.any():
+        used = _used_params(df)
+        for (model, method, b), g in df[off].groupby(["model", "method", "budget"], sort=False):
+            size = used[g.index]
+            size = float(size[np.isfinite(size)].mean()) if np.isfinite(size).any() else math.nan
+            df.loc[g.index, "budget"] = family_label(b, size)
     parts = []
     for model, g in df.groupby("model", sort=False):
         is_full = g["method"].isin(full)
-        budgets = sorted(g.loc[~is_full, "budget"].unique())
+        budgets = order_budgets(g.loc[~is_full & g["budget_match"], "budget"].unique())
         parts.append(g.loc[~is_full])
         fg = g.loc[is_full]
         if not budgets:
             parts.append(fg)
             continue
         for b in budgets:
-            parts.append(fg.assign(budget=float(b)))
-    out = pd.concat(parts, ignore_index=True)
+            parts.append(fg.assign(budget=b, nominal_budget=b))
+    out = pd.concat(parts, ignore_index=True) if parts else df
+    out["budget_match"] = out["budget_match"].astype(bool)
     return out
 
 
@@ -435,7 +610,7 @@ def glue_average_runs(runs: pd.DataFrame, value: str = "dev_main", exclude: Iter
             status = dict(zip(g["task"], g["status"]))
             failed = [t for t in tasks if status.get(t) == "failed"]
             missing = [t for t in tasks if status.get(t, "missing") == "missing"]
-            row = dict(model=model, task=GLUE_AVG, method=method, budget=float(budget), seed=int(seed),
+            row = dict(model=model, task=GLUE_AVG, method=method, budget=budget, seed=int(seed),
                        metric=f"mean of main metrics over {len(tasks)} tasks", n_tasks=len(tasks),
                        tasks=",".join(tasks))
             if failed or missing:
@@ -458,16 +633,25 @@ def glue_average_runs(runs: pd.DataFrame, value: str = "dev_main", exclude: Iter
 
 
 def family_runs(runs: pd.DataFrame, opts: StatsOptions = StatsOptions()) -> pd.DataFrame:
-    """Validated runs plus GLUE-average pseudo-runs (:func:`glue_average_runs`), assigned to
-    budget families (:func:`budget_families`). This is the row set every statistic is computed on.
+    """Validated runs assigned to budget families (:func:`budget_families`), plus the GLUE-average
+    pseudo-runs of every family (:func:`glue_average_runs` over the family rows, so a run outside
+    its budget family is averaged in its own family). This is the row set every statistic is
+    computed on; columns ``run_budget``, ``nominal_budget`` and ``budget_match`` included.
 
     Raises:
         ValueError: see :func:`validate_runs`.
     """
     runs = validate_runs(runs, value=opts.value)
-    glue = glue_average_runs(runs, opts.value, opts.glue_exclude)
-    both = pd.concat([runs, glue], ignore_index=True) if not glue.empty else runs
-    return budget_families(both)
+    fam = budget_families(runs)
+    glue = glue_average_runs(fam, opts.value, opts.glue_exclude)
+    if glue.empty:
+        return fam
+    keys = ["model", "method", "budget"]
+    attrs = fam.drop_duplicates(keys)[[*keys, "run_budget", "nominal_budget", "budget_match"]]
+    glue = glue.merge(attrs, on=keys, how="left")
+    out = pd.concat([fam, glue], ignore_index=True)
+    out["budget_match"] = out["budget_match"].astype(bool)
+    return out
 
 
 def _seed_str(seeds: Iterable[int]) -> str:
@@ -487,7 +671,7 @@ def _family_metric(g: pd.DataFrame, task: str) -> str:
 # Tables
 # --------------------------------------------------------------------------------------------
 
-STATS_COLUMNS = ["model", "task", "budget", "method", "metric", "value_column", "n_ok", "n_failed",
+STATS_COLUMNS = ["model", "task", "budget", "nominal_budget", "budget_match", "method", "metric", "value_column", "n_ok", "n_failed",
                  "n_missing", "seeds_ok", "failed_seeds", "missing_seeds", "mean", "std", "median",
                  "ci_low", "ci_high", "best_mean", "confidence", "resamples", "ci_method",
                  "bootstrap_seed", "n_tasks", "tasks"]
@@ -497,7 +681,8 @@ def method_stats(runs: pd.DataFrame, opts: StatsOptions = StatsOptions()) -> pd.
     """Per-method descriptive statistics of the main metric over seeds.
 
     One row per ``(model, task, budget, method)`` family member (``full`` copied into every
-    budget), including ``task == "glue_avg"`` rows (the GLUE average per method per
+    budget; a run outside its budget family in its own family, ``budget_match`` False), including
+    ``task == "glue_avg"`` rows (the GLUE average per method per
     ``(model, budget)``: per seed the mean main metric over tasks, then statistics over seeds).
 
     Columns (:data:`STATS_COLUMNS`): ``metric`` the family's main metric; ``n_ok`` seeds with an
@@ -526,7 +711,8 @@ def method_stats(runs: pd.DataFrame, opts: StatsOptions = StatsOptions()) -> pd.
             failed = set(gm.loc[gm["status"] == "failed", "seed"])
             missing = all_seeds - set(ok["seed"]) - failed
             rows.append(dict(
-                model=model, task=task, budget=float(budget), method=method, metric=metric,
+                model=model, task=task, budget=budget, nominal_budget=str(gm["nominal_budget"].iloc[0]),
+                budget_match=bool(gm["budget_match"].all()), method=method, metric=metric,
                 value_column=opts.value, n_ok=int(len(ok)), n_failed=len(failed), n_missing=len(missing),
                 seeds_ok=_seed_str(ok["seed"]), failed_seeds=_seed_str(failed),
                 missing_seeds=_seed_str(missing),
@@ -541,7 +727,7 @@ def method_stats(runs: pd.DataFrame, opts: StatsOptions = StatsOptions()) -> pd.
 
 
 SIGNIFICANCE_COLUMNS = [
-    "model", "task", "budget", "metric", "value_column", "method", "baseline", "reference",
+    "model", "task", "budget", "nominal_budget", "budget_match", "metric", "value_column", "method", "baseline", "reference",
     "comparison", "n", "seeds", "mean_method", "sd_method", "mean_baseline", "sd_baseline",
     "mean_diff", "sd_diff", "ci_low", "ci_high", "t_stat", "p_ttest", "p_ttest_holm", "w_stat",
     "p_wilcoxon", "p_wilcoxon_holm", "cohens_d", "n_tests_family",
@@ -571,7 +757,11 @@ def compare_methods(runs: pd.DataFrame, reference: str = DEFAULT_REFERENCE, all_
     ``task == "glue_avg"`` rows compare the per-seed GLUE averages (:func:`glue_average_runs`).
     A family without the reference still gets one row per method, with ``n == 0`` and a note.
 
-    Columns (:data:`SIGNIFICANCE_COLUMNS`): the family keys, ``metric`` (main metric name),
+    Runs outside their budget family (``budget_match`` False) are compared only within their
+    own family (:func:`budget_families`), never with the methods that match the budget.
+
+    Columns (:data:`SIGNIFICANCE_COLUMNS`): the family keys, ``nominal_budget`` and
+    ``budget_match`` (the family is a grid budget, not an off-family size), ``metric`` (main metric name),
     ``value_column``, ``method``, ``baseline``, ``reference``, ``comparison``
     (``"vs_reference"`` or ``"pair"``), ``n`` paired seeds and ``seeds`` (their list), the
     statistics of :func:`paired_comparison` (means/SDs over the paired seeds, so
@@ -591,6 +781,7 @@ def compare_methods(runs: pd.DataFrame, reference: str = DEFAULT_REFERENCE, all_
         methods = list(g["method"].unique())
         per = {m: gm.set_index("seed") for m, gm in g.groupby("method", sort=False)}
         metric = _family_metric(g, task)
+        nominal, match = str(g["nominal_budget"].iloc[0]), parse_family(budget)[1] is None
         fam_rows = []
         for method, baseline in _pairs(methods, reference, all_pairs):
             side = {}
@@ -608,7 +799,11 @@ def compare_methods(runs: pd.DataFrame, reference: str = DEFAULT_REFERENCE, all_
                                     side["baseline"]["ok"].loc[common].to_numpy(), opts)
             if baseline not in per:
                 res["note"] = "; ".join(filter(None, [f"{baseline} has no runs in this family", res["note"]]))
-            row = dict(model=model, task=task, budget=float(budget), metric=metric,
+            if not match:
+                res["note"] = "; ".join(filter(None, [f"own family: outside the {nominal} budget family "
+                                                      f"({budget_label(budget)})", res["note"]]))
+            row = dict(model=model, task=task, budget=budget, nominal_budget=nominal, budget_match=match,
+                       metric=metric,
                        value_column=opts.value, method=method, baseline=baseline, reference=reference,
                        comparison="vs_reference" if baseline == reference else "pair",
                        seeds=_seed_str(common), confidence=opts.confidence, resamples=opts.resamples,
@@ -638,8 +833,9 @@ def _sort(df: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
     t_rank = {t: i for i, t in enumerate(order_tasks(df["task"].unique()))}
     m_rank = {m: i for i, m in enumerate(order_methods(
         list(df["method"].unique()) + (list(df["baseline"].unique()) if "baseline" in df else []), reference))}
-    key = df.assign(_t=df["task"].map(t_rank), _m=df["method"].map(m_rank))
-    by = ["model", "budget", "_t", "_m"]
+    b_rank = {b: i for i, b in enumerate(order_budgets(df["budget"].unique()))}
+    key = df.assign(_t=df["task"].map(t_rank), _m=df["method"].map(m_rank), _bud=df["budget"].map(b_rank))
+    by = ["model", "_bud", "_t", "_m"]
     if "baseline" in df:
         key["_b"] = df["baseline"].map(m_rank)
         by.append("_b")

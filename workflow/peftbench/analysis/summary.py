@@ -1,8 +1,11 @@
 """``summary.md``: the results of a benchmark as Markdown tables, generated from the tables.
 
-Sections: a protocol line; per ``(model, budget)`` the main results table (methods × tasks plus
-the GLUE average, mean ± SD over seeds ×100, best mean per column in bold, significance marks
-vs the reference); per model the parameter counts and costs; the list of failed runs. Every
+Sections: a protocol line; per ``(model, budget family)`` the main results table (methods × tasks
+plus the GLUE average, mean ± SD over seeds ×100, best mean per column in bold, significance marks
+vs the reference), a run outside its budget family (±10 % or capacity-limited; see
+:func:`~peftbench.analysis.significance.budget_families`) in a section of its own after its
+budget's; per model the parameter counts and costs (with the budget's parameter count and how
+many runs match it); the list of failed runs. Every
 number comes from :func:`~peftbench.analysis.significance.method_stats` (the same statistics
 as the plots) and ``significance.parquet``.
 """
@@ -13,15 +16,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..methods import FULL_BUDGET
 from ..vocab import GLUE_AVG, RUN_STATUSES, metric, order_tasks, task_label
 from .plots import significance_marks
 from .significance import (
     DEFAULT_REFERENCE,
+    FULL_TOKEN,
     StatsOptions,
     budget_free_methods,
+    budget_label,
+    budget_match,
     method_stats,
+    order_budgets,
     order_methods,
+    parse_family,
     validate_runs,
 )
 
@@ -62,7 +69,7 @@ def _fmt(x: float, spec: str) -> str:
     return format(x, spec) if np.isfinite(x) else "n/a"
 
 
-def _results_table(st: pd.DataFrame, marks: dict, model: str, budget: float, reference: str | None) -> list[str]:
+def _results_table(st: pd.DataFrame, marks: dict, model: str, budget: str, reference: str | None) -> list[str]:
     tasks = order_tasks(st["task"].unique())
     methods = order_methods(st["method"].unique(), reference)
     header = ["method"]
@@ -85,21 +92,26 @@ def _results_table(st: pd.DataFrame, marks: dict, model: str, budget: float, ref
             rr = st[(st["task"] == t) & (st["method"] == m)]
             r = rr.iloc[0] if len(rr) else None
             is_best = r is not None and r["n_ok"] > 0 and np.isclose(r["mean"], best[t], rtol=0, atol=1e-12)
-            cells.append(_cell(r, bool(is_best), marks.get((model, t, float(budget), m), "")))
+            cells.append(_cell(r, bool(is_best), marks.get((model, t, budget, m), "")))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _cost_table(runs: pd.DataFrame, budget_free: set[str]) -> list[str]:
     effective = "effective_adapter_params" in runs.columns and runs["effective_adapter_params"].notna().any()
-    head = ("| method | budget (% of backbone) | trainable params | adapter params | "
+    sized = "budget_params" in runs.columns and runs["budget_params"].notna().any()
+    match = budget_match(runs, budget_free)
+    head = ("| method | budget | " + ("budget params | " if sized else "") + "trainable params | adapter params | "
             + ("effective adapter params | " if effective else "")
-            + "% of backbone | train time per run (s) | samples/s | peak memory (MiB) | runs ok / total |")
-    lines = [head, "|---|" + "---:|" * (9 if effective else 8)]
-    keys = ["method", "budget"]
-    for (m, b) in sorted({(r.method, r.budget) for r in runs[keys].itertuples()},
-                         key=lambda k: (order_methods(runs["method"].unique()).index(k[0]), k[1])):
-        g = runs[(runs["method"] == m) & (runs["budget"] == b)]
+            + "% of backbone | in budget family | train time per run (s) | samples/s | peak memory (MiB) | "
+            "runs ok / total |")
+    lines = [head, "|---|---|" + "---:|" * (9 + int(effective) + int(sized))]
+    order = order_methods(runs["method"].unique())
+    b_order = order_budgets(runs["budget"].unique())
+    for (m, b) in sorted({(r.method, r.budget) for r in runs[["method", "budget"]].itertuples()},
+                         key=lambda k: (order.index(k[0]), b_order.index(k[1]))):
+        sel = (runs["method"] == m) & (runs["budget"] == b)
+        g = runs[sel]
         ok = g[g["status"] == "ok"]
 
         def mean(col, frame=g):
@@ -108,16 +120,33 @@ def _cost_table(runs: pd.DataFrame, budget_free: set[str]) -> list[str]:
         t = (float(ok.groupby("task")["train_s"].mean().mean())
              if "train_s" in ok.columns and len(ok) else np.nan)
         mem = float(ok["peak_mem_mib"].max()) if "peak_mem_mib" in ok.columns and len(ok) else np.nan
-        budget = "— (full)" if m in budget_free and b == FULL_BUDGET else f"{b:g}"
+        budget = "— (full)" if m in budget_free and b == FULL_TOKEN else _esc(b)
+        bp = f"{_fmt_int(mean('budget_params'))} | " if sized else ""
         eff = ""
         if effective:
             e = mean("effective_adapter_params")
             eff = f"{_fmt_int(e) if np.isfinite(e) else '—'} | "
-        lines.append(f"| {_esc(m)} | {budget} | {_fmt_int(mean('trainable_params'))} | "
-                     f"{_fmt_int(mean('adapter_params'))} | {eff}{_fmt(mean('trainable_pct'), '.3g')} | "
+        fam = "—" if m in budget_free else f"{int(match[sel].sum())} / {len(g)}"
+        lines.append(f"| {_esc(m)} | {budget} | {bp}{_fmt_int(mean('trainable_params'))} | "
+                     f"{_fmt_int(mean('adapter_params'))} | {eff}{_fmt(mean('trainable_pct'), '.3g')} | {fam} | "
                      f"{_fmt(t, '.0f')} | {_fmt(mean('samples_per_s', ok), '.1f')} | {_fmt(mem, '.0f')} | "
                      f"{len(ok)} / {len(g)} |")
     return lines
+
+
+def _section_label(runs: pd.DataFrame, budget: str, methods: set[str], budget_free: set[str]) -> str:
+    """Heading of one budget family's results table."""
+    if methods <= budget_free:
+        return "full fine-tuning only"
+    nominal, size = parse_family(budget)
+    if size is not None:
+        return (f"{budget_label(budget)} — planned at budget {nominal.token}, outside it (±10 % or "
+                f"capacity-limited): own family, not compared with the {nominal.token} family")
+    if nominal.is_pct:
+        den = runs.loc[runs["budget"] == budget, "budget_denominator"].dropna().unique() \
+            if "budget_denominator" in runs.columns else []
+        return f"budget {nominal.token}% of {_esc(', '.join(map(str, den))) if len(den) else 'backbone'} parameters"
+    return f"budget {nominal.token} (the parameter count of LoRA rank {int(nominal.value)} on every adapted matrix)"
 
 
 def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
@@ -168,9 +197,9 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
            + (f" (excluding {', '.join(opts.glue_exclude)})" if opts.glue_exclude else "") + ".", ""]
     for model in st["model"].unique():
         sm = st[st["model"] == model]
-        for budget in sorted(sm["budget"].unique()):
-            only_free = set(sm.loc[sm["budget"] == budget, "method"]) <= budget_free
-            label = "full fine-tuning only" if only_free else f"budget {budget:g}% of backbone parameters"
+        for budget in order_budgets(sm["budget"].unique()):
+            label = _section_label(runs[runs["model"] == model], budget,
+                                   set(sm.loc[sm["budget"] == budget, "method"]), budget_free)
             out += [f"## {_esc(model)}: {label}", ""]
             out += _results_table(sm[sm["budget"] == budget], marks, model, budget, reference)
             out.append("")
@@ -185,7 +214,9 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
         out += [f"## {_esc(model)}: parameters and cost", ""]
         out += _cost_table(runs[runs["model"] == model], budget_free)
         out += ["", "Trainable params = adapter + classification head (mean over tasks); % of backbone = "
-                "adapter params / backbone params × 100"
+                "adapter params / backbone params × 100; in budget family: runs whose count against the budget "
+                "is within ±10 % of the budget's parameter count and not capacity-limited (the others are "
+                "compared in a family of their own size)"
                 + ("; effective adapter params: parameters left after rank pruning or gating, where the "
                    "method reports them (—: not reported)" if "effective_adapter_params" in runs.columns
                    and runs["effective_adapter_params"].notna().any() else "")
@@ -200,7 +231,7 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
         for r in failed.itertuples():
             err = str(r.error) if r.error is not None and r.error == r.error else ""
             err = err.strip().splitlines()[-1] if err.strip() else "(no message)"
-            out.append(f"| {_esc(r.model)} | {_esc(r.task)} | {_esc(r.method)} | {r.budget:g} | {r.seed} "
+            out.append(f"| {_esc(r.model)} | {_esc(r.task)} | {_esc(r.method)} | {_esc(r.budget)} | {r.seed} "
                        f"| {_esc(r.status)} | {_esc(err[:160])} |")
         out += ["", "Status: " + "; ".join(f"{_esc(st)}: {_esc(RUN_STATUSES[st])}" for st in RUN_STATUSES
                                           if st != "ok" and (failed["status"] == st).any()) + ".", ""]

@@ -32,8 +32,10 @@ run's real number of steps and ``tinit < total_step − tfinal``; pruned singula
 not removed, so the trainable count stays at ``init_r`` size: both the allocated count
 (``trainable_params``) and the count left after pruning (``effective_adapter_params``) are reported.
 
-Budget: ``target_r`` is the uniform LoRA rank for the budget (the final, pruned budget matches
-LoRA's); ``init_r = ceil(init_ratio × target_r)`` (paper: 12 → 8, ratio 1.5).
+Budget: ``target_r`` is the uniform LoRA rank for the budget's parameter count
+(:func:`peftbench.budget.rank_for_params` of ``ctx.budget_params``; the final, pruned budget
+matches LoRA's; budget ``r8`` gives ``target_r = 8``); ``init_r = ceil(init_ratio × target_r)``
+(paper: 12 → 8, ratio 1.5).
 
 torch.compile: ``compilable``: the allocation masks ``Λ`` in place between steps (outside the
 traced forward) and changes no module or shape.
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..budget import uniform_rank
+from ..budget import rank_for_params
 from . import register
 from .base import LoopState, Method, ranks_frame
 from .lora import LORA_ALPHA, LoRAOptions, peft_targets
@@ -102,7 +104,7 @@ class AdaLoRA(Method):
         if total < 3:
             raise ValueError(f"adalora needs at least 3 training steps, the run has {total}; "
                              f"train on more examples or for more epochs")
-        target_r = uniform_rank(self.ctx.budget, self.ctx.backbone_params, self.ctx.targets)
+        target_r = rank_for_params(self.ctx.budget_params, self.ctx.targets)
         init_r = max(target_r, math.ceil(self.options.init_ratio * target_r))
         tinit = int(self.options.tinit * total)
         tfinal = int(self.options.tfinal * total)

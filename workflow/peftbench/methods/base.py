@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import MethodInfo, method_info
+from ..budget import Budget, BudgetSize, check_denominator, default_denominator
 from ..models import Target, is_head_param
 from .options import MethodOptions
 from ..vocab import TaskSpec
@@ -41,9 +42,14 @@ from ..vocab import TaskSpec
 class BuildContext:
     """What a method knows when it wraps the backbone.
 
+    Methods size themselves by :attr:`budget_params` only (a parameter count), never by the
+    budget's spelling, so every method of a budget family is matched to the same count.
+
     Attributes:
         task: the GLUE task spec.
-        budget: trainable-parameter budget in % of ``backbone_params`` (e.g. ``0.5``).
+        budget: the run's :class:`~peftbench.budget.Budget` (a percentage such as ``0.5``, or a
+            LoRA-rank equivalent such as ``r8``); any spelling :meth:`Budget.parse` accepts is
+            turned into one. For reports; methods read :attr:`budget_params`.
         backbone_params: parameters of the pretrained encoder, task head excluded.
         targets: the adaptable weight matrices (attention q/k/v/output, both feed-forward).
         head_modules: module names of the task head, trained by every method.
@@ -55,10 +61,20 @@ class BuildContext:
         device: where training runs.
         svd_path: ``factors.safetensors`` of the ``svd`` stage, for methods whose table line says
             ``uses_svd``.
+        budget_denominator: what a percentage budget is a percentage of (a key of
+            :data:`peftbench.budget.DENOMINATORS`); ``None``: the schema's default of
+            ``grid.budget_denominator``.
+        embedding_params: parameters of the backbone's embedding tables
+            (:func:`peftbench.models.embedding_param_count`); needed by the
+            ``backbone_without_embeddings`` denominator.
+
+    Raises (from ``__post_init__``):
+        peftbench.budget.BudgetError: a budget that is not a percentage in (0, 100), ``100`` or
+            ``r<N>``, or an unknown denominator.
     """
 
     task: TaskSpec
-    budget: float
+    budget: Budget
     backbone_params: int
     targets: list[Target]
     head_modules: list[str]
@@ -68,11 +84,25 @@ class BuildContext:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     svd_path: Path | None = None
+    budget_denominator: str | None = None
+    embedding_params: int | None = None
+
+    def __post_init__(self) -> None:
+        self.budget = Budget.parse(self.budget)
+        self.budget_denominator = check_denominator(self.budget_denominator or default_denominator())
+
+    @property
+    def budget_size(self) -> BudgetSize:
+        """The budget resolved on this model (:meth:`peftbench.budget.Budget.size`)."""
+        return self.budget.size(self.targets, self.backbone_params, self.embedding_params,
+                                self.budget_denominator)
 
     @property
     def budget_params(self) -> float:
-        """The budget as a parameter count: ``budget / 100 × backbone_params``."""
-        return self.budget / 100.0 * self.backbone_params
+        """The budget as a parameter count: ``b/100 × denominator`` for a percentage ``b``,
+        ``N · Σ_k (d_in,k + d_out,k)`` for ``r<N>`` (LoRA rank N on every target), the backbone for
+        the full budget."""
+        return self.budget_size.params
 
 
 @dataclass

@@ -17,10 +17,11 @@ i.e. attention q/k/v/output and both feed-forward matrices of every layer). The 
 ``lora_attn`` / ``lora_mlp`` restrict it to :data:`~peftbench.vocab.ATTENTION_KINDS` /
 :data:`~peftbench.vocab.MLP_KINDS`.
 
-Budget: the uniform rank ``r`` that spends ``budget`` % of backbone parameters over the adapted
-matrices only (:func:`peftbench.budget.uniform_rank`, ``r Σ_k (d_in,k + d_out,k)`` parameters), so
-every member of the family holds the same parameter count at a budget; the real count is
-recorded. Where ``r`` is capped at the smallest matrix dimension and the adapter still holds less
+Budget: the uniform rank ``r`` that spends the budget's parameter count ``ctx.budget_params``
+over the adapted matrices only (:func:`peftbench.budget.rank_for_params`,
+``r Σ_k (d_in,k + d_out,k)`` parameters; a rank budget ``r<N>`` gives exactly ``r = N`` when every
+matrix is adapted), so every member of the family holds the same parameter count at a budget;
+the real count is recorded. Where ``r`` is capped at the smallest matrix dimension and the adapter still holds less
 than 90 % of the budget, ``capacity_limited`` is True (the run is reported at its own count). The
 classifier and pooler are trained in full (``modules_to_save``).
 
@@ -36,7 +37,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..budget import lora_params, per_rank_cost, uniform_rank
+from ..budget import lora_params, per_rank_cost, rank_for_params
 from ..models import Target
 from . import register
 from .base import Method, ranks_frame
@@ -95,12 +96,9 @@ class LoRA(Method):
         return out
 
     def rank(self) -> int:
-        """The uniform rank for this run's budget over :meth:`adapted_targets`.
-
-        Raises:
-            ValueError: budget outside (0, 100) (from :func:`peftbench.budget.uniform_rank`).
-        """
-        return uniform_rank(self.ctx.budget, self.ctx.backbone_params, self.adapted_targets())
+        """The uniform rank for this run's budget over :meth:`adapted_targets`
+        (:func:`peftbench.budget.rank_for_params` of ``ctx.budget_params``)."""
+        return rank_for_params(self.ctx.budget_params, self.adapted_targets())
 
     def capacity_limited(self) -> bool:
         """The budget asks for more than the largest uniform rank (the smallest matrix dimension)

@@ -14,7 +14,7 @@ at step 0; unlike LoRA, the gradients at zero are non-zero because ``U_r``, ``V_
     Δ(x) = ((x A_V) ⊙ S_r) U_rᵀ + ((x V_r + x A_V) ⊙ S_r) A_Uᵀ     (= x (W' − W)ᵀ).
 
 Budget: ``r (d_in + d_out)`` parameters per matrix, as LoRA's rank-r adapter, so ``r`` is the
-uniform LoRA rank for the budget (:func:`peftbench.budget.uniform_rank`), capped per matrix at
+uniform LoRA rank for the budget (:func:`peftbench.budget.rank_for_params`), capped per matrix at
 the stored top-k and at ``min(d_in, d_out)``; when a cap bites the method trains fewer parameters
 than the budget and ``capacity_limited`` is recorded. The head (classifier, pooler) is trained
 in full on top. ``ranks.parquet``: rank = r, score = ``‖W' − W‖_F``.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..budget import per_rank_cost, uniform_rank
+from ..budget import per_rank_cost, rank_for_params
 from . import register
 from .spectral_common import SpectralLinear, SpectralMethod, lowrank_fro
 
@@ -68,9 +68,9 @@ class SpectralAdditive(SpectralMethod):
     def plan_ranks(self, top_k: list[int]) -> dict:
         """Uniform LoRA rank for the budget, capped at the stored top-k and ``min(d_in, d_out)``."""
         targets = self.ctx.targets
-        # the uncapped rank the budget asks for; uniform_rank also caps it at min(d) over targets
+        # the uncapped rank the budget asks for; rank_for_params also caps it at min(d) over targets
         budget_rank = max(1, round(self.ctx.budget_params / per_rank_cost(targets)))
-        r = uniform_rank(self.ctx.budget, self.ctx.backbone_params, targets)
+        r = rank_for_params(self.ctx.budget_params, targets)
         ranks = [min(r, k, t.d_in, t.d_out) for k, t in zip(top_k, targets)]
         params = [r * (t.d_in + t.d_out) for r, t in zip(ranks, targets)]
         return {"ranks": ranks, "budget_rank": budget_rank, "params": params}
