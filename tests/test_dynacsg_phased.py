@@ -301,12 +301,98 @@ def test_dynacsg_cli_logs_mean_k_every_logged_step(tiny_model_dir, tiny_data, ti
 
 def test_dynacsg_rank_beyond_the_stored_factors_is_an_error(tiny_model_dir, tmp_path):
     compute_svd(str(tiny_model_dir), "tiny", 4, tmp_path / "f.safetensors", tmp_path / "s.parquet", device="cpu")
-    for key in ("dynacsg",):
+    for key in ("dynacsg", "dynacsg_static"):
         with pytest.raises(ValueError, match=rf"method_options\.{key}\.rank: 8 .* stored only 4 .*svd\.top_k"):
             _build_task(tiny_model_dir, key, svd=tmp_path / "f.safetensors")
 
 
-@pytest.mark.parametrize("method", ["dynacsg"])
+# ---------------------------------------------------------------- dynacsg_static (the static-gate control) ---
+def test_static_gates_learn_one_logit_vector_per_matrix(tiny_model_dir, tiny_svd, monkeypatch):
+    model, reference, method = _build_task(tiny_model_dir, "dynacsg_static", svd=tiny_svd)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.rsplit(".", 1)[-1] for n in trainable if not is_head_param(n)} == {"logit"}
+    assert not hasattr(model, "dynacsg_hypernet")
+    s = method.summary(model)
+    assert method.param_counts(model)["adapter_params"] == 12 * 8 == s["planned_adapter_params"]  # r logits each
+    assert s["capacity_limited"] and s["outside_budget"] and s["gates_per_matrix"] == 8 and s["target_k"] == -1
+    batch = _cls_batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval(), reference.eval()
+    with torch.no_grad():  # logits start at −3: every gate closed, the pretrained model
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=1e-6)
+    model.train()
+    state = LoopState(step=0, epoch=0, total_steps=12, steps_per_epoch=12)
+    method.on_step_start(model, state)
+    with monkeypatch.context() as mp:
+        _forbid_host_reads(mp)
+        out = model(**batch)
+        pen = method.extra_loss(model, out, batch, state)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in state.log.values())
+    mods = method.wrappers(model)
+    for m in mods:  # one independent straight-through sample per example, hard 0/1
+        assert m.last_sampled.shape == (4, 8) and set(m.last_sampled.unique().tolist()) <= {0.0, 1.0}
+    assert float(pen.detach()) == pytest.approx(1e-4 * 96 * torch.sigmoid(torch.tensor(-3.0)).item(), rel=1e-5)
+    assert float(state.log["mean_k"]) == 0.0
+    out.loss.backward()  # the task loss alone reaches every matrix's logits through the gates
+    assert all(m.logit.grad is not None and m.logit.grad.abs().sum() > 0 for m in mods)
+    # eval: the correction is α U diag(S ⊙ 1[logit > 0]) Vᵀ, the same for every input
+    mod, t = mods[4], method.ctx.targets[4]
+    with torch.no_grad():
+        mod.logit.copy_(torch.tensor([1.0, -1, 2, -2, 3, -3, 4, -4]))
+    mod.eval()
+    U, S, Vh = load_factors(tiny_svd, t.name)
+    mask = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0])
+    W = mod.base.weight.detach() + 0.1 * U[:, :8] @ torch.diag(S[:8] * mask) @ Vh[:8]
+    x = torch.randn(3, 5, t.d_in)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), x @ W.T + mod.base.bias.detach(), atol=1e-5, rtol=1e-5)
+    for bad in ({"target_k": 0}, {"rank": None}, {"init_logit": 1.0}):
+        with pytest.raises(OptionsError):
+            get_method("dynacsg_static").options_cls.from_dict(bad, where="method_options.dynacsg_static")
+
+
+def test_static_target_k_opens_exactly_k_gates(tiny_model_dir, tiny_svd):
+    """target_k = K: the inference mask keeps the K largest logits of every matrix (⟨k⟩ = K), the
+    training threshold sits between the K-th and the next logit, and λ is not used."""
+    model, _, method = _build_task(tiny_model_dir, "dynacsg_static", svd=tiny_svd, target_k=3)
+    mods = method.wrappers(model)
+    assert all(m.mask().tolist() == [1.0] * 3 + [0.0] * 5 for m in mods)  # equal logits: the top singular values
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in mods:
+            m.logit.copy_(torch.randn(8, generator=g))
+    for m in mods:
+        top = set(torch.topk(m.logit.detach(), 3).indices.tolist())
+        assert {i for i, v in enumerate(m.mask().tolist()) if v} == top
+        assert {i for i, v in enumerate(m.shifted_logits().tolist()) if v > 0} == top
+    batch = _cls_batch()
+    state = LoopState(step=0, epoch=0, total_steps=12, steps_per_epoch=12)
+    model.train()
+    method.on_step_start(model, state)
+    out = model(**batch)
+    assert method.extra_loss(model, out, batch, state) is None and "gate_penalty" not in state.log
+    assert float(state.log["mean_k"]) == 3.0
+    s = method.summary(model)
+    assert s["mean_active_gates"] == 3.0 and s["mean_active_gates_per_layer"] == 18.0 and s["target_k"] == 3
+    every_model, _, every = _build_task(tiny_model_dir, "dynacsg_static", svd=tiny_svd, target_k=8)
+    every_model.train()
+    assert all(m.gates(2).tolist() == [[1.0] * 8] * 2 for m in every.wrappers(every_model))
+
+
+def test_dynacsg_static_cli_matches_target_k(tiny_model_dir, tiny_data, tiny_svd, tmp_path):
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "dynacsg_static", svd=tiny_svd, task="sst2", epochs=1,
+                 method_options={"target_k": 2})
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert row["status"] == "ok" and row["mean_active_gates"] == 2.0 and row["adapter_params"] == 96
+    assert row["capacity_limited"] and row["outside_budget"]
+    ranks = pd.read_parquet(out / "ranks.parquet")
+    assert (ranks["rank"] == 2).all() and (ranks["allocated_rank"] == 8).all()
+    curve = pd.read_parquet(out / "curve.parquet")
+    train = curve[curve.kind == "train"]
+    assert (train["mean_k"] == 2.0).all() and train["mean_k_sampled"].between(0, 8).all()
+
+
+@pytest.mark.parametrize("method", ["dynacsg", "dynacsg_static"])
 def test_gated_methods_compile(tiny_model_dir, tiny_data, tiny_svd, tmp_path, method):
     """Dynamo (backend ``eager``) traces the gated training forward, hooks included, and the
     compiled run's losses and dev metric equal the eager run's."""

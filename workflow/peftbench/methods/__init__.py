@@ -66,6 +66,7 @@ METHOD_TABLE: tuple[MethodInfo, ...] = (
     MethodInfo("spectral_r", "spectral_r", "Spectral Adapter^R", uses_svd=True),
     MethodInfo("gsa", "gsa", "GSA", uses_svd=True),
     MethodInfo("dynacsg", "dynacsg", "DynaCSG", uses_svd=True),
+    MethodInfo("dynacsg_static", "dynacsg_static", "DynaCSG static gates", uses_svd=True),
     MethodInfo("phased", "phased", "phased LoRA"),
 )
 
