@@ -239,13 +239,8 @@ def test_missing_mirror_names_the_command_line_fix(tmp_path):
         load_split(get_task("cola"), "train", tmp_path / "nowhere")
 
 
-def test_paper_overlay_pending_options_block_uncomments_into_method_options():
-    """The commented block of options still being added elsewhere (spectral_r.rank, gsa.k) lands
-    under method_options once uncommented."""
-    text = (CONFIGS / "glue-deberta-paper.yaml").read_text()
-    pending = [ln for ln in text.splitlines() if ln.startswith("#   ") and ":" in ln and "{" in ln]
-    assert pending == ["#   spectral_r: {rank: 8}", "#   gsa: {k: 16}"]
-    for ln in pending:
-        text = text.replace(ln, ln[2:])
-    overlay = yaml.safe_load(text)
+def test_paper_overlay_sets_each_method_at_its_source_setting():
+    """spectral_r r = 8 and gsa k = 16 (the options exist now) next to the other paper settings."""
+    overlay = yaml.safe_load((CONFIGS / "glue-deberta-paper.yaml").read_text())
     assert overlay["method_options"]["spectral_r"] == {"rank": 8} and overlay["method_options"]["gsa"] == {"k": 16}
+    assert {"spectral_r", "gsa"} <= set(overlay["grid"]["methods"]) and overlay["grid"]["budgets"] == ["r8"]

@@ -1,7 +1,9 @@
 """dynacsg (dynamic conditional spectral gates) and phased (phase-wise LoRA switching) on a tiny BERT."""
 import copy
 import json
+import math
 
+import numpy as np
 import pandas as pd
 from conftest import recipe_args
 import pytest
@@ -12,7 +14,8 @@ from peftbench.methods import BuildContext, LoopState, get_method
 from peftbench.methods.dynacsg import (DynamicSpectralLinear, GateHyperNetwork, choose_size, gumbel_sigmoid_st,
                                        spectral_correction)
 from peftbench.methods.phased import STRATEGIES, boundary_steps, phase_at
-from peftbench.models import backbone_param_count, find_targets, head_module_names, load_classifier
+from peftbench.methods.options import OptionsError
+from peftbench.models import backbone_param_count, find_targets, head_module_names, is_head_param, load_classifier
 from peftbench.svd import compute_svd, load_factors
 from peftbench.vocab import get_task
 from peftbench.train import gradient_norms, train_step
@@ -155,7 +158,15 @@ def test_gumbel_sigmoid_is_hard_forward_soft_backward():
 
 
 def test_dynacsg_parameter_count_matches_budget(tiny_model_dir, tiny_svd):
+    # seed default: r = 8 gates per matrix, only the hypernetwork's width is solved for the budget
     model, method, ctx = _build(tiny_model_dir, "dynacsg", svd=tiny_svd)
+    n = method.param_counts(model)["adapter_params"]
+    assert method.rank == 8 and n == GateHyperNetwork.count(32, 2, 6, 8, method.hidden) and method.hidden > 64
+    assert abs(n - ctx.budget_params) <= 0.1 * ctx.budget_params
+    s = method.summary(model)
+    assert s["capacity_limited"] is False and s["outside_budget"] is False and s["gates_per_matrix"] == 8
+    # rank: null derives r from the budget as well
+    model, method, ctx = _build(tiny_model_dir, "dynacsg", svd=tiny_svd, options={"rank": None})
     counts = method.param_counts(model)
     n = GateHyperNetwork.count(32, 2, 6, method.rank, method.hidden)
     assert counts["adapter_params"] == n == sum(p.numel() for p in method.hyper.parameters())
@@ -187,6 +198,221 @@ def test_dynacsg_cli_writes_active_gates(tiny_model_dir, tiny_data, tiny_svd, tm
     assert abs(row["adapter_params"] - 0.02 * row["backbone_params"]) <= 0.1 * 0.02 * row["backbone_params"]
     curve = pd.read_parquet(out / "curve.parquet")
     assert (curve.loc[curve.kind == "train", "gate_penalty"] > 0).all()
+
+
+def _build_task(tiny_model_dir, key, task="sst2", budget=2.0, svd=None, **options):
+    """(model, reference, method) of ``key`` on ``task`` (the reference: the same pretrained model)."""
+    torch.manual_seed(0)
+    model = load_classifier(str(tiny_model_dir), get_task(task))
+    reference = copy.deepcopy(model)
+    ctx = BuildContext(task=get_task(task), budget=budget, backbone_params=backbone_param_count(model),
+                       targets=find_targets(model), head_modules=head_module_names(model), total_steps=12,
+                       steps_per_epoch=12, options=options, seed=0, svd_path=svd)
+    method = get_method(key)(ctx)
+    return method.build(model), reference, method
+
+
+def _cls_batch(n=4, T=9, seed=0):
+    b = _batch(n=n, T=T, seed=seed)
+    b["labels"] = torch.arange(n) % 2
+    return b
+
+
+def _forbid_host_reads(mp):
+    """Make every tensor → host read (float(), .item(), .tolist(), .cpu(), .numpy()) raise."""
+
+    def boom(*a, **k):
+        raise AssertionError("host sync in a training hook")
+
+    for name in ("__float__", "item", "tolist", "cpu", "numpy"):
+        mp.setattr(torch.Tensor, name, boom)
+
+
+def test_dynacsg_seed_defaults_close_every_gate_at_init(tiny_model_dir, tiny_svd):
+    """Seed 002: r_b = 8, λ = 1e-4, threshold offset −3: identity at init, and the expected-L0
+    penalty starts far below the task loss (it used to be ~3× the task loss, and the gates collapsed)."""
+    model, reference, method = _build_task(tiny_model_dir, "dynacsg", svd=tiny_svd)
+    o = method.options
+    assert (o.rank, o.lam, o.init_logit) == (8, 1e-4, -3.0) and method.rank == 8
+    assert torch.equal(method.hyper.fc2.bias.detach(), torch.full((6 * 8,), -3.0))
+    batch = _cls_batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=1e-6)
+        assert all(float(lin.gate.sum()) == 0 for lin in method.linears.values())  # every gate closed
+        hs = model(**inputs, output_hidden_states=True).hidden_states
+        logits = torch.stack([method.hyper(hs[l][:, 0, :], l) for l in range(2)])
+    margin = float((logits + 3).abs().max())
+    assert margin < 1.0  # |W2 h| at init stays far below the offset
+    model.train()
+    state = LoopState(step=0, epoch=0, total_steps=12, steps_per_epoch=12)
+    method.on_step_start(model, state)
+    out = model(**batch)
+    pen = float(method.extra_loss(model, out, batch, state).detach())
+    assert 0 < pen < 0.1 * float(out.loss.detach()) and pen < 0.1 * math.log(2)
+    assert pen == pytest.approx(1e-4 * 2 * 6 * 8 * torch.sigmoid(torch.tensor(-3.0)).item(), rel=0.5)
+    assert float(state.log["mean_k"]) == 0.0
+    # DeBERTa-v3-base: 72 matrices × 8 gates; even with logits `margin` above the offset, < 0.1 × task loss
+    assert 1e-4 * 72 * 8 * torch.sigmoid(torch.tensor(-3.0 + margin)).item() < 0.1 * math.log(2)
+    with pytest.raises(OptionsError, match="init_logit"):
+        get_method("dynacsg").options_cls.from_dict({"init_logit": 0.5}, where="method_options.dynacsg")
+
+
+def test_dynacsg_logs_mean_k_on_the_device(tiny_model_dir, tiny_svd, monkeypatch):
+    """⟨k⟩ (open gates per matrix under the inference mask) is logged every step as a device
+    tensor; no hook reads a tensor on the host (training forward, penalty, dev-gate collection)."""
+    model, _, method = _build_task(tiny_model_dir, "dynacsg", svd=tiny_svd)
+    with torch.no_grad():  # logits = b2 exactly: gates 0..2 of every matrix open, the rest closed
+        method.hyper.fc2.weight.zero_()
+        method.hyper.fc2.bias.copy_(torch.tensor([20.0] * 3 + [-20.0] * 5).repeat(6))
+    batch = _cls_batch()
+    state = LoopState(step=0, epoch=0, total_steps=12, steps_per_epoch=12)
+    model.train()
+    method.on_step_start(model, state)
+    with monkeypatch.context() as mp:
+        _forbid_host_reads(mp)
+        out = model(**batch)
+        method.extra_loss(model, out, batch, state)
+    assert {"gate_penalty", "expected_gate_frac", "mean_k", "mean_k_sampled"} <= set(state.log)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in state.log.values())
+    assert float(state.log["mean_k"]) == 3.0 and float(state.log["mean_k_sampled"]) == 3.0  # |noise| < 20
+    assert float(state.log["expected_gate_frac"]) == pytest.approx(3 / 8, rel=1e-6)
+    model.eval()
+    method.on_eval_start(model)
+    with monkeypatch.context() as mp, torch.no_grad():
+        _forbid_host_reads(mp)
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    method.on_eval_end(model)  # one transfer per evaluation, here
+    assert method.active_per_matrix() == [3.0] * 12
+
+
+def test_dynacsg_cli_logs_mean_k_every_logged_step(tiny_model_dir, tiny_data, tiny_svd, tmp_path):
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "dynacsg", svd=tiny_svd, task="sst2", epochs=1)
+    curve = pd.read_parquet(out / "curve.parquet")
+    train = curve[curve.kind == "train"]
+    assert len(train) == 3  # 6 steps, logged every 2
+    for col in ("mean_k", "mean_k_sampled", "gate_penalty", "expected_gate_frac"):
+        assert train[col].notna().all(), col
+    assert train["mean_k"].between(0, 8).all() and (train["gate_penalty"] < 0.1 * train["loss"]).all()
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert row["gates_per_matrix"] == 8 and not row["outside_budget"]
+
+
+def test_dynacsg_rank_beyond_the_stored_factors_is_an_error(tiny_model_dir, tmp_path):
+    compute_svd(str(tiny_model_dir), "tiny", 4, tmp_path / "f.safetensors", tmp_path / "s.parquet", device="cpu")
+    for key in ("dynacsg", "dynacsg_static"):
+        with pytest.raises(ValueError, match=rf"method_options\.{key}\.rank: 8 .* stored only 4 .*svd\.top_k"):
+            _build_task(tiny_model_dir, key, svd=tmp_path / "f.safetensors")
+
+
+# ---------------------------------------------------------------- dynacsg_static (the static-gate control) ---
+def test_static_gates_learn_one_logit_vector_per_matrix(tiny_model_dir, tiny_svd, monkeypatch):
+    model, reference, method = _build_task(tiny_model_dir, "dynacsg_static", svd=tiny_svd)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.rsplit(".", 1)[-1] for n in trainable if not is_head_param(n)} == {"logit"}
+    assert not hasattr(model, "dynacsg_hypernet")
+    s = method.summary(model)
+    assert method.param_counts(model)["adapter_params"] == 12 * 8 == s["planned_adapter_params"]  # r logits each
+    assert s["capacity_limited"] and s["outside_budget"] and s["gates_per_matrix"] == 8 and s["target_k"] == -1
+    batch = _cls_batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval(), reference.eval()
+    with torch.no_grad():  # logits start at −3: every gate closed, the pretrained model
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=1e-6)
+    model.train()
+    state = LoopState(step=0, epoch=0, total_steps=12, steps_per_epoch=12)
+    method.on_step_start(model, state)
+    with monkeypatch.context() as mp:
+        _forbid_host_reads(mp)
+        out = model(**batch)
+        pen = method.extra_loss(model, out, batch, state)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in state.log.values())
+    mods = method.wrappers(model)
+    for m in mods:  # one independent straight-through sample per example, hard 0/1
+        assert m.last_sampled.shape == (4, 8) and set(m.last_sampled.unique().tolist()) <= {0.0, 1.0}
+    assert float(pen.detach()) == pytest.approx(1e-4 * 96 * torch.sigmoid(torch.tensor(-3.0)).item(), rel=1e-5)
+    assert float(state.log["mean_k"]) == 0.0
+    out.loss.backward()  # the task loss alone reaches every matrix's logits through the gates
+    assert all(m.logit.grad is not None and m.logit.grad.abs().sum() > 0 for m in mods)
+    # eval: the correction is α U diag(S ⊙ 1[logit > 0]) Vᵀ, the same for every input
+    mod, t = mods[4], method.ctx.targets[4]
+    with torch.no_grad():
+        mod.logit.copy_(torch.tensor([1.0, -1, 2, -2, 3, -3, 4, -4]))
+    mod.eval()
+    U, S, Vh = load_factors(tiny_svd, t.name)
+    mask = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0])
+    W = mod.base.weight.detach() + 0.1 * U[:, :8] @ torch.diag(S[:8] * mask) @ Vh[:8]
+    x = torch.randn(3, 5, t.d_in)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), x @ W.T + mod.base.bias.detach(), atol=1e-5, rtol=1e-5)
+    for bad in ({"target_k": 0}, {"rank": None}, {"init_logit": 1.0}):
+        with pytest.raises(OptionsError):
+            get_method("dynacsg_static").options_cls.from_dict(bad, where="method_options.dynacsg_static")
+
+
+def test_static_target_k_opens_exactly_k_gates(tiny_model_dir, tiny_svd):
+    """target_k = K: the inference mask keeps the K largest logits of every matrix (⟨k⟩ = K), the
+    training threshold sits between the K-th and the next logit, and λ is not used."""
+    model, _, method = _build_task(tiny_model_dir, "dynacsg_static", svd=tiny_svd, target_k=3)
+    mods = method.wrappers(model)
+    assert all(m.mask().tolist() == [1.0] * 3 + [0.0] * 5 for m in mods)  # equal logits: the top singular values
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in mods:
+            m.logit.copy_(torch.randn(8, generator=g))
+    for m in mods:
+        top = set(torch.topk(m.logit.detach(), 3).indices.tolist())
+        assert {i for i, v in enumerate(m.mask().tolist()) if v} == top
+        assert {i for i, v in enumerate(m.shifted_logits().tolist()) if v > 0} == top
+    batch = _cls_batch()
+    state = LoopState(step=0, epoch=0, total_steps=12, steps_per_epoch=12)
+    model.train()
+    method.on_step_start(model, state)
+    out = model(**batch)
+    assert method.extra_loss(model, out, batch, state) is None and "gate_penalty" not in state.log
+    assert float(state.log["mean_k"]) == 3.0
+    s = method.summary(model)
+    assert s["mean_active_gates"] == 3.0 and s["mean_active_gates_per_layer"] == 18.0 and s["target_k"] == 3
+    every_model, _, every = _build_task(tiny_model_dir, "dynacsg_static", svd=tiny_svd, target_k=8)
+    every_model.train()
+    assert all(m.gates(2).tolist() == [[1.0] * 8] * 2 for m in every.wrappers(every_model))
+
+
+def test_dynacsg_static_cli_matches_target_k(tiny_model_dir, tiny_data, tiny_svd, tmp_path):
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "dynacsg_static", svd=tiny_svd, task="sst2", epochs=1,
+                 method_options={"target_k": 2})
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert row["status"] == "ok" and row["mean_active_gates"] == 2.0 and row["adapter_params"] == 96
+    assert row["capacity_limited"] and row["outside_budget"]
+    ranks = pd.read_parquet(out / "ranks.parquet")
+    assert (ranks["rank"] == 2).all() and (ranks["allocated_rank"] == 8).all()
+    curve = pd.read_parquet(out / "curve.parquet")
+    train = curve[curve.kind == "train"]
+    assert (train["mean_k"] == 2.0).all() and train["mean_k_sampled"].between(0, 8).all()
+
+
+@pytest.mark.parametrize("method", ["dynacsg", "dynacsg_static"])
+def test_gated_methods_compile(tiny_model_dir, tiny_data, tiny_svd, tmp_path, method):
+    """Dynamo (backend ``eager``) traces the gated training forward, hooks included, and the
+    compiled run's losses and dev metric equal the eager run's."""
+    assert get_method(method).compilable
+    common = dict(task="sst2", length_buckets=2, max_train_samples=48, epochs=1)
+    a = _train(tiny_model_dir, tiny_data, tmp_path / "a", method, svd=tiny_svd, **common)
+    b = _train(tiny_model_dir, tiny_data, tmp_path / "b", method, svd=tiny_svd, compile=True,
+               compile_backend="eager", **common)
+    ma, mb = (pd.read_parquet(d / "metrics.parquet").iloc[0] for d in (a, b))
+    assert not ma["compiled"] and mb["compiled"]
+    ca, cb = (pd.read_parquet(d / "curve.parquet") for d in (a, b))
+    for col in ("loss", "mean_k"):
+        np.testing.assert_allclose(ca.loc[ca.kind == "train", col], cb.loc[cb.kind == "train", col],
+                                   rtol=1e-5, atol=1e-6)
+    assert ma["dev_main"] == pytest.approx(mb["dev_main"], abs=1e-6)
+    if method == "dynacsg":  # one graph: the layer pre-hooks are traced, not broken out
+        model, _, _ = _build_task(tiny_model_dir, method, svd=tiny_svd)
+        model.train()
+        explained = torch._dynamo.explain(model)(**_cls_batch())
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
 # ---------------------------------------------------------------- phased -------------------------------------

@@ -1,8 +1,11 @@
 """Spectral methods (spectral_a, spectral_r, gsa) on a tiny random BERT: maths against dense
-references, step-0 equality, Cayley orthogonality, budget matching, frozen backbone, CLI runs."""
+references, step-0 equality, Cayley orthogonality, the singular-value scale of Spectral
+Adapter^R, budget matching and the rank / k options, frozen backbone, device-side logging,
+compiled training, CLI runs."""
 import copy
 import json
 
+import numpy as np
 import pandas as pd
 from conftest import recipe_args
 import pytest
@@ -11,14 +14,15 @@ from safetensors.torch import load_file
 
 from peftbench.cli import main
 from peftbench.methods import BuildContext, LoopState, get_method
-from peftbench.methods.spectral_common import SpectralLinear, check_factors
-from peftbench.methods.spectral_r import cayley, skew_from_params
+from peftbench.methods.options import OptionsError
+from peftbench.methods.spectral_common import SpectralLinear, budget_flags, check_factors
+from peftbench.methods.spectral_r import cayley, rotational_params, skew_from_params
 from peftbench.models import backbone_param_count, find_targets, head_module_names, is_head_param, load_classifier
 from peftbench.svd import load_factors
 from peftbench.vocab import get_task
 
 METHODS = ["spectral_a", "spectral_r", "gsa"]
-OWN = {"spectral_a": ("A_U", "A_V"), "spectral_r": ("X_U", "X_V"), "gsa": ("g",)}
+OWN = {"spectral_a": ("A_U", "A_V"), "spectral_r": ("X_U", "X_V", "scale"), "gsa": ("g",)}
 
 
 def _svd(model_dir, out, top_k):
@@ -100,7 +104,8 @@ def _dense_reference(method, mod, W, U, S, V):
             eye = torch.eye(r)
             return (eye - K) @ torch.linalg.inv(eye + K)
 
-        return W + (U @ rot(mod.X_U)) @ torch.diag(S) @ (V @ rot(mod.X_V)).T - U @ torch.diag(S) @ V.T
+        # the authors' Spectral Adapter^R: rotated top-r vectors and scaled top-r singular values
+        return W + (U @ rot(mod.X_U)) @ torch.diag(S * mod.scale) @ (V @ rot(mod.X_V)).T - U @ torch.diag(S) @ V.T
     W_res = W - U @ torch.diag(S) @ V.T
     return W_res + U @ torch.diag(S * (1 + mod.g)) @ V.T
 
@@ -108,7 +113,8 @@ def _dense_reference(method, mod, W, U, S, V):
 @pytest.mark.parametrize("method,svd", [(m, s) for m in METHODS for s in ("factors", "factors8")])
 def test_wrapper_equals_dense_reference(tiny_model_dir, request, method, svd):
     path = request.getfixturevalue(svd)
-    m, model, ref = _build(tiny_model_dir, method, path, budget=0.5)
+    opts = {"k": 8} if method == "gsa" and svd == "factors8" else {}  # k ≤ the stored top-k
+    m, model, ref = _build(tiny_model_dir, method, path, budget=0.5, **opts)
     _randomise(model)
     refmods = dict(ref.named_modules())
     g = torch.Generator().manual_seed(2)
@@ -152,7 +158,8 @@ def test_budget_matching(tiny_model_dir, request, method, budget, svd, limited):
     assert counts["adapter_params"] == s["planned_adapter_params"]
     mods = m.wrappers(model)
     per = {"spectral_a": lambda mod: mod.r * (mod.in_features + mod.out_features),
-           "spectral_r": lambda mod: mod.r * (mod.r - 1), "gsa": lambda mod: mod.r}[method]
+           "spectral_r": lambda mod: mod.r * (mod.r - 1) + mod.r,  # two rotations + the r scales
+           "gsa": lambda mod: mod.r}[method]
     assert counts["adapter_params"] == sum(per(mod) for mod in mods)
     if limited:
         assert counts["adapter_params"] < target
@@ -181,7 +188,7 @@ def test_only_method_params_and_head_change(tiny_model_dir, factors, method):
     extra = m.extra_loss(model, out, b, state)
     loss = out.loss if extra is None else out.loss + extra
     if method == "gsa":
-        assert extra is not None and state.log["penalty"] == 0.0 and float(extra.detach()) == 0.0
+        assert extra is not None and float(state.log["penalty"]) == 0.0 and float(extra.detach()) == 0.0
     loss.backward()
     opt.step()
     after = dict(list(model.named_parameters()) + list(model.named_buffers()))
@@ -252,3 +259,135 @@ def test_train_cli(tiny_model_dir, tiny_data, factors, tmp_path, method):
         assert thr == row["active_gates"]
     else:
         assert (ranks["rank"] == row["rank"]).all()
+
+
+# ------------------------------------------------------------- Spectral Adapter^R: the singular-value scale
+def test_spectral_r_scales_the_top_singular_values(tiny_model_dir, factors8):
+    """The authors' Spectral Adapter^R also trains a scale c of the top-r singular values
+    (``spectral_C``, init 1): with no rotation, W' has singular values S_r ⊙ c on the top-r vectors
+    and is unchanged outside them; c counts in the adapter's parameters."""
+    m, model, ref = _build(tiny_model_dir, "spectral_r", factors8, budget=0.5)
+    refmods = dict(ref.named_modules())
+    for mod in m.wrappers(model):
+        assert torch.equal(mod.scale.detach(), torch.ones(mod.r)) and mod.scale.requires_grad
+    t = m.ctx.targets[4]
+    mod = model.get_submodule(t.name)
+    c = torch.linspace(0.5, 2.0, mod.r)
+    with torch.no_grad():
+        mod.scale.copy_(c)
+    W = refmods[t.name].weight.detach()
+    Wp = W + mod.delta_weight().detach()
+    U, S, Vh = load_factors(factors8, t.name)
+    proj = U.T @ Wp @ Vh.T  # (8, 8): the top-8 block of W' in W's singular bases
+    torch.testing.assert_close(proj, torch.diag(S * c), atol=1e-5, rtol=1e-5)
+    P_U, P_V = torch.eye(t.d_out) - U @ U.T, torch.eye(t.d_in) - Vh.T @ Vh
+    torch.testing.assert_close(P_U @ Wp @ P_V, P_U @ W @ P_V, atol=1e-5, rtol=0)  # the rest of W untouched
+    counts = m.param_counts(model)
+    assert counts["adapter_params"] == sum(rotational_params(w.r) for w in m.wrappers(model)) == 12 * 8 * 8
+    assert m.summary(model)["mean_abs_scale_shift"] == pytest.approx(float((c - 1).abs().mean()) / 12, rel=1e-5)
+    groups = m.parameter_groups(model, 0.01)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert all(id(w.scale) in no_decay for w in m.wrappers(model))  # decay must not pull c towards 0
+
+
+# ------------------------------------------------------------- the rank option (spectral_a, spectral_r)
+@pytest.mark.parametrize("method", ["spectral_a", "spectral_r"])
+def test_rank_option_fixes_r_at_every_budget(tiny_model_dir, factors, factors8, method):
+    per = {"spectral_a": lambda t: 8 * (t.d_in + t.d_out), "spectral_r": lambda t: 64}[method]
+    counts = set()
+    for budget in (0.2, 0.5, 2.0):
+        m, model, _ = _build(tiny_model_dir, method, factors, budget=budget, rank=8)
+        assert {w.r for w in m.wrappers(model)} == {8}
+        n = m.param_counts(model)["adapter_params"]
+        assert n == sum(per(t) for t in m.ctx.targets)
+        s = m.summary(model)
+        assert s["planned_adapter_params"] == n and s["rank"] == 8
+        assert {k: s[k] for k in ("capacity_limited", "outside_budget")} == budget_flags(n, m.ctx.budget_params)
+        counts.add(n)
+    assert len(counts) == 1
+    # null (the default) still derives r from the budget
+    m, model, _ = _build(tiny_model_dir, method, factors, budget=0.5, rank=None)
+    m2, model2, _ = _build(tiny_model_dir, method, factors, budget=0.5)
+    assert [w.r for w in m.wrappers(model)] == [w.r for w in m2.wrappers(model2)] != [8] * 12
+    # more singular values than the svd stage stored: an error naming the key and both fixes
+    with pytest.raises(ValueError, match=rf"method_options\.{method}\.rank: 16 .* stored only 8 .*svd\.top_k"):
+        _build(tiny_model_dir, method, factors8, rank=16)
+    with pytest.raises(OptionsError, match="rank"):
+        get_method(method).options_cls.from_dict({"rank": 0}, where=f"method_options.{method}")
+
+
+def test_budget_flags():
+    assert budget_flags(95, 100) == {"capacity_limited": False, "outside_budget": False}
+    assert budget_flags(80, 100) == {"capacity_limited": True, "outside_budget": True}
+    assert budget_flags(120, 100) == {"capacity_limited": False, "outside_budget": True}
+
+
+# ------------------------------------------------------------- GSA: k is an option, not the budget
+def test_gsa_k_is_the_seed_option_not_the_budget(tiny_model_dir, factors, factors8):
+    """Seed 002: k = 16 gates per matrix at every budget; the count is reported as it is."""
+    rows = []
+    for budget in (0.1, 0.5, 2.0):
+        m, model, _ = _build(tiny_model_dir, "gsa", factors, budget=budget)
+        assert m.options.k == 16 and {w.r for w in m.wrappers(model)} == {16}
+        s = m.summary(model)
+        rows.append((m.param_counts(model)["adapter_params"], s["budget_rank"]))
+        assert s["capacity_limited"] and s["outside_budget"]  # 192 gates ≪ 0.1 % of the backbone
+        assert m.budget_count(model) == 12 * 16
+    assert {n for n, _ in rows} == {12 * 16}
+    assert len({b for _, b in rows}) == 3  # what each budget would pay for still differs
+    m, model, _ = _build(tiny_model_dir, "gsa", factors, budget=0.5, k=4)
+    assert m.param_counts(model)["adapter_params"] == 12 * 4
+    with pytest.raises(ValueError, match=r"method_options\.gsa\.k: 16 .* stored only 8 .*svd\.top_k"):
+        _build(tiny_model_dir, "gsa", factors8)
+    with pytest.raises(OptionsError, match=r"method_options\.gsa\.k"):
+        get_method("gsa").options_cls.from_dict({"k": 0}, where="method_options.gsa")
+
+
+# ------------------------------------------------------------- no host sync in the hooks
+class _HostSync(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Make every tensor → Python read (float(), .item(), .tolist(), bool()) raise."""
+
+    def boom(*a, **k):
+        raise _HostSync("host sync")
+
+    for name in ("__float__", "item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_hooks_keep_logged_values_on_the_device(tiny_model_dir, factors, method, request):
+    m, model, _ = _build(tiny_model_dir, method, factors, budget=0.5, **({"lam": 1e-2} if method == "gsa" else {}))
+    model.train()
+    b = {**_inputs(), "labels": torch.tensor([0.5, 1.0, 3.0, 4.5])}
+    state = LoopState(step=0, epoch=0, total_steps=10, steps_per_epoch=5)
+    out = model(**b)
+    request.getfixturevalue("no_host_sync")
+    m.on_step_start(model, state)
+    extra = m.extra_loss(model, out, b, state)  # must not read any tensor on the host
+    m.after_backward(model, state)
+    m.after_optimizer_step(model, state)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in state.log.values())
+    assert (extra is not None) == (method == "gsa") and ("penalty" in state.log) == (method == "gsa")
+
+
+# ------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_training_matches_eager(tiny_model_dir, tiny_data, factors, tmp_path, method):
+    """Dynamo-traced training (backend ``eager``) of a ``compilable`` spectral method gives the
+    eager run's losses and dev metric."""
+    assert get_method(method).compilable
+    common = dict(task="sst2", length_buckets=2, max_train_samples=48, batch_size=16, budget=0.5)
+    a = _train(tiny_model_dir, tiny_data, factors, tmp_path / "a", method, **common)
+    b = _train(tiny_model_dir, tiny_data, factors, tmp_path / "b", method, compile=True, compile_backend="eager",
+               **common)
+    ma, mb = (pd.read_parquet(d / "metrics.parquet").iloc[0] for d in (a, b))
+    assert not ma["compiled"] and mb["compiled"] and mb["compile_note"].startswith("compiled (backend eager")
+    ca, cb = (pd.read_parquet(d / "curve.parquet") for d in (a, b))
+    np.testing.assert_allclose(ca.loc[ca.kind == "train", "loss"], cb.loc[cb.kind == "train", "loss"],
+                               rtol=1e-5, atol=1e-6)
+    assert ma["dev_main"] == pytest.approx(mb["dev_main"], abs=1e-6)

@@ -69,6 +69,7 @@ METHOD_TABLE: tuple[MethodInfo, ...] = (
     MethodInfo("dynacsg", "dynacsg", "DynaCSG", uses_svd=True),
     MethodInfo("lora_attn", "lora_attn", "LoRA (attention only)"),
     MethodInfo("lora_mlp", "lora_mlp", "LoRA (MLP only)"),
+    MethodInfo("dynacsg_static", "dynacsg_static", "DynaCSG static gates", uses_svd=True),
     MethodInfo("phased", "phased", "phased LoRA"),
 )
 

@@ -20,12 +20,32 @@ pre-activation so that layers can differ::
 
 (``K`` target matrices per layer, ``r`` gates per matrix; ``W1 ∈ R^{H×d}``, ``W2 ∈ R^{Kr×H}``).
 
-Training uses a Gumbel-sigmoid (binary Concrete, Maddison et al. 2017; Jang et al. 2017) gate with a
-straight-through estimator: ``u ~ U(0,1)``, ``y = σ((logit + log u − log(1−u)) / τ)``, forward value
-``1[y > 0.5]``, backward gradient of ``y``. The sparsity penalty is λ · E[gates on], an L0 penalty
-in the sense of Louizos et al. 2018: the expected number of open gates per example summed over all
-adapted matrices, estimated differentiably by ``Σ_{l,k,i} σ(logit_{b,l,k,i})`` averaged over the batch.
-At inference (``model.eval()``) the gates are the deterministic mask ``g = 1[logit > 0]``.
+Training uses a Gumbel-sigmoid gate (the binary Concrete of Maddison et al., arXiv:1611.00712;
+Gumbel-softmax of Jang et al., arXiv:1611.01144) with a straight-through estimator:
+``u ~ U(0,1)``, ``y = σ((logit + log u − log(1−u)) / τ)``, forward value ``1[y > 0.5]``, backward
+gradient of ``y``; a gate is then open with probability ``σ(logit)``. The sparsity penalty is the
+seed's ``λ · E[#gates on]``, the expected L0 norm of Louizos et al. (arXiv:1712.01312:
+``Σ_j P(gate j open)``, here with ``P = σ(logit)``): the expected number of open gates of one
+example summed over all adapted matrices, ``Σ_{l,k,i} σ(logit_{b,l,k,i})``, averaged over the batch. At inference (``model.eval()``) the gates are the deterministic mask
+``g = 1[logit > 0]``.
+
+Initialisation — gates off, identity at init: the output bias of the hypernetwork is the
+threshold offset ``b2 = init_logit`` (default −3), so every gate starts with open probability
+``σ(−3 + W2 h) ≈ 0.05`` in training and closed (``logit < 0``) at inference: the model is the
+pretrained one at step 0 (``identity_at_init``), and a gate opens only when the task loss pays for
+it. ``W2`` keeps PyTorch's default init (``U(±1/√H)``): its spread at init is small against the
+offset (max ``|W2 h|`` = 0.32 over 200 SST-2 dev sentences with all-MiniLM-L6-v2 at budget 0.6 %,
+< 1 on the tiny test BERT, which the tests assert), so no logit comes near 0, while ``W1`` gets
+gradients from the first step (a zero ``W2`` would block them). With Adam a logit moves by about
+the learning rate per step, so a gate needs on the order of ``|init_logit| / lr`` steps to open:
+short runs keep every gate closed. Earlier versions used ``b2 = 0`` (half the gates open at init)
+with ``λ = 1e-3`` and r from the budget (up to the 128 singular values the DeBERTa config
+stores): the penalty started at ``1e-3 · 72 · 128 · ½ ≈ 4.6`` nats on DeBERTa-v3-base, six times
+the task loss (~0.7), and the gates collapsed before the task could use them.
+
+Penalty scale (seed: ``λ = 1e-4``, ``r_b = 8``): on DeBERTa-v3-base (72 matrices, 576 gates) the
+initial penalty is ``1e-4 · 576 · σ(−3) ≈ 2.7e-3`` nats, < 0.1 × a typical task loss; every gate
+open costs 0.058 nats. ``tests/test_dynacsg_phased.py`` asserts the bound.
 
 Context: ``detach_context=True`` (default) stops gradients at the context vector. The hypernetwork
 then learns only through the gates it emits (its input is treated as a fixed feature, as an
@@ -35,23 +55,32 @@ in which the (biased) straight-through gradient of layer ``l`` is pushed into th
 ``< l`` via their effect on ``c_{b,l}``. ``detach_context=False`` keeps that path.
 
 Budget: the hypernetwork is the trainable adapter (the SVD factors are frozen buffers); its size is
-``n(H, r) = H (d + 1 + L + K r) + K r`` (W1, b1, the L layer embeddings, W2, b2). With the
-hidden width ``H = hidden`` the gates per matrix are ``r = round((B − H (d+1+L)) / (K (H+1)))``
-clamped to ``[1, r_max]`` (``B`` = ``ctx.budget_params``, ``r_max`` = singular values stored for every
-matrix, ≤ min(d_out, d_in)); if ``n`` is then off the budget by more than 10 % the width is re-solved,
-``H = round((B − K r) / (d + 1 + L + K r))`` (grown only when ``grow_hidden``; shrunk when the budget
-is too small for the default width). A run whose count stays below 0.9 B is ``capacity_limited``.
-An explicit ``rank`` fixes ``r`` (capped at ``r_max``) and only ``H`` is solved.
+``n(H, r) = H (d + 1 + L + K r) + K r`` (W1, b1, the L layer embeddings, W2, b2). By default
+``r = rank = 8`` gated singular values per matrix (the seed's ``r_b``; more than the ``svd`` stage
+stored is an error) and only the width is solved for the budget:
+``H = round((B − K r) / (d + 1 + L + K r))`` when ``n(hidden, r)`` is off the budget ``B``
+(``ctx.budget_params``) by more than 10 % (grown only when ``grow_hidden``; shrunk when the budget
+is too small for the default width). ``rank: null`` derives r from the budget as well:
+``r = round((B − H (d+1+L)) / (K (H+1)))`` clamped to ``[1, r_max]`` (``r_max`` = singular values
+stored for every matrix, ≤ min(d_out, d_in)), then H as above. ``capacity_limited`` and
+``outside_budget`` compare ``n`` with ``B`` (:func:`~peftbench.methods.spectral_common.budget_flags`).
 
-Reports: ``ranks.parquet`` has ``rank`` = mean number of active gates of that matrix over the dev
-examples at the final evaluation (plus ``gates`` = r and ``active_frac``); ``summary()`` adds
-``mean_active_gates`` (⟨k⟩ per adapted matrix, averaged over matrices),
-``mean_active_gates_per_layer`` (summed over the K matrices of an encoder layer, averaged over
-layers), ``gates_per_matrix``, ``hidden``, ``capacity_limited`` and ``latency_ratio`` — the
-median wall time of ``model(**batch)`` with gates on over the median with the adapter switched off
-(the frozen backbone: the layer hooks return at once, no hypernetwork, no correction), under ``torch.no_grad`` in eval mode, on the
-first (up to) 2 dev batches of the last evaluation (eval batch size), one warm-up pass then 3
-timed passes each (interleaved), with CUDA synchronisation on a GPU.
+Reports: ``curve.parquet`` gets, at every logged training step, ``gate_penalty`` (λ · E[#on]),
+``expected_gate_frac`` (E[#on] / gates), ``mean_k`` — ⟨k⟩, the mean number of open gates per
+matrix under the inference mask ``1[logit > 0]`` on that step's batch (mean over examples and
+matrices) — and ``mean_k_sampled`` (the same for the sampled training gates); all are kept as
+device tensors and read by the loop at logged steps only. ``ranks.parquet`` has ``rank`` = mean
+number of active gates of that matrix over the dev examples at the final evaluation (plus
+``gates`` = r and ``active_frac``); ``summary()`` adds ``mean_active_gates`` (⟨k⟩ per adapted
+matrix at the final evaluation, averaged over matrices: the number a static-gate control
+``dynacsg_static`` with ``target_k`` matches), ``mean_active_gates_per_layer`` (summed over the K
+matrices of an encoder layer, averaged over layers), ``gates_per_matrix``, ``hidden``,
+``capacity_limited``, ``outside_budget`` and ``latency_ratio`` — the median wall time of
+``model(**batch)`` with gates on over the median with the adapter switched off (the frozen
+backbone: the layer hooks return at once, no hypernetwork, no correction), under
+``torch.no_grad`` in eval mode, on the first (up to) 2 dev batches of the last evaluation (eval
+batch size), one warm-up pass then 3 timed passes each (interleaved), with CUDA synchronisation
+on a GPU.
 
 Options (``method_options.dynacsg``): :class:`DynaCSGOptions`.
 """
@@ -71,26 +100,41 @@ from ..svd import load_factors
 from . import register
 from .base import LoopState, Method, ranks_frame
 from .options import MethodOptions, option
+from .spectral_common import budget_flags, explicit_ranks, stored_top_k
 
 
 @dataclass
-class DynaCSGOptions(MethodOptions):
-    """Options of dynamic conditional spectral gates."""
+class GateOptions(MethodOptions):
+    """Gate options shared by DynaCSG and its static-gate control ``dynacsg_static`` (defaults: seed 002)."""
 
-    hidden: int = option(64, "hidden width H of the shared gate hypernetwork, ≥ 1")
-    rank: int | None = option(None, "gated singular values r per matrix; null = from the budget")
-    grow_hidden: bool = option(True, "widen H when the budget allows more than r_max gates per matrix")
+    rank: int | None = option(8, "gated singular values r per matrix (the seed's r_b = 8), ≥ 1; null = from the budget")
     tau: float = option(0.5, "temperature τ of the Gumbel-sigmoid gates, > 0")
-    lam: float = option(1e-3, "weight λ of the expected-L0 penalty λ · E[gates on], ≥ 0")
+    lam: float = option(1e-4, "weight λ of the expected-L0 penalty λ · E[#gates on] (per example, summed over "
+                              "matrices), ≥ 0")
+    init_logit: float = option(-3.0, "threshold offset: initial gate logit (the output bias of the hypernetwork), "
+                                     "so gates start closed with open probability σ(init_logit); < 0")
     alpha: float = option(0.1, "scale α of the gated correction: Ŝ = S ⊙ (1 + α g)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("rank", self.rank is None or self.rank >= 1, "must be an integer ≥ 1 or null (from the budget)")
+        self.require("tau", self.tau > 0, "must be > 0")
+        self.require("lam", self.lam >= 0, "must be ≥ 0")
+        self.require("init_logit", self.init_logit < 0,
+                     "must be < 0, so that every gate is closed at init (the model starts as the pretrained one)")
+
+
+@dataclass
+class DynaCSGOptions(GateOptions):
+    """Options of dynamic conditional spectral gates (defaults: seed 002)."""
+
+    hidden: int = option(64, "hidden width H of the shared gate hypernetwork, ≥ 1 (re-solved for the budget)")
+    grow_hidden: bool = option(True, "widen H when the budget allows a larger hypernetwork than hidden")
     detach_context: bool = option(True, "stop gradients at the [CLS] context vector fed to the hypernetwork")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require("hidden", self.hidden >= 1, "must be ≥ 1")
-        self.require("rank", self.rank is None or self.rank >= 1, "must be ≥ 1 or null")
-        self.require("tau", self.tau > 0, "must be > 0")
-        self.require("lam", self.lam >= 0, "must be ≥ 0")
 
 
 def spectral_correction(x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
@@ -160,18 +204,20 @@ class DynamicSpectralLinear(nn.Module):
 class GateHyperNetwork(nn.Module):
     """The shared hypernetwork: context ``(B, d)`` and layer index → gate logits ``(B, K, r)``.
 
-    ``h = GELU(W1 c + b1 + e_l)``, ``logits = W2 h + b2`` (see the module docstring).
+    ``h = GELU(W1 c + b1 + e_l)``, ``logits = W2 h + b2`` (see the module docstring); ``b2`` starts
+    at ``init_logit`` (the threshold offset that closes every gate at init).
     Parameters: ``H (d + 1 + L + K r) + K r``.
     """
 
-    def __init__(self, d_model: int, n_layers: int, n_kinds: int, rank: int, hidden: int):
+    def __init__(self, d_model: int, n_layers: int, n_kinds: int, rank: int, hidden: int,
+                 init_logit: float = -3.0):
         super().__init__()
         self.n_kinds, self.rank = n_kinds, rank
         self.fc1 = nn.Linear(d_model, hidden)
         self.layer_embedding = nn.Embedding(n_layers, hidden)
         nn.init.normal_(self.layer_embedding.weight, std=0.02)
         self.fc2 = nn.Linear(hidden, n_kinds * rank)
-        nn.init.zeros_(self.fc2.bias)
+        nn.init.constant_(self.fc2.bias, float(init_logit))
 
     def forward(self, context: torch.Tensor, layer: int) -> torch.Tensor:
         h = self.fc1(context) + self.layer_embedding.weight[layer]
@@ -213,6 +259,18 @@ class _HardThreshold(torch.autograd.Function):
         return grad
 
 
+def mean_open_per_matrix(gates: list[torch.Tensor]) -> torch.Tensor:
+    """⟨k⟩: mean number of open gates per matrix, ``mean_{l,b,k} Σ_i g_{l,b,k,i}``.
+
+    Args:
+        gates: one ``(B, K, r)`` tensor of 0/1 (or bool) gates per encoder layer, same shapes.
+
+    Returns:
+        A 0-d float tensor on the gates' device (no host sync).
+    """
+    return torch.stack([g.float().sum(-1).mean() for g in gates]).mean()
+
+
 def choose_size(budget_params: float, d_model: int, n_layers: int, n_kinds: int, r_max: int,
                 hidden: int, rank: int | None = None, grow_hidden: bool = True) -> tuple[int, int]:
     """``(r, H)``: gates per matrix and hidden width for the budget (rule in the module docstring).
@@ -238,10 +296,24 @@ def choose_size(budget_params: float, d_model: int, n_layers: int, n_kinds: int,
 
 @register
 class DynaCSG(Method):
-    """Dynamic conditional spectral gates (see module docstring)."""
+    """Dynamic conditional spectral gates (seed 002; see the module docstring).
+
+    ``identity_at_init``: every gate is closed at init (threshold offset ``init_logit``).
+
+    ``compilable``: yes. The gates are computed in forward pre-hooks on the encoder layers that
+    store them on the wrapped linears (``lin.gate = …``) and append the logits to a Python list
+    that the penalty reads after the forward; Dynamo traces the whole training forward, hooks
+    included, as one graph (no graph break) and replays those side effects, and the hooks' Python
+    flags (adapter on/off, train/eval, dev-gate collection) become guards. Tested with
+    ``compile_backend: eager``: the compiled run's losses equal the eager run's. Under inductor
+    the Gumbel noise comes from inductor's own RNG, so a compiled run is statistically, not
+    bitwise, the eager one; not yet run under CUDA graphs on a GPU.
+    """
 
     name = "dynacsg"
     options_cls = DynaCSGOptions
+    identity_at_init = True
+    compilable = True
     latency_batches = 2  # dev batches kept from the last evaluation for the latency ratio
 
     # -- building -------------------------------------------------------------------------------
@@ -252,11 +324,14 @@ class DynaCSG(Method):
         self.layers = sorted({t.layer for t in targets})
         self.kinds = sorted({t.kind for t in targets}, key=[t.kind for t in targets].index)
         self.slot = {t.name: (self.layers.index(t.layer), self.kinds.index(t.kind)) for t in targets}
+        o = self.options
+        top_k = stored_top_k(self.ctx.svd_path, targets)
+        if o.rank is not None:  # one r for every matrix (the hypernetwork's output is K × r)
+            explicit_ranks(o.rank, targets, top_k, f"method_options.{self.name}.rank")
         factors = {t.name: load_factors(self.ctx.svd_path, t.name) for t in targets}
-        r_max = min(min(f[1].numel(), t.d_in, t.d_out) for t, f in zip(targets, factors.values()))
+        r_max = min(min(k, t.d_in, t.d_out) for t, k in zip(targets, top_k))
         d_model = model.config.hidden_size
         self.d_model = d_model
-        o = self.options
         self.rank, self.hidden = choose_size(self.ctx.budget_params, d_model, len(self.layers), len(self.kinds),
                                              r_max, o.hidden, o.rank, o.grow_hidden)
         self.r_max = r_max
@@ -266,7 +341,8 @@ class DynaCSG(Method):
             if is_head_param(n):
                 p.requires_grad_(True)
         torch.manual_seed(self.ctx.seed)
-        model.dynacsg_hypernet = GateHyperNetwork(d_model, len(self.layers), len(self.kinds), self.rank, self.hidden)
+        model.dynacsg_hypernet = GateHyperNetwork(d_model, len(self.layers), len(self.kinds), self.rank, self.hidden,
+                                                  o.init_logit)
         self.hyper = model.dynacsg_hypernet
         modules = dict(model.named_modules())
         self.linears: dict[str, DynamicSpectralLinear] = {}
@@ -285,9 +361,10 @@ class DynaCSG(Method):
             by_layer.setdefault(li, []).append((ki, self.linears[t.name]))
         self._by_layer = by_layer
         self._enabled = True
-        self._probs: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []    # (B, K, r) per layer, last training forward
+        self._sampled: list[torch.Tensor] = []   # (B, K, r) sampled hard gates, detached
         self._collect = False
-        self._eval_sum = torch.zeros(len(self.layers), len(self.kinds), dtype=torch.float64)
+        self._eval_sum: torch.Tensor | None = None   # (L, K) open gates summed over dev examples, on the device
         self._eval_n = 0
         self.eval_active: torch.Tensor | None = None   # (L, K) mean active gates at the last eval
         self._captured: list[dict[str, torch.Tensor]] = []
@@ -313,11 +390,15 @@ class DynaCSG(Method):
             if self.hyper.training:
                 g = gumbel_sigmoid_st(logits, float(self.options.tau))
                 if torch.is_grad_enabled():
-                    self._probs.append(torch.sigmoid(logits.float()))
+                    self._logits.append(logits)
+                    self._sampled.append(g.detach())
             else:
                 g = (logits > 0).float()
-                if self._collect:
-                    self._eval_sum[li] += g.detach().sum(dim=(0,)).sum(dim=-1).double().cpu()
+                if self._collect:  # accumulated on the device; read once, in on_eval_end
+                    if self._eval_sum is None:
+                        self._eval_sum = torch.zeros(len(self.layers), len(self.kinds), dtype=torch.float64,
+                                                     device=g.device)
+                    self._eval_sum[li] += g.detach().sum(dim=(0, 2)).double()
                     if li == 0:
                         self._eval_n += g.shape[0]
             for ki, lin in lins:
@@ -332,40 +413,50 @@ class DynaCSG(Method):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_step_start(self, model: nn.Module, state: LoopState) -> None:
-        self._probs = []
+        self._logits, self._sampled = [], []
 
-    def penalty(self) -> torch.Tensor:
-        """λ · E[gates on]: ``λ · mean_b Σ_{l,k,i} σ(logit_{b,l,k,i})`` over the last training forward.
+    def expected_open(self) -> torch.Tensor:
+        """E[#gates on] of one example: ``mean_b Σ_{l,k,i} σ(logit_{b,l,k,i})`` over the last training
+        forward (0-d tensor on the device, differentiable).
 
         Raises:
             RuntimeError: no training forward pass since the last ``on_step_start``.
         """
-        if not self._probs:
-            raise RuntimeError("dynacsg: no gate probabilities recorded; run a training forward pass first")
-        expected_on = sum(p.sum(dim=(1, 2)) for p in self._probs).mean()
-        return float(self.options.lam) * expected_on
+        if not self._logits:
+            raise RuntimeError("dynacsg: no gate logits recorded; run a training forward pass first")
+        return sum(torch.sigmoid(z.float()).sum(dim=(1, 2)) for z in self._logits).mean()
+
+    def penalty(self) -> torch.Tensor:
+        """λ · E[#gates on] (expected L0, arXiv:1712.01312) over the last training forward (0-d tensor).
+
+        Raises:
+            RuntimeError: no training forward pass since the last ``on_step_start``.
+        """
+        return float(self.options.lam) * self.expected_open()
 
     def extra_loss(self, model, outputs, batch, state: LoopState) -> torch.Tensor | None:
-        if not self._probs:
+        """The penalty; logs gate_penalty, expected_gate_frac, mean_k, mean_k_sampled (device tensors, no host sync)."""
+        if not self._logits:
             return None
-        pen = self.penalty()
-        n_gates = len(self.ctx.targets) * self.rank
-        state.log["gate_penalty"] = float(pen.detach())
-        state.log["expected_gate_frac"] = float(pen.detach()) / float(self.options.lam) / n_gates \
-            if self.options.lam else float("nan")
-        self._probs = []
+        expected = self.expected_open()
+        pen = float(self.options.lam) * expected
+        state.log["gate_penalty"] = pen.detach()
+        state.log["expected_gate_frac"] = expected.detach() / (len(self.ctx.targets) * self.rank)
+        state.log["mean_k"] = mean_open_per_matrix([z.detach() > 0 for z in self._logits])
+        state.log["mean_k_sampled"] = mean_open_per_matrix(self._sampled)
+        self._logits, self._sampled = [], []
         return pen
 
     def on_eval_start(self, model: nn.Module) -> None:
         self._collect = True
-        self._eval_sum.zero_()
+        self._eval_sum = None
         self._eval_n = 0
         self._captured = []
 
     def on_eval_end(self, model: nn.Module) -> None:
         self._collect = False
-        if self._eval_n:
-            self.eval_active = (self._eval_sum / self._eval_n).float()
+        if self._eval_n and self._eval_sum is not None:
+            self.eval_active = (self._eval_sum / self._eval_n).float().cpu()  # one transfer per evaluation
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any]:
         return {"eval_active": None if self.eval_active is None else self.eval_active.clone()}
@@ -437,7 +528,7 @@ class DynaCSG(Method):
         return {"gates_per_matrix": self.rank, "hidden": self.hidden,
                 "mean_active_gates": float(sum(act) / len(act)) if act else float("nan"),
                 "mean_active_gates_per_layer": per_layer,
-                "capacity_limited": bool(n < 0.9 * self.ctx.budget_params),
+                **budget_flags(n, self.ctx.budget_params), "budget_target_params": float(self.ctx.budget_params),
                 "latency_ratio": float(self._latency)}
 
     def tables(self, model: nn.Module) -> dict:

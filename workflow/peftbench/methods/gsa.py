@@ -13,13 +13,21 @@ value):
 
 ``W`` stays frozen; the correction is applied to the activations with k-wide products only,
 ``Δ(x) = ((x V_k) ⊙ (S_k ⊙ g)) U_kᵀ`` (``= x (W' − W)ᵀ``); ``g = 0`` gives the pretrained model at
-step 0. The penalty is logged per step as ``penalty`` in ``curve.parquet``.
+step 0. The penalty is logged as ``penalty`` in ``curve.parquet`` (kept on the device as a 0-d
+tensor every step; the loop reads it at logged steps only).
 
-Budget: ``k`` parameters per matrix, so ``k = ⌊budget_params / number of matrices⌋`` capped per
-matrix at the stored top-k and ``min(d_in, d_out)``. Gates are tiny, so the cap nearly always bites:
-the real count (``Σ_m k_m``) is recorded with ``capacity_limited: True``. The head is trained in
-full on top. ``ranks.parquet``: rank = active gates ``#{i : |g_i| > 1e-3}`` at the end, score =
-mean ``|g|``.
+Seed settings: ``k = 16`` gates per matrix and ``λ = 1e-4`` (the option defaults).
+
+Budget: ``k`` parameters per matrix, an option (default 16, the seed's), **not** derived from the
+budget — earlier versions used ``k = ⌊budget_params / matrices⌋``, which the stored top-k capped
+at the same value at every budget, so the three budgets of a grid were one run three times. ``k``
+is capped per matrix at ``min(d_in, d_out)``; more than the ``svd`` stage stored is an error
+(:func:`~peftbench.methods.spectral_common.explicit_ranks`). The run trains ``Σ_m k_m``
+parameters whatever the budget and reports them as they are: ``capacity_limited`` and
+``outside_budget`` (:func:`~peftbench.methods.spectral_common.budget_flags`; gates are tiny, so
+both are true at every usual budget), ``budget_rank`` = the gates per matrix the budget would pay
+for. The head is trained in full on top. ``ranks.parquet``: rank = active gates
+``#{i : |g_i| > active_threshold}`` at the end, score = mean ``|g|``.
 
 Options (``method_options.gsa``): :class:`GSAOptions`.
 """
@@ -34,18 +42,20 @@ from torch import nn
 from . import register
 from .base import LoopState
 from .options import MethodOptions, option
-from .spectral_common import SpectralLinear, SpectralMethod
+from .spectral_common import SpectralLinear, SpectralMethod, explicit_ranks
 
 
 @dataclass
 class GSAOptions(MethodOptions):
-    """Options of the gated spectral adapter."""
+    """Options of the gated spectral adapter (defaults: seed 002)."""
 
+    k: int = option(16, "gated singular values per matrix (the top k), ≥ 1; independent of the budget")
     lam: float = option(1e-4, "weight λ of the L1 penalty λ Σ |g_i| on the gates, ≥ 0")
     active_threshold: float = option(1e-3, "|g_i| above which a gate counts as active in the reports, ≥ 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.require("k", self.k >= 1, "must be an integer ≥ 1 (gates per matrix)")
         self.require("lam", self.lam >= 0, "must be ≥ 0")
         self.require("active_threshold", self.active_threshold >= 0, "must be ≥ 0")
 
@@ -71,20 +81,29 @@ class GatedSpectralLinear(SpectralLinear):
 
 @register
 class GatedSpectralAdapter(SpectralMethod):
-    """Gated spectral adapter: per-matrix gates on the top-k singular values with an L1 penalty."""
+    """Gated spectral adapter (seed 002): per-matrix gates on the top-k singular values with an L1 penalty.
+
+    ``compilable``: the forward is fixed-shape (k-wide products); the penalty is computed outside
+    it, in :meth:`extra_loss` (tested with ``compile_backend: eager``).
+    """
 
     name = "gsa"
     options_cls = GSAOptions
+    compilable = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self._gates: list[nn.Parameter] = []
 
     def plan_ranks(self, top_k: list[int]) -> dict:
-        """``k = ⌊budget_params / n_matrices⌋`` gates per matrix, capped at top-k and ``min(d)``."""
+        """``k`` (option) gates per matrix, capped at ``min(d)``; ``budget_rank`` = ``⌊budget_params / matrices⌋``.
+
+        Raises:
+            ValueError: ``k`` exceeds the stored top-k (:func:`explicit_ranks`).
+        """
         targets = self.ctx.targets
         budget_rank = max(1, int(self.ctx.budget_params // len(targets)))
-        ranks = [min(budget_rank, k, t.d_in, t.d_out) for k, t in zip(top_k, targets)]
+        ranks = explicit_ranks(self.options.k, targets, top_k, f"method_options.{self.name}.k")
         return {"ranks": ranks, "budget_rank": budget_rank, "params": list(ranks)}
 
     def make_wrapper(self, base, U, S, Vh, r) -> SpectralLinear:
@@ -104,7 +123,7 @@ class GatedSpectralAdapter(SpectralMethod):
         if not self._gates or float(self.options.lam) == 0:
             return None
         pen = self.penalty()
-        state.log["penalty"] = float(pen.detach())
+        state.log["penalty"] = pen.detach()  # a device tensor: read by the loop at logged steps only
         return pen
 
     def module_rank(self, mod: GatedSpectralLinear) -> float:

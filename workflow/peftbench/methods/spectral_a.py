@@ -1,6 +1,7 @@
 """Spectral Adapter, additive variant (``spectral_a``): tune the top-r singular vectors additively.
 
-Zhang & Pilanci 2024, "Spectral Adapter: Fine-Tuning in Spectral Space" (Spectral Adapter^A).
+Zhang & Pilanci 2024, "Spectral Adapter: Fine-Tuning in Spectral Space", arXiv:2405.13952,
+Sec. 3 (Spectral Adapter^A).
 With the top-r SVD of each pretrained target matrix, ``W = U_r S_r V_rᵀ + W_res`` (factors from
 the ``svd`` stage, :func:`peftbench.svd.load_factors`), the fine-tuned weight is
 
@@ -13,22 +14,49 @@ at step 0; unlike LoRA, the gradients at zero are non-zero because ``U_r``, ``V_
 
     Δ(x) = ((x A_V) ⊙ S_r) U_rᵀ + ((x V_r + x A_V) ⊙ S_r) A_Uᵀ     (= x (W' − W)ᵀ).
 
-Budget: ``r (d_in + d_out)`` parameters per matrix, as LoRA's rank-r adapter, so ``r`` is the
-uniform LoRA rank for the budget (:func:`peftbench.budget.rank_for_params`), capped per matrix at
-the stored top-k and at ``min(d_in, d_out)``; when a cap bites the method trains fewer parameters
-than the budget and ``capacity_limited`` is recorded. The head (classifier, pooler) is trained
-in full on top. ``ranks.parquet``: rank = r, score = ``‖W' − W‖_F``.
+Budget: ``r (d_in + d_out)`` parameters per matrix, as LoRA's rank-r adapter, so by default
+(``rank: null``) ``r`` is the uniform LoRA rank for the budget
+(:func:`peftbench.budget.rank_for_params`), capped per matrix at the stored top-k and at
+``min(d_in, d_out)``; when a cap bites the method trains fewer parameters than the budget and
+``capacity_limited`` is recorded. An explicit ``rank`` (e.g. 8) fixes r for every matrix whatever
+the budget (the authors' DeBERTaV3 GLUE script uses r = 24 on query/key/value only); the run then
+records its real count and ``capacity_limited`` / ``outside_budget`` against the budget
+(:func:`~peftbench.methods.spectral_common.budget_flags`). The head (classifier, pooler) is
+trained in full on top. ``ranks.parquet``: rank = r, score = ``‖W' − W‖_F``.
 
-Options (``methods.spectral_a``): none.
+Fidelity: the authors' DeBERTaV3 GLUE code (github.com/pilancilab/spectral_adapter,
+``deberta_tune/spectral_lora_tune``) trains exactly ``A_U`` and ``A_V`` (its ``lora_B``/``lora_A``,
+zero-initialised) on the top-r singular vectors, as here; it materialises ``W'`` in every forward,
+we apply the same correction to the activations. (Their diffusion-fusion variant also adds a
+trainable shift on ``S_r``; the GLUE code does not, so neither do we.)
+
+Options (``method_options.spectral_a``): :class:`SpectralAOptions`.
+
+``compilable``: yes — fixed shapes, no Python-side state in the forward.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..budget import per_rank_cost, rank_for_params
 from . import register
-from .spectral_common import SpectralLinear, SpectralMethod, lowrank_fro
+from .options import MethodOptions, option
+from .spectral_common import SpectralLinear, SpectralMethod, explicit_ranks, lowrank_fro
+
+
+@dataclass
+class SpectralAOptions(MethodOptions):
+    """Options of Spectral Adapter^A."""
+
+    rank: int | None = option(None, "top singular vectors r tuned per matrix, the same for every matrix whatever "
+                                    "the budget (e.g. 8); null = the uniform LoRA rank of the budget")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("rank", self.rank is None or self.rank >= 1, "must be an integer ≥ 1 or null (from the budget)")
 
 
 class AdditiveSpectralLinear(SpectralLinear):
@@ -61,17 +89,31 @@ class AdditiveSpectralLinear(SpectralLinear):
 
 @register
 class SpectralAdditive(SpectralMethod):
-    """Spectral Adapter^A: additive tuning of the top-r singular vectors."""
+    """Spectral Adapter^A (arXiv:2405.13952): additive tuning of the top-r singular vectors.
+
+    ``compilable``: the forward is a fixed sequence of r-wide matmuls (tested with
+    ``compile_backend: eager``).
+    """
 
     name = "spectral_a"
+    options_cls = SpectralAOptions
+    compilable = True
 
     def plan_ranks(self, top_k: list[int]) -> dict:
-        """Uniform LoRA rank for the budget, capped at the stored top-k and ``min(d_in, d_out)``."""
+        """``rank`` (option) or the uniform LoRA rank for the budget, capped at the stored top-k
+        and ``min(d_in, d_out)``.
+
+        Raises:
+            ValueError: ``rank`` exceeds the stored top-k (:func:`explicit_ranks`).
+        """
         targets = self.ctx.targets
         # the uncapped rank the budget asks for; rank_for_params also caps it at min(d) over targets
         budget_rank = max(1, round(self.ctx.budget_params / per_rank_cost(targets)))
-        r = rank_for_params(self.ctx.budget_params, targets)
-        ranks = [min(r, k, t.d_in, t.d_out) for k, t in zip(top_k, targets)]
+        if self.options.rank is not None:
+            ranks = explicit_ranks(self.options.rank, targets, top_k, f"method_options.{self.name}.rank")
+        else:
+            r = rank_for_params(self.ctx.budget_params, targets)
+            ranks = [min(r, k, t.d_in, t.d_out) for k, t in zip(top_k, targets)]
         params = [r * (t.d_in + t.d_out) for r, t in zip(ranks, targets)]
         return {"ranks": ranks, "budget_rank": budget_rank, "params": params}
 

@@ -1,4 +1,4 @@
-"""Shared machinery of the spectral methods (``spectral_a``, ``spectral_r``, ``gsa``).
+"""Shared machinery of the spectral methods (``spectral_a``, ``spectral_r``, ``gsa``, ``dynacsg_static``).
 
 Each target ``nn.Linear`` with weight ``W ∈ R^{d_out×d_in}`` is replaced by a
 :class:`SpectralLinear` that keeps the original layer frozen as ``.base`` and holds the top-r
@@ -18,6 +18,14 @@ step 0. :meth:`SpectralLinear.delta_weight` materialises ``W' − W`` (for tests
 own parameters and the task head ``ctx.head_modules``) and the common reporting; a method
 subclass chooses the per-matrix rank from the budget (:meth:`SpectralMethod.plan_ranks`) and
 the wrapper class (:meth:`SpectralMethod.make_wrapper`).
+
+Budget reporting (every spectral method, ``dynacsg`` included, through :func:`budget_flags`):
+``capacity_limited`` — the run trains fewer than ``(1 − BUDGET_TOLERANCE)`` × the budget's
+parameter count, because a matrix cannot hold more (rank capped at the stored top-k or
+``min(d_in, d_out)``) or because the method's size is fixed by an option (GSA's ``k`` gates);
+``outside_budget`` — the run misses the budget by more than ``BUDGET_TOLERANCE`` in either
+direction (an explicit ``rank`` may also overshoot it), so it belongs outside its budget family.
+``planned_adapter_params`` is the real count (= ``adapter_params`` of ``metrics.parquet``).
 """
 from __future__ import annotations
 
@@ -31,6 +39,46 @@ from torch import nn
 from ..models import Target
 from ..svd import load_factors
 from .base import Method, ranks_frame
+
+#: Fraction of the budget's parameter count a run may miss and still belong to its budget family
+#: (the ±10 % of the method contract, ``tests/test_methods_contract.py``).
+BUDGET_TOLERANCE = 0.1
+
+
+def budget_flags(count: float, target: float) -> dict[str, bool]:
+    """``capacity_limited`` and ``outside_budget`` of a run that trains ``count`` adapter
+    parameters against a budget of ``target`` parameters (``BuildContext.budget_params``).
+
+    ``capacity_limited``: ``count < (1 − BUDGET_TOLERANCE) · target`` (the run cannot spend its
+    budget); ``outside_budget``: ``|count − target| > BUDGET_TOLERANCE · target``.
+    """
+    return {"capacity_limited": bool(count < (1.0 - BUDGET_TOLERANCE) * target),
+            "outside_budget": bool(abs(count - target) > BUDGET_TOLERANCE * target)}
+
+
+def explicit_ranks(value: int, targets: list[Target], top_k: list[int], key: str) -> list[int]:
+    """Per-matrix ranks for a rank set by an option: ``min(value, d_in, d_out)`` per target.
+
+    A matrix smaller than ``value`` holds only ``min(d_in, d_out)`` (that is structural; the run
+    then reports ``capacity_limited``); fewer stored singular triplets than that is a setting to fix.
+
+    Args:
+        value: the option's value (≥ 1).
+        targets: the adapted matrices; top_k: stored triplets per target (same order).
+        key: the option's config key for the message (``method_options.gsa.k``).
+
+    Raises:
+        ValueError: the ``svd`` stage stored fewer triplets than ``value`` for a matrix that could
+            hold ``value``; names the key, the value, the stored count and both fixes.
+    """
+    ranks = [min(int(value), t.d_in, t.d_out) for t in targets]
+    short = [(t, k) for r, k, t in zip(ranks, top_k, targets) if r > k]
+    if short:
+        t, k = short[0]
+        raise ValueError(f"config key {key}: {value} singular values per matrix, but the svd stage stored only "
+                         f"{k} for {t.name} (and {len(short) - 1} more matrices); fix: set svd.top_k ≥ {value} "
+                         f"(reruns the svd rule) or lower {key}")
+    return ranks
 
 
 class SpectralLinear(nn.Module):
@@ -202,11 +250,12 @@ class SpectralMethod(Method):
     def plan(self) -> dict[str, Any]:
         """The per-target ranks and parameter counts for this run's budget (cached).
 
-        Adds ``capacity_limited``: some matrix got a smaller rank than the budget asks for, so the
-        method trains fewer parameters than ``ctx.budget_params``.
+        Adds ``top_k`` (stored triplets per target) and :func:`budget_flags` of the planned count
+        (``capacity_limited``, ``outside_budget``).
 
         Raises:
-            ValueError: no ``svd_path`` in the context.
+            ValueError: no ``svd_path`` in the context, or an option asks for more singular
+                values than the ``svd`` stage stored (:func:`explicit_ranks`).
         """
         if self._plan is None:
             if self.ctx.svd_path is None:
@@ -214,7 +263,7 @@ class SpectralMethod(Method):
             top_k = stored_top_k(self.ctx.svd_path, self.ctx.targets)
             p = self.plan_ranks(top_k)
             p["top_k"] = top_k
-            p.setdefault("capacity_limited", any(r < p["budget_rank"] for r in p["ranks"]))
+            p.update(budget_flags(sum(p["params"]), self.ctx.budget_params))
             self._plan = p
         return self._plan
 
@@ -241,7 +290,8 @@ class SpectralMethod(Method):
         ranks = p["ranks"]
         real = sum(p["params"])
         return {"rank": int(max(ranks)), "min_rank": int(min(ranks)), "budget_rank": int(p["budget_rank"]),
-                "capacity_limited": bool(p["capacity_limited"]), "budget_target_params": float(self.ctx.budget_params),
+                "capacity_limited": bool(p["capacity_limited"]), "outside_budget": bool(p["outside_budget"]),
+                "budget_target_params": float(self.ctx.budget_params),
                 "planned_adapter_params": int(real), **self.extra_summary(model)}
 
     def tables(self, model: nn.Module) -> dict:
