@@ -35,7 +35,7 @@ from .methods import BuildContext, LoopState, get_method, method_info
 from .metrics import compute_metrics
 from .models import backbone_param_count, find_targets, head_module_names, is_head_param, load_classifier
 from .optim import optimizer_factory, rebuild_optimizer, warmup_steps
-from .outputs import PROTOCOL, device_name, metric_columns, peak_mem_mib, versions, write_run
+from .outputs import PROTOCOL, metric_columns, peak_mem_mib, provenance, write_run
 from .recipe import Recipe, Runtime
 from .runkey import RunKey
 from .vocab import TaskSpec, get_task
@@ -81,7 +81,9 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         backbone_params, trainable_pct (% of backbone, adapter only), budget_params, budget_pct,
         train_s, samples_per_s, eval_s, compile_s, compiled, compile_note, length_buckets,
         peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr, protocol,
-        device, versions, plus method columns (e.g. rank).
+        method columns (e.g. rank), the provenance columns of :data:`peftbench.vocab.PROVENANCE`
+        (commit, dirty flag, model and data sha256, package versions, device, host; see
+        :func:`peftbench.outputs.provenance`) and adapter_bytes (size of adapter.safetensors).
 
     Raises:
         FileNotFoundError, ValueError: missing inputs, bad recipe or options.
@@ -143,8 +145,9 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     # outputs (metrics.parquet last)
     row = run_row(key, task, method, model, backbone, recipe, progress, error, train, devs, dev,
                   compiled=forward is not model, compile_note=compile_note)
-    write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
-              ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows)
+    row.update(provenance(model_spec, train_path, dev_paths, dev))
+    row = write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
+                    ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows)
     if ckpt is not None and error is None and not runtime.keep_checkpoints:
         ckpt.remove()
     return {**key.columns(), **row}
@@ -167,8 +170,7 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
         "length_buckets": ",".join(map(str, train.buckets)),
         "peak_mem_mib": peak_mem_mib(dev), "steps": int(p.steps), "epochs": recipe.epochs,
         "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),
-        "batch_size": recipe.batch_size, "lr": float(recipe.lr), "protocol": PROTOCOL, "device": device_name(dev),
-        **versions(), **method.summary(model),
+        "batch_size": recipe.batch_size, "lr": float(recipe.lr), "protocol": PROTOCOL, **method.summary(model),
     }
 
 

