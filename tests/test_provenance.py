@@ -153,3 +153,48 @@ def test_summary_lists_what_differs_between_compared_runs():
     assert "| `git_commit` | `aaaaaaaaaaaa` (6), `bbbbbbbbbbbb` (2) | 1 of 2 |" in section
     assert "| `torch_version` | `2.13.0` (4), `2.12.0` (4) | 2 of 2 |" in section
     assert "`data_train_sha256` one value per table" in section  # differs by task only: not a mix
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress lines
+# ------------------------------------------------------------------------------------------------
+
+STEP_LINE = re.compile(r"^tiny/cola/lora b2 s1 \| step (\d+)/(\d+) \((\d+)%\) \| epoch (\d)/2 \| loss (\d+\.\d{4}) "
+                       r"\| (\d+\.\d) samples/s \| ETA (\d+(?:\.\d)?) s$")
+EPOCH_LINE = re.compile(r"^tiny/cola/lora b2 s1 \| epoch (\d)/2 done at step (\d+)/(\d+) \| loss \d+\.\d{4} \| "
+                        r"dev matthews_correlation -?\d+\.\d{4} \| \d+\.\d s train, \d+\.\d s eval \| ETA (\d+(?:\.\d)?) s$")
+
+
+def test_progress_lines_per_logged_interval_and_epoch(tiny_model_dir, tiny_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="peftbench.train")
+    train(tiny_model_dir, tiny_data, tmp_path / "run")  # 64 examples, batch 16: 4 steps/epoch, 8 in all
+    lines = [r.getMessage() for r in caplog.records if r.name == "peftbench.train"]
+    assert not any("\r" in line for line in lines)
+    steps = [STEP_LINE.match(line) for line in lines if " | step " in line]
+    assert all(steps), [line for line in lines if " | step " in line]
+    assert [(int(m[1]), int(m[2]), int(m[3]), int(m[4])) for m in steps] == [
+        (2, 8, 25, 1), (4, 8, 50, 1), (6, 8, 75, 2), (8, 8, 100, 2)]
+    assert all(float(m[6]) > 0 for m in steps)
+    epochs = [EPOCH_LINE.match(line) for line in lines if " done at step " in line]
+    assert all(epochs) and [(int(m[1]), int(m[2])) for m in epochs] == [(1, 4), (2, 8)]
+    assert float(epochs[-1][4]) == 0.0  # nothing left after the last evaluation
+    curve = pd.read_parquet(tmp_path / "run" / "curve.parquet")
+    train_losses = curve.loc[curve["kind"] == "train", "loss"].round(4).tolist()
+    assert [float(m[5]) for m in steps] == train_losses  # the logged loss is the curve's
+
+
+def test_progress_clock_eta_and_rate(monkeypatch):
+    from peftbench import train as train_mod
+
+    now = [100.0]
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: now[0])
+    clock = train_mod.ProgressClock()
+    clock.start(step=10, seen=320)          # resumed at step 10
+    assert clock.eta_s(10, 30, 2, 1.0) is None
+    now[0] = 104.0
+    assert clock.samples_per_s(seen=320 + 128) == 32.0
+    assert clock.eta_s(14, 30, 2, 1.5) == pytest.approx(16 * 1.0 + 2 * 1.5)
+    clock.evaluated(2.0, seen=448)          # 2 s of evaluation do not count as step time
+    now[0] = 110.0
+    assert clock.eta_s(18, 30, 1, 2.0) == pytest.approx(12 * (10.0 - 2.0) / 8 + 2.0)
+    assert clock.samples_per_s(seen=448 + 64) == pytest.approx(64 / 6.0)

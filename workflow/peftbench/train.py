@@ -22,7 +22,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +259,7 @@ class Loop:
     device: torch.device
     ckpt: Checkpointer | None
     label: str
+    clock: "ProgressClock" = field(default_factory=lambda: ProgressClock())
 
     @property
     def autocast(self) -> bool:
@@ -280,6 +281,7 @@ class Loop:
         """
         rt, state, dev = self.runtime, self.state, self.device
         compiled = self.forward is not self.model
+        self.clock.start(state.step, p.seen)
         for epoch in range(p.epoch, self.recipe.epochs):
             state.epoch = p.epoch = epoch
             if p.b_next == 0:
@@ -352,19 +354,77 @@ class Loop:
                         "loss": mean_loss, "lr": state.scheduler.get_last_lr()[0],
                         **{k: float(v) for k, v in state.log.items()}})  # tensors read here, once
         state.log.clear()
+        rate = self.clock.samples_per_s(p.seen)
+        log.info("%s | step %d/%d (%d%%) | epoch %d/%d | loss %.4f | %s samples/s | ETA %s", self.label,
+                 state.step, state.total_steps, 100 * state.step // max(state.total_steps, 1), epoch + 1,
+                 self.recipe.epochs, mean_loss, "n/a" if rate is None else f"{rate:.1f}",
+                 self._eta(p, evaluated=epoch))
 
     def _evaluate(self, p: Progress, epoch: int) -> None:
         t1 = time.perf_counter()
         m = evaluate(self.model, self.method, self.task, self.devs, self.device, self.runtime.eval_batch_size,
                      self.autocast)
-        p.eval_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        p.eval_s += t2 - t1
+        self.clock.evaluated(t2 - t1, p.seen)
         p.evals.append(m)
         main = self.task.main_metric
         p.curve.append({"step": self.state.step, "epoch": float(epoch + 1), "kind": "eval",
                         "lr": self.state.scheduler.get_last_lr()[0], "dev_main": m[main],
                         **{f"dev_{k}": v for k, v in m.items()}})
-        log.info("epoch %d/%d: loss %.4f, dev %s = %.4f (%.1f s train, %.1f s eval)", epoch + 1, self.recipe.epochs,
-                 p.last_finite, main, m[main], p.train_s, p.eval_s)
+        log.info("%s | epoch %d/%d done at step %d/%d | loss %.4f | dev %s %.4f | %.1f s train, %.1f s eval | ETA %s",
+                 self.label, epoch + 1, self.recipe.epochs, self.state.step, self.state.total_steps, p.last_finite,
+                 main, m[main], p.train_s, p.eval_s, self._eta(p, evaluated=epoch + 1))
+
+    def _eta(self, p: Progress, evaluated: int) -> str:
+        """Seconds left, as ``"<n> s"`` (``"n/a"`` before the first timed step): the remaining
+        optimizer steps at this process's mean seconds per step (evaluations excluded) plus the
+        remaining evaluations at the mean duration of those run so far; ``evaluated`` is the
+        number of epochs whose evaluation is done."""
+        left = self.clock.eta_s(self.state.step, self.state.total_steps, self.recipe.epochs - evaluated,
+                                p.eval_s / len(p.evals) if p.evals else 0.0)
+        return "n/a" if left is None else f"{left:.0f} s" if left >= 10 else f"{left:.1f} s"
+
+
+class ProgressClock:
+    """Wall-clock bookkeeping of the progress lines (this process only: not checkpointed).
+
+    Measured at logged steps, right after the loop's one host sync of that step, so the times
+    include the device's work. ``samples_per_s`` is the rate of the interval since the previous
+    progress line (or evaluation); ``eta_s`` extrapolates the mean seconds per optimizer step
+    since :meth:`start` (evaluations excluded) to the remaining steps and adds the remaining
+    evaluations.
+    """
+
+    def __init__(self) -> None:
+        self.start(0, 0)
+
+    def start(self, step: int, seen: int) -> None:
+        """Start timing at optimizer step ``step`` with ``seen`` examples seen (a resumed run
+        starts at its checkpoint's counts)."""
+        self.t0 = self.t_last = time.perf_counter()
+        self.step0, self.seen_last, self.eval_wall = step, seen, 0.0
+
+    def samples_per_s(self, seen: int) -> float | None:
+        """Training examples per second since the previous call (None when no time passed)."""
+        now = time.perf_counter()
+        dt, n = now - self.t_last, seen - self.seen_last
+        self.t_last, self.seen_last = now, seen
+        return n / dt if dt > 0 and n > 0 else None
+
+    def evaluated(self, seconds: float, seen: int) -> None:
+        """An evaluation took ``seconds``: left out of the step time and of the next interval."""
+        self.eval_wall += seconds
+        self.t_last, self.seen_last = time.perf_counter(), seen
+
+    def eta_s(self, step: int, total_steps: int, evals_left: int, eval_s: float) -> float | None:
+        """Seconds left: ``(total_steps - step)`` × mean seconds per step + ``evals_left`` ×
+        ``eval_s``; None before the first step of this process."""
+        done = step - self.step0
+        if done <= 0:
+            return None
+        per_step = max(time.perf_counter() - self.t0 - self.eval_wall, 0.0) / done
+        return max(total_steps - step, 0) * per_step + max(evals_left, 0) * eval_s
 
 
 @torch.no_grad()
