@@ -198,3 +198,89 @@ def test_progress_clock_eta_and_rate(monkeypatch):
     now[0] = 110.0
     assert clock.eta_s(18, 30, 1, 2.0) == pytest.approx(12 * (10.0 - 2.0) / 8 + 2.0)
     assert clock.samples_per_s(seen=448 + 64) == pytest.approx(64 / 6.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracking
+# ------------------------------------------------------------------------------------------------
+
+def test_tracking_backends_match_schema_and_default_off():
+    from peftbench.config import load_schema, schema_defaults
+    from peftbench.recipe import Runtime
+    from peftbench.tracking import BACKENDS
+
+    enum = load_schema()["properties"]["tracking"]["properties"]["backend"]["enum"]
+    assert enum == list(BACKENDS)
+    assert schema_defaults("tracking")["backend"] == "none"
+    assert Runtime.from_dict({}).tracking.backend == "none"
+
+
+def test_tracking_is_a_runtime_option_not_a_recipe(tmp_path):
+    import peftbench.config as pbconfig
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    off = pbconfig.validate(cfg)
+    on = pbconfig.validate({**cfg, "tracking": {"backend": "mlflow", "uri": str(tmp_path / "mlruns")}})
+    assert pbconfig.recipe_for(on, "cola", "lora").to_json() == pbconfig.recipe_for(off, "cola", "lora").to_json()
+    rt = json.loads(pbconfig.runtime_for(on, "cola", "lora").to_json())
+    assert rt["tracking"] == {"backend": "mlflow", "uri": str(tmp_path / "mlruns"), "experiment": "peftbench"}
+    assert json.loads(pbconfig.runtime_for(off, "cola", "lora").to_json())["tracking"]["backend"] == "none"
+    with pytest.raises(pbconfig.ConfigError, match=r"tracking\.backend"):
+        pbconfig.validate({**cfg, "tracking": {"backend": "wandb"}})
+
+
+def test_tracking_backend_errors_name_the_fix(monkeypatch):
+    from peftbench import tracking
+    from peftbench.recipe import Tracking
+
+    with pytest.raises(ValueError, match=r"tracking\.backend: 'tensorboard' is not a tracking backend; allowed: none, mlflow"):
+        Tracking.from_dict({"backend": "tensorboard"})
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"needs the Python package 'mlflow'.*pip install mlflow-skinny.*tracking\.backend: none"):
+        Tracking.from_dict({"backend": "mlflow"})
+    assert Tracking.from_dict({}).backend == "none"  # off needs nothing
+
+
+def test_mlflow_receives_params_curve_and_final_metrics(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow-skinny is not installed (pip install -e '.[tracking]')")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = tmp_path / "mlruns"
+    out = train(tiny_model_dir, tiny_data, tmp_path / "run", method="adalora", method_options={"init_ratio": 1.5},
+                runtime={"tracking": {"backend": "mlflow", "uri": str(store), "experiment": "peftbench-test"}})
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=str(store))
+    exp = client.get_experiment_by_name("peftbench-test")
+    assert exp is not None
+    (run,) = client.search_runs([exp.experiment_id])
+    row = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    curve = pd.read_parquet(out / "curve.parquet")
+    assert run.info.run_name == "tiny/cola/adalora b2 s1" and run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["method"] == "adalora" and p["seed"] == "1" and float(p["lr"]) == 1e-3 and p["epochs"] == "2"
+    assert p["method_options.init_ratio"] == "1.5"
+    m = run.data.metrics
+    assert m["dev_main"] == pytest.approx(row["dev_main"]) and m["train_s"] == pytest.approx(row["train_s"])
+    assert m["adapter_bytes"] == row["adapter_bytes"] and m["trainable_params"] == row["trainable_params"]
+    hist = client.get_metric_history(run.info.run_id, "train/loss")
+    train_rows = curve[curve["kind"] == "train"]
+    assert [h.step for h in hist] == train_rows["step"].tolist()
+    assert [h.value for h in hist] == pytest.approx(train_rows["loss"].tolist())
+    evals = client.get_metric_history(run.info.run_id, "eval/dev_main")
+    assert [h.step for h in evals] == curve.loc[curve["kind"] == "eval", "step"].tolist()
+    t = run.data.tags
+    assert t["peftbench.run_key"] == "tiny/cola/adalora b2 s1" and t["status"] == "ok"
+    assert t["model_sha256"] == row["model_sha256"] and t["git_commit"] == row["git_commit"]
+
+
+def test_tracking_failure_is_logged_and_the_run_kept(tiny_model_dir, tiny_data, tmp_path, caplog):
+    pytest.importorskip("mlflow", reason="mlflow-skinny is not installed (pip install -e '.[tracking]')")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the store should be")
+    caplog.set_level(logging.ERROR, logger="peftbench.tracking")
+    out = train(tiny_model_dir, tiny_data, tmp_path / "run",
+                runtime={"tracking": {"backend": "mlflow", "uri": str(blocker / "mlruns")}})
+    assert (out / "metrics.parquet").is_file()
+    assert any("could not log run tiny/cola/lora b2 s1 to mlflow" in r.getMessage()
+               and "outputs" in r.getMessage() for r in caplog.records)

@@ -38,6 +38,7 @@ from .optim import optimizer_factory, rebuild_optimizer, warmup_steps
 from .outputs import PROTOCOL, metric_columns, peak_mem_mib, provenance, write_run
 from .recipe import Recipe, Runtime
 from .runkey import RunKey
+from .tracking import mirror_finished_run
 from .vocab import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         device: ``cuda``/``cpu``; default CUDA when available.
         checkpoint_dir: where checkpoints go (outside the outputs, so Snakemake does not delete
             them when the job fails); ``None`` disables checkpoints.
+
+    With ``runtime.tracking.backend`` other than ``none`` the finished run is also mirrored to the
+    tracker (:mod:`peftbench.tracking`; a tracker failure is logged, the outputs stay).
 
     Returns:
         The ``metrics.parquet`` row as a dict. Columns: model, task, method, budget, seed, status,
@@ -148,6 +152,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     row.update(provenance(model_spec, train_path, dev_paths, dev))
     row = write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
                     ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows)
+    mirror_finished_run(runtime.tracking, key, recipe, row, progress.curve, str(out_dir))
     if ckpt is not None and error is None and not runtime.keep_checkpoints:
         ckpt.remove()
     return {**key.columns(), **row}
