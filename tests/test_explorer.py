@@ -86,9 +86,10 @@ def test_axes_offer_the_columns_present(tables):
     assert [a.column for a in ys] == ["dev_main", "best_dev_main", "dev_matthews_correlation", "dev_accuracy",
                                       "ood_hans_accuracy"]  # dev_f1: no finite value
     by = {a.column: a for a in ys}
-    assert by["dev_main"].scale == 100 and by["dev_main"].label == "main metric of the task, final epoch (×100)"
-    assert by["dev_matthews_correlation"].label == "Matthews corr., final epoch (×100)"
-    assert by["ood_hans_accuracy"].label == "hans_accuracy, OOD (×100)"
+    assert by["dev_main"].scale == 100 and by["dev_main"].label == "main metric of the task, final epoch ×100"
+    assert by["best_dev_main"].short == "main (best) ×100"
+    assert by["dev_matthews_correlation"].label == "Matthews corr., final epoch ×100"
+    assert by["ood_hans_accuracy"].label == "hans_accuracy, OOD ×100"
 
 
 def test_payload_runs_families_and_significance(tables):

@@ -101,7 +101,7 @@ def _finite_numeric(runs: pd.DataFrame, column: str) -> bool:
 
 
 def x_axes(runs: pd.DataFrame) -> list[Axis]:
-    """The entries of :data:`X_AXES` whose column ``runs`` has with a finite value."""
+    """The entries of :data:`X_AXES` whose column ``runs`` has, with at least one finite value."""
     return [a for a in X_AXES if _finite_numeric(runs, a.column)]
 
 
@@ -109,11 +109,11 @@ def _y_axis(column: str) -> Axis | None:
     for prefix, when in Y_PREFIXES.items():
         if column.startswith(prefix):
             stem = column[len(prefix):]
-            short = _Y_SHORT[prefix]
-            if stem == "main":
-                return Axis(column, f"main metric of the task, {when} (×100)", f"main ({short}) ×100", scale=100.0)
-            m = metric(stem)
-            return Axis(column, f"{m.label}, {when} (×100)", f"{m.short} ({short}) ×100", scale=m.scale)
+            # dev_main is each task's main metric: every metric of the vocabulary is shown ×100
+            m = metric(stem) if stem != "main" else None
+            label, short, scale = (m.label, m.short, m.scale) if m else ("main metric of the task", "main", 100.0)
+            unit = f" ×{scale:g}" if scale != 1 else ""
+            return Axis(column, f"{label}, {when}{unit}", f"{short} ({_Y_SHORT[prefix]}){unit}", scale=scale)
     return None
 
 
