@@ -222,7 +222,7 @@ def mirror(tracking: "Tracking", key: "RunKey", recipe: "Recipe", row: dict[str,
     except Exception as exc:
         raise TrackingError(f"could not log run {key} to {tracking.backend} at {tracking.uri!r} "
                             f"(experiment {tracking.experiment!r}): {type(exc).__name__}: {exc}") from exc
-    log.info("tracking: logged %s to %s run %s (%s, experiment %s)", key, tracking.backend, rid, tracking.uri,
+    log.info("logged %s to %s run %s (%s, experiment %s)", key, tracking.backend, rid, tracking.uri,
              tracking.experiment)
     return rid
 
@@ -238,5 +238,5 @@ def mirror_finished_run(tracking: "Tracking", key: "RunKey", recipe: "Recipe", r
     try:
         return mirror(tracking, key, recipe, row, curve, run_dir)
     except TrackingError as exc:
-        log.error("tracking: %s; the run's outputs in %s are complete, only the mirror is missing", exc, run_dir)
+        log.error("%s; the run's outputs in %s are complete, only the mirror is missing", exc, run_dir)
         return None
