@@ -33,3 +33,4 @@ rule all:
             "results/comparison/{name}.pdf", name=figure_names(config["grid"]["tasks"])
         ),
         "results/comparison/summary.md",
+        "results/comparison/explorer.html",

@@ -303,5 +303,6 @@ def recipe_for(cfg: dict, task: str, method: str) -> Recipe:
 
 
 def runtime_for(cfg: dict, task: str, method: str) -> Runtime:
-    """The untracked runtime options (speed and logging knobs) of (task, method)."""
-    return Runtime(**_resolve_keys(cfg, task, method, RUNTIME_KEYS))
+    """The untracked runtime options (speed and logging knobs, and the ``tracking:`` section) of
+    (task, method)."""
+    return Runtime.from_dict({**_resolve_keys(cfg, task, method, RUNTIME_KEYS), "tracking": cfg.get("tracking")})

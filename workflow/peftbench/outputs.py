@@ -3,12 +3,22 @@
 Every file of :data:`peftbench.vocab.RUN_FILES` is written atomically, ``metrics.parquet`` last:
 its presence marks a finished run. Every table carries the run key's columns
 (:meth:`peftbench.runkey.RunKey.columns`) so it can be read alone.
+
+Provenance (:func:`provenance`, the columns of :data:`peftbench.vocab.PROVENANCE`): every row
+says which commit of this checkout (and whether it was dirty), which model weights and which
+tokenised data files (sha256), which package versions, host and device produced it, and
+:func:`write_run` adds the adapter file's size (``adapter_bytes``). Hashes and the git state are
+computed once per process and file.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import platform
 import resource
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +27,7 @@ import torch
 
 from .io import save_tensors, write_table
 from .runkey import RunKey
-from .vocab import RUN_FILES, TaskSpec
+from .vocab import PROVENANCE, RUN_FILES, VERSIONED_PACKAGES, TaskSpec
 
 PROTOCOL = "final epoch (dev_*) and best epoch (best_dev_*) on the GLUE dev split; one run per seed"
 RANKS_COLUMNS = ["module", "layer", "kind", "rank", "score"]
@@ -25,14 +35,149 @@ GRADNORM_COLUMNS = ["step", "group", "layer", "grad_norm"]
 
 
 def versions() -> dict[str, str]:
-    """``{python,torch,transformers,peft,peftbench}_version`` of this process."""
+    """``python_version``, ``<package>_version`` for every package of
+    :data:`peftbench.vocab.VERSIONED_PACKAGES` ("unknown" when not installed) and
+    ``cuda_version`` (the CUDA version PyTorch was built with, "none" for a CPU build)."""
     out = {"python_version": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "peftbench"):
+    for pkg in VERSIONED_PACKAGES:
         try:
             out[f"{pkg}_version"] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             out[f"{pkg}_version"] = "unknown"
+    out["cuda_version"] = torch.version.cuda or "none"
     return out
+
+
+#: The checkout this package runs from (``workflow/peftbench/outputs.py`` -> repository root).
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+#: File name endings of model weight files (what :func:`model_provenance` hashes).
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+@functools.lru_cache(maxsize=None)
+def git_state(repo: str | Path = CHECKOUT) -> tuple[str, bool | None]:
+    """``(commit, dirty)`` of the git checkout at ``repo``, once per process.
+
+    ``commit`` is ``git -C repo rev-parse HEAD``; ``dirty`` is True when ``git status
+    --porcelain`` lists anything (modified, staged or untracked files; ignored ones such as
+    ``results/`` do not count). Outside a git checkout, without a ``git`` executable or when git
+    refuses the directory (e.g. "dubious ownership"), the result is ``("unknown", None)``.
+    """
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None or not head.strip():
+        return "unknown", None
+    status = git("status", "--porcelain")
+    return head.strip(), (None if status is None else bool(status.strip()))
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, computed once per process for a given (path, size, mtime).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
+
+
+def _combined(named: list[tuple[str, str]]) -> str:
+    """One hash of several named hashes: the hash itself for one, else the sha256 of the
+    ``"name hash\n"`` lines in the given order."""
+    if len(named) == 1:
+        return named[0][1]
+    return hashlib.sha256("".join(f"{n} {h}\n" for n, h in named).encode()).hexdigest()
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot directory of hub model ``repo_id`` (named after its commit), or None
+    when it is not in the Hugging Face cache. Never touches the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return None
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+@functools.lru_cache(maxsize=None)
+def model_provenance(model_spec: str) -> dict[str, str]:
+    """``model_revision`` and ``model_sha256`` of a model spec, once per process.
+
+    The spec is resolved as training resolves it (:func:`peftbench.models.resolve_model`): a
+    local directory or ``package:NAME`` (revision ``local`` / ``package NAME VERSION``), or a hub
+    id whose cached snapshot gives the revision (the hub commit) and the files. The hash covers
+    every weight file (:data:`WEIGHT_SUFFIXES`) directly in that directory, sorted by name: the
+    file's sha256 for one file, else the sha256 of the ``"name sha256"`` lines. "unknown" where
+    the files cannot be found (a hub id missing from the cache).
+    """
+    from .models import resolve_model
+
+    resolved = resolve_model(model_spec)
+    path = Path(resolved)
+    if model_spec.startswith("package:"):
+        name = model_spec.split(":", 1)[1]
+        try:
+            version = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown version"
+        revision = f"package {name} {version}"
+    elif path.is_dir():
+        revision = "local"
+    else:
+        snap = _hub_snapshot(resolved)
+        if snap is None:
+            return {"model_revision": "unknown", "model_sha256": "unknown"}
+        path, revision = snap, snap.name
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    digest = _combined([(f.name, sha256_file(f)) for f in files]) if files else "unknown"
+    return {"model_revision": revision, "model_sha256": digest}
+
+
+def provenance(model_spec: str, train_path: str | Path, dev_paths: dict[str, str | Path],
+               device: torch.device) -> dict[str, Any]:
+    """The provenance columns (:data:`peftbench.vocab.PROVENANCE`) of one run.
+
+    Args:
+        model_spec: what ``models:`` maps the model to.
+        train_path: the tokenised train Parquet file the run read.
+        dev_paths: ``{split: tokenised dev Parquet file}`` in the task's split order.
+        device: the training device.
+
+    Returns:
+        ``{column: value}`` for every column of :data:`~peftbench.vocab.PROVENANCE` (strings;
+        ``git_dirty`` a bool or None).
+
+    Raises:
+        FileNotFoundError: a data file does not exist.
+    """
+    commit, dirty = git_state()
+    dev = [(s, sha256_file(p)) for s, p in dev_paths.items()]
+    row = {"git_commit": commit, "git_dirty": dirty, **model_provenance(model_spec),
+           "data_train_sha256": sha256_file(train_path),
+           "data_dev_sha256": dev[0][1] if len(dev) == 1 else ",".join(f"{s}={h}" for s, h in dev),
+           **versions(), "device": device_name(device), "host": socket.gethostname()}
+    missing = set(PROVENANCE) - set(row)
+    if missing:  # pragma: no cover - a vocabulary invariant
+        raise RuntimeError(f"provenance() does not fill {sorted(missing)} of vocab.PROVENANCE")
+    return {k: row[k] for k in PROVENANCE}
 
 
 def peak_mem_mib(device: torch.device) -> float:
@@ -115,7 +260,7 @@ def _with_keys(df: pd.DataFrame, key: RunKey) -> pd.DataFrame:
 
 
 def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter: dict[str, torch.Tensor],
-              curve: list[dict], ranks: pd.DataFrame | None, gradrows: list[tuple]) -> None:
+              curve: list[dict], ranks: pd.DataFrame | None, gradrows: list[tuple]) -> dict[str, Any]:
     """Write every run file into ``out_dir`` (``metrics.parquet`` last).
 
     Args:
@@ -123,12 +268,18 @@ def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter:
         adapter: tensors for ``adapter.safetensors`` (the method's :meth:`state_to_save`).
         curve: ``curve.parquet`` rows. ranks: the method's ``ranks`` table (``None``: zero rows).
         gradrows: ``(step, group, layer, grad_norm)`` tuples for ``gradnorms.parquet``.
+
+    Returns:
+        The row as written, without the key columns: ``row`` plus ``adapter_bytes`` (size of
+        ``adapter.safetensors`` in bytes).
     """
     out_dir = Path(out_dir)
     meta = {k: str(v) for k, v in key.columns().items()}
     save_tensors(adapter, out_dir / RUN_FILES["adapter"], metadata=meta)
+    row = {**row, "adapter_bytes": (out_dir / RUN_FILES["adapter"]).stat().st_size}
     write_table(_with_keys(pd.DataFrame(curve), key), out_dir / RUN_FILES["curve"])
     write_table(_with_keys(ranks if ranks is not None else pd.DataFrame(columns=RANKS_COLUMNS), key),
                 out_dir / RUN_FILES["ranks"])
     write_table(_with_keys(pd.DataFrame(gradrows, columns=GRADNORM_COLUMNS), key), out_dir / RUN_FILES["gradnorms"])
     write_table(pd.DataFrame([{**key.columns(), **row}]), out_dir / RUN_FILES["metrics"])
+    return row

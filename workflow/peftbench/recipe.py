@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def _from_dict(cls, d: dict[str, Any] | None, what: str):
+def _from_dict(cls, d: dict[str, Any] | None, what: str, section: tuple[str, ...] | None = None):
     d = dict(d or {})
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(names))
@@ -30,7 +30,8 @@ def _from_dict(cls, d: dict[str, Any] | None, what: str):
         raise ValueError(f"unknown {what} key(s) {unknown}; allowed: {names}")
     from .config import schema_defaults
 
-    defaults = {**schema_defaults("training", "defaults"), **schema_defaults("data")}
+    defaults = (schema_defaults(*section) if section else
+                {**schema_defaults("training", "defaults"), **schema_defaults("data")})
     missing = [n for n in names if n not in d and n not in defaults]
     if missing:
         raise ValueError(f"{what}: no value and no schema default for {missing}")
@@ -84,6 +85,42 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class Tracking:
+    """Optional mirroring of every run to an experiment tracker (the config's ``tracking:``
+    section; part of :class:`Runtime`, so turning it on or off reruns nothing). Implemented by
+    :mod:`peftbench.tracking`.
+
+    Attributes:
+        backend: ``none`` (off) or ``mlflow``.
+        uri: MLflow tracking URI: a directory (a local file store, relative to the working
+            directory) or any URI MLflow accepts.
+        experiment: MLflow experiment name.
+
+    Raises:
+        ValueError: an unknown backend, or a backend whose package is not installed (the message
+            says what to install).
+    """
+
+    backend: str
+    uri: str
+    experiment: str
+
+    def __post_init__(self):
+        from .tracking import check_backend
+
+        check_backend(self.backend)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Tracking":
+        """Build from the ``tracking:`` mapping; missing keys take the schema defaults.
+
+        Raises:
+            ValueError: an unknown key, backend or a missing package (see the class).
+        """
+        return _from_dict(cls, d, "tracking option", section=("tracking",))
+
+
+@dataclass(frozen=True)
 class Runtime:
     """Knobs that change a run's speed or observability, not its result (not tracked).
 
@@ -106,6 +143,8 @@ class Runtime:
         compile_mode: ``torch.compile`` mode; ``reduce-overhead`` uses CUDA graphs (GPU only).
         compile_backend: ``torch.compile`` backend (``inductor``; ``eager`` traces with Dynamo and
             runs eagerly, for checking the wiring on a CPU).
+        tracking: mirror the run to an experiment tracker (:class:`Tracking`, the config's
+            top-level ``tracking:`` section, not a ``training.*`` layer key).
     """
 
     eval_batch_size: int
@@ -116,14 +155,19 @@ class Runtime:
     compile: bool
     compile_mode: str
     compile_backend: str
+    tracking: Tracking
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Runtime":
-        """Build from a dict; missing keys take the schema defaults.
+        """Build from a dict; missing keys take the schema defaults (``tracking``: a mapping or a
+        :class:`Tracking`).
 
         Raises:
             ValueError: an unknown key (the message lists the allowed ones).
         """
+        d = dict(d or {})
+        if not isinstance(d.get("tracking"), Tracking):
+            d["tracking"] = Tracking.from_dict(d.get("tracking"))
         return _from_dict(cls, d, "runtime option")
 
     def to_json(self) -> str:
@@ -134,7 +178,9 @@ class Runtime:
 #: Recipe keys of ``training.*`` layers that belong to the tracked :class:`Recipe`.
 RECIPE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Recipe)
                                      if f.name not in ("max_train_samples", "max_eval_samples", "method_options"))
-#: Recipe keys of ``training.*`` layers that belong to the untracked :class:`Runtime`.
+#: Keys of the untracked :class:`Runtime`: the speed and logging knobs of the ``training.*``
+#: layers, and ``tracking`` (the config's top-level ``tracking:`` section, which the schema does
+#: not allow inside a layer).
 RUNTIME_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Runtime))
 #: Keys of ``training.defaults`` / ``training.tasks.<task>`` read by the tokenize stage only.
 TOKENIZE_KEYS: tuple[str, ...] = ("max_length",)

@@ -22,7 +22,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,10 @@ from .metrics import compute_metrics
 from .models import (backbone_param_count, embedding_param_count, find_targets, head_module_names, is_head_param,
                      load_classifier)
 from .optim import optimizer_factory, rebuild_optimizer, warmup_steps
-from .outputs import PROTOCOL, device_name, gradnorm_columns, metric_columns, peak_mem_mib, versions, write_run
+from .outputs import PROTOCOL, gradnorm_columns, metric_columns, peak_mem_mib, provenance, write_run
 from .recipe import Recipe, Runtime
 from .runkey import RunKey
+from .tracking import mirror_finished_run
 from .vocab import GRAD_TOTAL, TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         budget_denominator: what a percentage budget is a percentage of
             (:data:`peftbench.budget.DENOMINATORS`); ``None``: the schema default.
 
+    With ``runtime.tracking.backend`` other than ``none`` the finished run is also mirrored to the
+    tracker (:mod:`peftbench.tracking`; a tracker failure is logged, the outputs stay).
+
     Returns:
         The ``metrics.parquet`` row as a dict. Columns: model, task, method, budget, seed, status,
         error, metric (main metric name), dev_main, best_dev_main, best_epoch, ``dev_<m>`` and
@@ -89,7 +93,10 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         parameters otherwise),
         train_s, samples_per_s, eval_s, compile_s, compiled, compile_note, length_buckets,
         peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr, protocol,
-        device, versions, plus method columns (e.g. rank) and, when gradient norms were logged,
+        method columns (e.g. rank), the provenance columns of :data:`peftbench.vocab.PROVENANCE`
+        (commit, dirty flag, model and data sha256, package versions, device, host; see
+        :func:`peftbench.outputs.provenance`), adapter_bytes (size of adapter.safetensors) and, when
+        gradient norms were logged,
         ``gradnorm_mean_<group>`` / ``gradnorm_max_<group>`` (and per phase ``gradnorm_mean_<group>_p<k>``;
         :func:`peftbench.outputs.gradnorm_columns`).
 
@@ -156,8 +163,10 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     # outputs (metrics.parquet last)
     row = run_row(key, task, method, model, backbone, recipe, progress, error, train, devs, dev,
                   compiled=forward is not model, compile_note=compile_note)
-    write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
-              ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows)
+    row.update(provenance(model_spec, train_path, dev_paths, dev))
+    row = write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
+                    ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows)
+    mirror_finished_run(runtime.tracking, key, recipe, row, progress.curve, str(out_dir))
     if ckpt is not None and error is None and not runtime.keep_checkpoints:
         ckpt.remove()
     return {**key.columns(), **row}
@@ -181,8 +190,7 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
         "length_buckets": ",".join(map(str, train.buckets)),
         "peak_mem_mib": peak_mem_mib(dev), "steps": int(p.steps), "epochs": recipe.epochs,
         "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),
-        "batch_size": recipe.batch_size, "lr": float(recipe.lr), "protocol": PROTOCOL, "device": device_name(dev),
-        **versions(), **method.summary(model),
+        "batch_size": recipe.batch_size, "lr": float(recipe.lr), "protocol": PROTOCOL, **method.summary(model),
         # per-group gradient-norm statistics (none unless logged); per phase for phased methods
         **gradnorm_columns(p.gradrows, getattr(method, "phase_boundaries", None)),
     }
@@ -279,6 +287,7 @@ class Loop:
     device: torch.device
     ckpt: Checkpointer | None
     label: str
+    clock: "ProgressClock" = field(default_factory=lambda: ProgressClock())
 
     @property
     def autocast(self) -> bool:
@@ -300,6 +309,7 @@ class Loop:
         """
         rt, state, dev = self.runtime, self.state, self.device
         compiled = self.forward is not self.model
+        self.clock.start(state.step, p.seen)
         for epoch in range(p.epoch, self.recipe.epochs):
             state.epoch = p.epoch = epoch
             if p.b_next == 0:
@@ -372,19 +382,77 @@ class Loop:
                         "loss": mean_loss, "lr": state.scheduler.get_last_lr()[0],
                         **{k: float(v) for k, v in state.log.items()}})  # tensors read here, once
         state.log.clear()
+        rate = self.clock.samples_per_s(p.seen)
+        log.info("%s | step %d/%d (%d%%) | epoch %d/%d | loss %.4f | %s samples/s | ETA %s", self.label,
+                 state.step, state.total_steps, 100 * state.step // max(state.total_steps, 1), epoch + 1,
+                 self.recipe.epochs, mean_loss, "n/a" if rate is None else f"{rate:.1f}",
+                 self._eta(p, evaluated=epoch))
 
     def _evaluate(self, p: Progress, epoch: int) -> None:
         t1 = time.perf_counter()
         m = evaluate(self.model, self.method, self.task, self.devs, self.device, self.runtime.eval_batch_size,
                      self.autocast)
-        p.eval_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        p.eval_s += t2 - t1
+        self.clock.evaluated(t2 - t1, p.seen)
         p.evals.append(m)
         main = self.task.main_metric
         p.curve.append({"step": self.state.step, "epoch": float(epoch + 1), "kind": "eval",
                         "lr": self.state.scheduler.get_last_lr()[0], "dev_main": m[main],
                         **{f"dev_{k}": v for k, v in m.items()}})
-        log.info("epoch %d/%d: loss %.4f, dev %s = %.4f (%.1f s train, %.1f s eval)", epoch + 1, self.recipe.epochs,
-                 p.last_finite, main, m[main], p.train_s, p.eval_s)
+        log.info("%s | epoch %d/%d done at step %d/%d | loss %.4f | dev %s %.4f | %.1f s train, %.1f s eval | ETA %s",
+                 self.label, epoch + 1, self.recipe.epochs, self.state.step, self.state.total_steps, p.last_finite,
+                 main, m[main], p.train_s, p.eval_s, self._eta(p, evaluated=epoch + 1))
+
+    def _eta(self, p: Progress, evaluated: int) -> str:
+        """Seconds left, as ``"<n> s"`` (``"n/a"`` before the first timed step): the remaining
+        optimizer steps at this process's mean seconds per step (evaluations excluded) plus the
+        remaining evaluations at the mean duration of those run so far; ``evaluated`` is the
+        number of epochs whose evaluation is done."""
+        left = self.clock.eta_s(self.state.step, self.state.total_steps, self.recipe.epochs - evaluated,
+                                p.eval_s / len(p.evals) if p.evals else 0.0)
+        return "n/a" if left is None else f"{left:.0f} s" if left >= 10 else f"{left:.1f} s"
+
+
+class ProgressClock:
+    """Wall-clock bookkeeping of the progress lines (this process only: not checkpointed).
+
+    Measured at logged steps, right after the loop's one host sync of that step, so the times
+    include the device's work. ``samples_per_s`` is the rate of the interval since the previous
+    progress line (or evaluation); ``eta_s`` extrapolates the mean seconds per optimizer step
+    since :meth:`start` (evaluations excluded) to the remaining steps and adds the remaining
+    evaluations.
+    """
+
+    def __init__(self) -> None:
+        self.start(0, 0)
+
+    def start(self, step: int, seen: int) -> None:
+        """Start timing at optimizer step ``step`` with ``seen`` examples seen (a resumed run
+        starts at its checkpoint's counts)."""
+        self.t0 = self.t_last = time.perf_counter()
+        self.step0, self.seen_last, self.eval_wall = step, seen, 0.0
+
+    def samples_per_s(self, seen: int) -> float | None:
+        """Training examples per second since the previous call (None when no time passed)."""
+        now = time.perf_counter()
+        dt, n = now - self.t_last, seen - self.seen_last
+        self.t_last, self.seen_last = now, seen
+        return n / dt if dt > 0 and n > 0 else None
+
+    def evaluated(self, seconds: float, seen: int) -> None:
+        """An evaluation took ``seconds``: left out of the step time and of the next interval."""
+        self.eval_wall += seconds
+        self.t_last, self.seen_last = time.perf_counter(), seen
+
+    def eta_s(self, step: int, total_steps: int, evals_left: int, eval_s: float) -> float | None:
+        """Seconds left: ``(total_steps - step)`` × mean seconds per step + ``evals_left`` ×
+        ``eval_s``; None before the first step of this process."""
+        done = step - self.step0
+        if done <= 0:
+            return None
+        per_step = max(time.perf_counter() - self.t0 - self.eval_wall, 0.0) / done
+        return max(total_steps - step, 0) * per_step + max(evals_left, 0) * eval_s
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ own list:
 - :data:`RUN_STATUSES`: what a row of ``runs.parquet`` can say about its run;
 - :data:`RUN_FILES`: the files of one run directory (``metrics.parquet`` last: the completion marker);
 - :data:`TABLES`: the aggregated tables under ``results/tables``;
+- :data:`PROVENANCE`: the columns of a run row that say what code, model, data, software and
+  machine produced it;
 - :data:`GRAD_GROUPS`, :data:`GRAD_TOTAL`: the parameter groups of the gradient-norm logs and their union;
 - :data:`TARGET_KINDS`: the kinds of adapted weight matrix, in layer order;
 - :data:`PLOTS`: every figure of the ``plot`` rule with the tables it reads.
@@ -197,6 +199,26 @@ TABLES: dict[str, str] = {
     "gradnorms": "gradnorms.parquet",
     "significance": "significance.parquet",
     "method_stats": "method_stats.parquet",
+}
+
+#: Packages whose version every run row records (``<package>_version``; ``python_version`` too).
+VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "transformers", "peft", "peftbench")
+
+#: Provenance columns of every run row (``metrics.parquet``, hence ``runs.parquet``): what
+#: produced the numbers. Two runs compared in one table should agree on all of them; the summary
+#: lists the ones that differ. Column -> meaning.
+PROVENANCE: dict[str, str] = {
+    "git_commit": "commit of the workflow checkout (`git rev-parse HEAD`; 'unknown' outside git)",
+    "git_dirty": "the checkout had uncommitted or untracked changes (`git status --porcelain`; null: unknown)",
+    "model_revision": "hub commit of the model snapshot, 'local' for a directory or package, else 'unknown'",
+    "model_sha256": "sha256 of the model's weight file(s) (several: of their 'name sha256' lines)",
+    "data_train_sha256": "sha256 of the tokenised train Parquet file the run read",
+    "data_dev_sha256": "sha256 of the tokenised dev Parquet file(s) (several: 'split=sha256' joined by ',')",
+    "python_version": "Python version",
+    **{f"{p}_version": f"{p} version" for p in VERSIONED_PACKAGES},
+    "cuda_version": "CUDA version PyTorch was built with ('none' for a CPU build)",
+    "device": "GPU name, or 'cpu (<machine>)'",
+    "host": "host name of the machine that trained the run",
 }
 
 #: Which run file each concatenated table collects.

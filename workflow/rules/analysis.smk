@@ -1,4 +1,4 @@
-# Analysis stage: significance tests, comparison figures and summary.md.
+# Analysis stage: significance tests, comparison figures, summary.md and explorer.html.
 #
 # Inputs come from the aggregate rule (results/tables/*.parquet) and the svd rule
 # (results/svd/{model}/spectrum.parquet). Every rule calls the package CLI (`python -m peftbench
@@ -109,3 +109,28 @@ rule summary:
     shell:
         "python -m peftbench summary --runs {input.runs} --significance {input.significance} "
         "--reference {params.reference} --out {output.md} {params.stats} > {log} 2>&1"
+
+
+rule explorer:
+    """The interactive comparison page (one self-contained HTML: plotly.js and the data inlined)."""
+    input:
+        runs=table_path("runs"),
+        significance=table_path("significance"),
+    output:
+        html=report(
+            "results/comparison/explorer.html",
+            caption="../report/explorer.rst",
+            category="Comparison",
+        ),
+    log:
+        "results/logs/explorer.log",
+    benchmark:
+        "results/benchmarks/explorer.tsv"
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        reference=ANALYSIS["reference_method"],
+        value=ANALYSIS["value"],
+    shell:
+        "python -m peftbench explorer --runs {input.runs} --significance {input.significance} "
+        "--reference {params.reference} --value {params.value} --out {output.html} > {log} 2>&1"

@@ -1,4 +1,5 @@
-"""Command-line interface of the analysis stage: ``significance``, ``plot`` and ``summary``.
+"""Command-line interface of the analysis stage: ``significance``, ``plot``, ``summary`` and
+``explorer`` (:mod:`peftbench.analysis.explorer`).
 
 The package's main CLI calls :func:`register` with its sub-parser collection; each sub-command
 sets ``func`` to a function taking the parsed :class:`argparse.Namespace`. For use without the
@@ -15,6 +16,7 @@ Sub-commands (defaults of the statistics options and ``--reference``: the config
               [--gradnorms G] [--spectrum P [P ...]] [--task T] [--reference M]
               [statistics options as above]
     summary --runs R --out summary.md [--significance S] [statistics options as above]
+    explorer --runs R --out explorer.html [--significance S] [--reference M] [--value dev_main]
 
 The figure kinds, and the tables each reads, are :data:`peftbench.vocab.PLOTS`: ``plot KIND``
 needs ``--<input>`` for every input of its kind (plus ``--task`` for a per-task kind).
@@ -226,6 +228,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explorer(args: argparse.Namespace) -> int:
+    """``peftbench explorer``: write explorer.html (see :mod:`peftbench.analysis.explorer`)."""
+    from .explorer import write_explorer
+    from .significance import read_table
+
+    runs = load_runs(args.runs, args.value)
+    sig = (read_table(args.significance, ("model", "task", "budget", "method", "baseline", "reference"),
+                      hint=_hint("significance")) if args.significance else None)
+    sources = {"runs": str(args.runs), **({"significance": str(args.significance)} if args.significance else {})}
+    out = write_explorer(runs, sig, args.out, args.reference, args.value, sources)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(runs)} runs)")
+    return 0
+
+
 def _save_figures():
     """plots.save_figures, looked up at call time (tests replace it to skip rendering)."""
     from . import plots
@@ -238,7 +254,7 @@ def _used_by(key: str) -> str:
 
 
 def register(subparsers) -> None:
-    """Add the ``significance``, ``plot`` and ``summary`` sub-commands to ``subparsers``
+    """Add the ``significance``, ``plot``, ``summary`` and ``explorer`` sub-commands to ``subparsers``
     (the object returned by ``ArgumentParser.add_subparsers``). Each sets ``func``."""
     from ..config import schema_defaults
 
@@ -283,6 +299,19 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output Markdown file")
     _add_stats_args(p, defaults)
     p.set_defaults(func=cmd_summary)
+
+    p = subparsers.add_parser("explorer", help="write the interactive comparison page (one self-contained HTML)",
+                              description="Write explorer.html: a Pareto plot with chosen axes, filters, a "
+                                          "sortable table with significance marks and CSV download; plotly.js "
+                                          "and the data inlined (no network when viewed).")
+    p.add_argument("--runs", required=True, type=Path, help=TABLES["runs"])
+    p.add_argument("--significance", type=Path, default=None,
+                   help=f"{TABLES['significance']} (comparison with the reference; omit: no comparison columns)")
+    p.add_argument("--reference", default=None, help="reference method (default: from --significance)")
+    p.add_argument("--value", default=defaults["value"], choices=["dev_main", "best_dev_main"],
+                   help="the analysis value column: the default y axis (default %(default)s)")
+    p.add_argument("--out", required=True, type=Path, help="output HTML file")
+    p.set_defaults(func=cmd_explorer)
 
 
 def build_parser() -> argparse.ArgumentParser:

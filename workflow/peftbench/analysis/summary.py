@@ -5,7 +5,9 @@ plus the GLUE average, mean ± SD over seeds ×100, best mean per column in bold
 vs the reference), a run outside its budget family (±10 % or capacity-limited; see
 :func:`~peftbench.analysis.significance.budget_families`) in a section of its own after its
 budget's; per model the parameter counts and costs (with the budget's parameter count and how
-many runs match it); the list of failed runs. Every
+many runs match it); the list of failed runs; the provenance of the runs (:func:`provenance_lines`:
+which of the columns of :data:`peftbench.vocab.PROVENANCE` — commit, model and data hashes, package
+versions, device, host — differ between runs that are compared with each other). Every
 number comes from :func:`~peftbench.analysis.significance.method_stats` (the same statistics
 as the plots) and ``significance.parquet``.
 """
@@ -16,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..vocab import GLUE_AVG, RUN_STATUSES, metric, order_tasks, task_label
+from ..vocab import GLUE_AVG, PROVENANCE, RUN_STATUSES, metric, order_tasks, task_label
 from .plots import significance_marks
 from .significance import (
     DEFAULT_REFERENCE,
     FULL_TOKEN,
     StatsOptions,
+    budget_families,
     budget_free_methods,
     budget_label,
     budget_match,
@@ -32,7 +35,7 @@ from .significance import (
     validate_runs,
 )
 
-__all__ = ["summary_markdown", "write_summary"]
+__all__ = ["summary_markdown", "write_summary", "provenance_lines"]
 
 
 def _esc(text: object) -> str:
@@ -149,6 +152,78 @@ def _section_label(runs: pd.DataFrame, budget: str, methods: set[str], budget_fr
     return f"budget {nominal.token} (the parameter count of LoRA rank {int(nominal.value)} on every adapted matrix)"
 
 
+#: Characters of a hash or commit shown in the provenance section.
+_SHORT = 12
+
+
+def _prov_value(column: str, v: object) -> str:
+    """One provenance value as shown: hashes and commits shortened to :data:`_SHORT` characters,
+    the dirty flag in words, missing values as ``not recorded``."""
+    if v is None or v is pd.NA or (isinstance(v, float) and not np.isfinite(v)):
+        return "not recorded"
+    if column == "git_dirty":
+        return "dirty" if bool(v) else "clean"
+    text = str(v)
+    if column == "git_commit" or column.endswith("sha256"):
+        parts = [p.partition("=") for p in text.split(",")]
+        return ",".join(f"{name}={h[:_SHORT]}" if sep else name[:_SHORT] for name, sep, h in parts)
+    return text
+
+
+def _code(text: object) -> str:
+    """``text`` as inline code in a Markdown table cell."""
+    return "`" + str(text).replace("`", "'").replace("|", "\\|") + "`"
+
+
+def provenance_lines(runs: pd.DataFrame) -> list[str]:
+    """The ``## Provenance`` section of summary.md: what differs between runs that are compared.
+
+    Runs are compared within a comparison table, one per ``(model, task, budget)``
+    (:func:`~peftbench.analysis.significance.budget_families`: full fine-tuning belongs to every
+    budget). For every column of :data:`peftbench.vocab.PROVENANCE`, over the runs that wrote a
+    row (status ``ok`` or ``failed``): a column with more than one value inside some table is
+    listed with its values, their run counts and how many tables mix them (a difference a method
+    comparison would silently absorb); a column with one value inside every table is listed once,
+    with its value, or the number of values it takes across tables (the data hashes differ
+    between tasks by design). Missing values count as the value ``not recorded``.
+
+    Returns:
+        Markdown lines (heading included).
+    """
+    out = ["## Provenance", ""]
+    done = runs[runs["status"] != "missing"]
+    cols = [c for c in PROVENANCE if c in done.columns]
+    if done.empty or not cols:
+        return out + ["Not recorded: no run row has provenance columns (runs written before they existed).", ""]
+    fam = budget_families(done)
+    keys = ["model", "task", "budget"]
+    n_tables = int(fam.groupby(keys).ngroups)
+    mixed, same = [], []
+    for c in cols:
+        shown = fam[c].map(lambda v, c=c: _prov_value(c, v))
+        n_mixed = int((shown.groupby([fam[k] for k in keys]).nunique() > 1).sum())
+        values = done[c].map(lambda v, c=c: _prov_value(c, v)).value_counts()
+        if n_mixed:
+            vals = ", ".join(f"{_code(v)} ({n})" for v, n in values.items())
+            mixed.append(f"| `{c}` | {vals} | {n_mixed} of {n_tables} |")
+        elif len(values) == 1:
+            same.append(f"`{c}` {_esc(values.index[0])}")
+        else:
+            same.append(f"`{c}` one value per table ({len(values)} distinct)")
+    missing = [c for c in PROVENANCE if c not in done.columns]
+    if mixed:
+        out += [f"**Differs between compared runs** ({n_tables} comparison tables of model × task × budget): "
+                "differences between methods in these tables may partly be differences of code, data, "
+                "software or machine.", "",
+                "| column | values (runs) | tables mixing them |", "|---|---|---:|", *mixed, ""]
+    else:
+        out += [f"No recorded provenance column differs within a comparison table (model × task × budget, "
+                f"{n_tables} in all).", ""]
+    out += ["**Same within every table:** " + ("; ".join(same) if same else "none") + "."
+            + (f" Not recorded in any run: {', '.join(f'`{c}`' for c in missing)}." if missing else ""), ""]
+    return out
+
+
 def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
                      opts: StatsOptions = StatsOptions(), reference: str | None = None) -> str:
     """Render the benchmark summary as Markdown.
@@ -235,6 +310,7 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
                        f"| {_esc(r.status)} | {_esc(err[:160])} |")
         out += ["", "Status: " + "; ".join(f"{_esc(st)}: {_esc(RUN_STATUSES[st])}" for st in RUN_STATUSES
                                           if st != "ok" and (failed["status"] == st).any()) + ".", ""]
+    out += provenance_lines(runs)
     return "\n".join(out)
 
 
