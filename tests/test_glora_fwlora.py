@@ -13,7 +13,7 @@ from torch import nn
 
 from peftbench.cli import main
 from peftbench.methods import BuildContext, LoopState, get_method
-from peftbench.methods.fwlora import FWLoRA, lora_update_sq_norm
+from peftbench.methods.fwlora import FWLoRA, FWLoRAOptions, lora_update_sq_norm
 from peftbench.methods.glora import (GLoRA, GLoRAOptions, allocate_ranks, balance_params, base_weights,
                                      lora_modules, refactor_update, resize_lora_module, warmup_length)
 from peftbench.methods.options import OptionsError
@@ -181,17 +181,20 @@ def test_resize_module_keeps_the_update_under_the_alpha_over_r_rule(new_r):
 
 
 def test_defaults_are_the_seeds():
-    g = GLoRAOptions()
+    g, f = GLoRAOptions(), FWLoRAOptions()
     assert (g.beta, g.estimator, g.min_rank, g.preserve_update, g.warmup_steps, g.warmup_fraction) == \
         (0.9, "exact", 0, True, None, None)
-    assert g.min_warmup_steps == 20
-    cls = get_method("glora")
-    assert not cls.compilable and cls.identity_at_init and cls.options_cls is GLoRAOptions
+    assert (f.lam, f.beta, f.warmup_steps, f.warmup_fraction) == (1e-4, 0.98, 500, None)
+    assert g.min_warmup_steps == f.min_warmup_steps == 20
+    for name in ("glora", "fwlora"):
+        cls = get_method(name)
+        assert not cls.compilable and cls.identity_at_init
+        assert cls.options_cls is (FWLoRAOptions if name.startswith("fwlora") else GLoRAOptions)
     assert GLoRAOptions.from_dict({"min_rank": 0}).min_rank == 0
     with pytest.raises(OptionsError, match=r"method_options\.glora\.min_rank: -1 — must be ≥ 0"):
         GLoRAOptions.from_dict({"min_rank": -1}, where="method_options.glora")
     with pytest.raises(OptionsError, match=r"min_warmup_steps: 0 — must be ≥ 1"):
-        GLoRAOptions.from_dict({"min_warmup_steps": 0})
+        FWLoRAOptions.from_dict({"min_warmup_steps": 0})
 
 
 def _reallocate(method, model, ema, lr=1e-2):
@@ -307,6 +310,12 @@ def test_warmup_never_falls_to_one_batch_nor_past_half_the_run():
         return BuildContext(task=get_task("stsb"), budget=2.0, backbone_params=1000, targets=TOY_TARGETS,
                             head_modules=[], total_steps=total, steps_per_epoch=per_epoch, options=options)
 
+    # FW-LoRA at its seed's K = 500, capped by the run
+    assert FWLoRA(ctx(10, 5)).warmup == 5       # was round(0.1 · 10) = 1
+    assert FWLoRA(ctx(100, 50)).warmup == 50
+    assert FWLoRA(ctx(4000, 100)).warmup == 500
+    assert FWLoRA(ctx(4000, 100, warmup_fraction=0.01)).warmup == 40  # smaller of the two
+    assert FWLoRA(ctx(4000, 100, warmup_steps=2)).warmup == 20  # below the floor
     # GLoRA: the first epoch, at least 20 steps when the run allows it
     assert GLoRA(ctx(100, 2)).warmup == 20
     assert GLoRA(ctx(100, 30)).warmup == 30
@@ -403,7 +412,7 @@ def test_rxr_penalty_equals_dense_norm():
 
 
 def test_fwlora_penalty_and_importance_on_toy():
-    method, model = _toy(FWLoRA, r=2, warmup_steps=2, warmup_fraction=None, lam=0.5)
+    method, model = _toy(FWLoRA, r=2, warmup_steps=2, warmup_fraction=None, lam=0.5, min_warmup_steps=1)
     assert method.warmup == 2
     w0 = [w.detach().clone() for w in base_weights(method.modules)]
     opt = torch.optim.AdamW(method.parameter_groups(model, 0.01), lr=1e-2)
@@ -425,6 +434,7 @@ def test_fwlora_penalty_and_importance_on_toy():
         method.after_optimizer_step(model, state)
         opt.zero_grad()
     assert penalties[:2] == [0.0, 0.0] and all(p > 0 for p in penalties[2:])
+    assert all(torch.is_tensor(p) and p.ndim == 0 and not p.requires_grad for p in penalties[2:])
     assert sum(method.importance) == pytest.approx(1.0)
     assert all(f > 0 for f in method.fisher)
     assert all(torch.equal(a, b) for a, b in zip(w0, base_weights(method.modules)))
@@ -432,6 +442,51 @@ def test_fwlora_penalty_and_importance_on_toy():
     expected = 0.5 * sum((1 - i) * (m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight).pow(2).sum()
                          for m, i in zip(method.modules, method.importance))
     assert float(method.penalty().detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+@pytest.mark.parametrize("method_cls", [FWLoRA])
+def test_fwlora_hooks_stay_on_the_device(method_cls, monkeypatch):
+    """Fisher EMAs and the penalty are device tensors, read on the host only at the end of the
+    warm-up; values equal a float reference."""
+    method, model = _toy(method_cls, r=2, warmup_steps=3, lam=0.5, min_warmup_steps=1)
+    assert method.warmup == 3
+    _learned(method, 0.1)
+    opt = torch.optim.AdamW(method.parameter_groups(model, 0.0), lr=1e-2)
+    ref = [0.0, 0.0]
+    for step in range(5):
+        state = _state(step)
+        with no_host_reads(monkeypatch):
+            method.on_step_start(model, state)
+            out = model(torch.randn(4, 6))
+            extra = method.extra_loss(model, out, {}, state)
+        loss = out.pow(2).sum() + (extra if extra is not None else 0.0)
+        if step < 3:
+            grads = torch.autograd.grad(loss, base_weights(method.modules), retain_graph=True)
+            ref = [0.98 * f + 0.02 * float(g.double().pow(2).sum()) for f, g in zip(ref, grads)]
+            assert extra is None and state.log["penalty"] == 0.0
+        else:
+            imp = method.importance
+            dense = sum((1 - i) * _delta(m).double().pow(2).sum() for m, i in zip(method.modules, imp))
+            pen = state.log["penalty"]
+            assert torch.is_tensor(pen) and pen.ndim == 0 and not pen.requires_grad
+            assert float(pen) == pytest.approx(0.5 * float(dense), rel=1e-5)
+        loss.backward()
+        with no_host_reads(monkeypatch):
+            method.after_backward(model, state)
+        opt.step()
+        state.step += 1
+        if state.step == method.warmup:  # the one host read: F_m -> I_m
+            method.after_optimizer_step(model, state)
+            assert torch.is_tensor(method.fisher)
+            np.testing.assert_allclose(method.fisher.numpy(), ref, rtol=1e-5)
+            expected = [f / sum(ref) for f in ref]
+            assert method.importance == pytest.approx(expected, rel=1e-5)
+        else:
+            with no_host_reads(monkeypatch):
+                method.after_optimizer_step(model, state)
+        opt.zero_grad()
+    assert not any(w.requires_grad or w.grad is not None for w in base_weights(method.modules))
+    assert method.summary(model)["final_penalty"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +538,8 @@ def test_fwlora_cli_columns_penalty_and_frozen_base(tiny_model_dir, tiny_data, t
         return orig(self, model)
 
     monkeypatch.setattr(FWLoRA, "summary", keep_model)
-    out = _train(tiny_model_dir, tiny_data, tmp_path, "fwlora", options={"warmup_steps": 3, "warmup_fraction": None, "lam": 1e-2})
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "fwlora", options={"warmup_steps": 3, "warmup_fraction": None,
+                                                                     "lam": 1e-2, "min_warmup_steps": 1})
     row, ranks = _check_common(out, "fwlora")
     assert row["warmup_steps"] == 3
     assert {"fisher", "importance"} <= set(ranks.columns)
