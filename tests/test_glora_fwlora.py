@@ -14,8 +14,11 @@ from torch import nn
 from peftbench.cli import main
 from peftbench.methods import BuildContext, LoopState, get_method
 from peftbench.methods.fwlora import FWLoRA, FWLoRAOptions, lora_update_sq_norm
+from peftbench.methods.fwlora_uniform import FWLoRAUniform
 from peftbench.methods.glora import (GLoRA, GLoRAOptions, allocate_ranks, balance_params, base_weights,
                                      lora_modules, refactor_update, resize_lora_module, warmup_length)
+from peftbench.methods.glora_shuffled import GLoRAShuffled, permutation
+from peftbench.methods.glora_uniform import GLoRAUniform
 from peftbench.methods.options import OptionsError
 from peftbench.models import Target, find_targets, load_classifier
 from peftbench.optim import make_optimizer, make_scheduler, rebuild_optimizer
@@ -186,7 +189,7 @@ def test_defaults_are_the_seeds():
         (0.9, "exact", 0, True, None, None)
     assert (f.lam, f.beta, f.warmup_steps, f.warmup_fraction) == (1e-4, 0.98, 500, None)
     assert g.min_warmup_steps == f.min_warmup_steps == 20
-    for name in ("glora", "fwlora"):
+    for name in ("glora", "glora_shuffled", "glora_uniform", "fwlora", "fwlora_uniform"):
         cls = get_method(name)
         assert not cls.compilable and cls.identity_at_init
         assert cls.options_cls is (FWLoRAOptions if name.startswith("fwlora") else GLoRAOptions)
@@ -444,10 +447,10 @@ def test_fwlora_penalty_and_importance_on_toy():
     assert float(method.penalty().detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
-@pytest.mark.parametrize("method_cls", [FWLoRA])
+@pytest.mark.parametrize("method_cls", [FWLoRA, FWLoRAUniform])
 def test_fwlora_hooks_stay_on_the_device(method_cls, monkeypatch):
     """Fisher EMAs and the penalty are device tensors, read on the host only at the end of the
-    warm-up; values equal a float reference."""
+    warm-up; values equal a float reference; the control weights every matrix by 1/M."""
     method, model = _toy(method_cls, r=2, warmup_steps=3, lam=0.5, min_warmup_steps=1)
     assert method.warmup == 3
     _learned(method, 0.1)
@@ -479,7 +482,7 @@ def test_fwlora_hooks_stay_on_the_device(method_cls, monkeypatch):
             method.after_optimizer_step(model, state)
             assert torch.is_tensor(method.fisher)
             np.testing.assert_allclose(method.fisher.numpy(), ref, rtol=1e-5)
-            expected = [f / sum(ref) for f in ref]
+            expected = [1 / 2, 1 / 2] if method_cls is FWLoRAUniform else [f / sum(ref) for f in ref]
             assert method.importance == pytest.approx(expected, rel=1e-5)
         else:
             with no_host_reads(monkeypatch):
@@ -487,6 +490,52 @@ def test_fwlora_hooks_stay_on_the_device(method_cls, monkeypatch):
         opt.zero_grad()
     assert not any(w.requires_grad or w.grad is not None for w in base_weights(method.modules))
     assert method.summary(model)["final_penalty"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mechanism controls
+# ---------------------------------------------------------------------------------------------
+def _method(cls, n=12, r0=4, seed=0, **options):
+    """A method on ``n`` synthetic 64 × 64 targets at uniform rank ``r0`` (no model needed)."""
+    targets = [Target(f"m{k}", k // 6, "query", 64, 64) for k in range(n)]
+    ctx = BuildContext(task=get_task("stsb"), budget=r0 * n * 128 / 1e4, backbone_params=10**6, targets=targets,
+                       head_modules=[], total_steps=100, steps_per_epoch=10, options=options, seed=seed)
+    method = cls(ctx)
+    assert method.r0 == r0
+    return method
+
+
+def test_shuffled_control_permutes_glora_scores_and_ranks():
+    measured = list(np.random.default_rng(0).exponential(size=12))
+    glora, shuffled = _method(GLoRA), _method(GLoRAShuffled, seed=7)
+    perm = permutation(12, 7)
+    assert sorted(perm) == list(range(12)) and perm != list(range(12))
+    assert permutation(12, 7) == perm and permutation(12, 8) != perm  # fixed by the run's seed
+    s_g, s_sh = glora.allocation_scores(measured), shuffled.allocation_scores(measured)
+    assert s_sh == pytest.approx([s_g[p] for p in perm], rel=1e-12)
+    r_g, r_sh = glora.target_ranks(s_g), shuffled.target_ranks(s_sh)
+    assert r_sh == [r_g[p] for p in perm]  # a permutation of GLoRA's ranks for the same scores
+    assert sorted(r_sh) == sorted(r_g) and sum(r_sh) == sum(r_g) == 12 * 4 and r_sh != r_g
+
+
+def test_uniform_control_allocates_lora_ranks_and_refactors_every_module():
+    measured = list(np.random.default_rng(0).exponential(size=12))
+    uniform = _method(GLoRAUniform)
+    assert uniform.allocation_scores(measured) == [1 / 12] * 12
+    assert uniform.target_ranks(uniform.allocation_scores(measured)) == [4] * 12  # the uniform allocation
+    method, model = _toy(GLoRAUniform, r=2, targets=TOY3_TARGETS, model_cls=Toy3)
+    state = _reallocate(method, model, [3.0, 2.0, 1.0])
+    _learned(method)
+    old = [p for m in method.modules for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+    x = torch.randn(7, 6)
+    before = model(x).detach()
+    assert method.reallocate(state.rebuild_optimizer) == [2, 2, 2]
+    new = [p for m in method.modules for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+    assert all(p is not q for p, q in zip(new, old))  # every module re-factorised ...
+    assert all(p not in state.optimizer.state or not state.optimizer.state[p] for p in new)  # ... fresh AdamW
+    torch.testing.assert_close(model(x).detach(), before, rtol=1e-5, atol=1e-6)  # ΔW unchanged at rank r0
+    assert method.tables(model)["ranks"]["score"].tolist() == pytest.approx([1 / 3] * 3)
+    _roundtrip(method, model, lambda: _toy(GLoRAUniform, r=2, targets=TOY3_TARGETS, model_cls=Toy3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,3 +609,30 @@ def test_fwlora_cli_columns_penalty_and_frozen_base(tiny_model_dir, tiny_data, t
         assert not m.get_base_layer().weight.requires_grad
     emb = seen["model"].base_model.model.bert.embeddings.word_embeddings.weight
     assert torch.equal(emb, fresh.bert.embeddings.word_embeddings.weight)
+
+
+def test_controls_cli_share_glora_warmup_and_change_only_the_scores(tiny_model_dir, tiny_data, tmp_path):
+    outs = {m: _train(tiny_model_dir, tiny_data, tmp_path, m) for m in ("glora", "glora_shuffled", "glora_uniform")}
+    ranks = {}
+    for m, out in outs.items():
+        row, ranks[m] = _check_common(out, m)
+        assert row["reallocated"] and row["warmup_steps"] == 6 and ranks[m]["rank"].sum() == 12 * row["rank"]
+    # same seed, same warm-up: the measured EMAs are identical, only the allocation scores differ
+    for m in ("glora_shuffled", "glora_uniform"):
+        np.testing.assert_array_equal(ranks[m]["grad_norm_ema"], ranks["glora"]["grad_norm_ema"])
+    perm = permutation(12, 1)
+    np.testing.assert_allclose(ranks["glora_shuffled"]["score"], ranks["glora"]["score"].to_numpy()[perm], rtol=1e-12)
+    assert (ranks["glora_uniform"]["rank"] == ranks["glora_uniform"]["initial_rank"]).all()
+    assert ranks["glora_uniform"]["score"].tolist() == pytest.approx([1 / 12] * 12)
+    # on this seed the shuffled allocation gives some matrices rank 0: they train with no adapter,
+    # and adapter.safetensors still holds exactly the trainable count (_check_common)
+    assert (ranks["glora_shuffled"]["rank"] == 0).any()
+
+
+def test_fwlora_uniform_cli(tiny_model_dir, tiny_data, tmp_path):
+    out = _train(tiny_model_dir, tiny_data, tmp_path, "fwlora_uniform", options={"lam": 1e-2})
+    row, ranks = _check_common(out, "fwlora_uniform")
+    assert row["warmup_steps"] == 6  # K = 500 capped at half the 12-step run
+    assert ranks["importance"].tolist() == pytest.approx([1 / 12] * 12) and (ranks["fisher"] > 0).all()
+    train = pd.read_parquet(out / "curve.parquet").query("kind == 'train'")
+    assert (train.loc[train.step <= 6, "penalty"] == 0).all() and (train.loc[train.step > 6, "penalty"] > 0).all()

@@ -22,7 +22,8 @@ training loss is the seed's::
 computed in ``r × r`` form (never forming the ``d_out × d_in`` product) in fp32: important matrices
 are penalised less. Note that with ``Σ I_m = 1`` over ``M`` matrices (72 on a 12-layer encoder) the
 weights ``1 − I_m`` all lie within ``max_m I_m`` of 1, so the weighting differs from a uniform
-``1 − 1/M`` by little unless the Fisher mass is concentrated. The penalty is 0 during warm-up and logged as
+``1 − 1/M`` by little unless the Fisher mass is concentrated; the ``fwlora_uniform`` control
+(``I_m = 1/M``) measures exactly that difference. The penalty is 0 during warm-up and logged as
 the ``penalty`` column of ``curve.parquet`` (a device tensor, read only at logged steps).
 
 Warm-up length: ``K = min(warmup_steps, round(warmup_fraction · total_steps))`` over the options
@@ -96,7 +97,10 @@ def lora_update_sq_norm(A: torch.Tensor, B: torch.Tensor, scaling: float) -> tor
 
 @register
 class FWLoRA(LoRAWithBaseGradients):
-    """Fisher-weighted LoRA, seed 001: uniform rank plus an importance-weighted ‖ΔW‖² penalty after warm-up."""
+    """Fisher-weighted LoRA, seed 001: uniform rank plus an importance-weighted ‖ΔW‖² penalty after warm-up.
+
+    Subclasses (the control) change :meth:`importances` only.
+    """
 
     name = "fwlora"
     options_cls = FWLoRAOptions

@@ -70,6 +70,10 @@ are trained for at least half of it; this binds only for runs of fewer than two 
 least ``min(min_warmup_steps, total_steps // 2)`` (20 steps: the EMA then averages an effective
 ≥ 15 minibatches instead of a single one on a short run).
 
+Mechanism controls (same options, same warm-up, same re-factorisation): ``glora_shuffled``
+(the measured scores permuted across matrices with the run's seed) and ``glora_uniform`` (every
+score equal: LoRA's ranks, every module re-factorised and its AdamW state reset at step ``K``).
+
 Hot path: the EMAs are a device tensor updated in place; the host reads them once, at
 re-allocation (and when a checkpoint is written). Not ``compilable``: the base weights'
 ``requires_grad`` flips around every warm-up step and re-allocation replaces the LoRA modules,
