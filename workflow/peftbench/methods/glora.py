@@ -151,8 +151,8 @@ def exclude_params(groups: list[dict[str, Any]], excluded: list[nn.Parameter]) -
 
 
 def shares(values: list[float]) -> list[float]:
-    """``v_k / Σ_j v_j`` (GLoRA's ``s_k``, FW-LoRA's ``I_m``); uniform ``1/n`` when the sum is zero
-    or not finite."""
+    """``v_k / Σ_j v_j`` of ``(n,)`` non-negative values (GLoRA's ``s_k``, FW-LoRA's ``I_m``): ``(n,)``
+    summing to 1; uniform ``1/n`` when the sum is zero or not finite."""
     tot = sum(values)
     n = len(values)
     return [v / tot for v in values] if tot > 0 and math.isfinite(tot) else [1.0 / n] * n
@@ -361,7 +361,7 @@ def refactor_update(A: torch.Tensor, B: torch.Tensor, new_r: int, c: float = 1.0
         a64, b64 = A.detach().double(), B.detach().double()
         q_b, r_b_ = torch.linalg.qr(b64)          # (d_out, k_b), (k_b, r)
         q_a, r_a = torch.linalg.qr(a64.t())       # (d_in, k_a), (k_a, r)
-        u, sv, vh = torch.linalg.svd(r_b_ @ r_a.t())  # core (k_b, k_a)
+        u, sv, vh = torch.linalg.svd(r_b_ @ r_a.t(), full_matrices=False)  # core (k_b, k_a)
         m = min(m, sv.numel())
         rho = float(a64.norm()) / math.sqrt(r)
         rho = rho if rho > 0 else KAIMING_ROW_NORM
