@@ -1,40 +1,58 @@
 """GLoRA: gradient-norm-aware rank allocation for LoRA (re-allocated once after a warm-up).
 
-**Not peft's "GLoRA" (Generalized LoRA, Chavan et al. 2023).** Our ``glora`` is the
-gradient-norm-aware rank allocation of DESIGN.md (seed 000); it only uses peft's plain
-``LoraConfig`` and resizes its LoRA modules in place.
+**Not peft's "GLoRA" (Generalized LoRA, Chavan et al. 2023, arXiv:2306.07967).** Our ``glora`` is
+the gradient-norm-aware rank allocation of DESIGN.md (seed 000); it only uses peft's plain
+``LoraConfig`` and re-factorises its LoRA modules in place.
 
-Method. Every target matrix ``W_k`` (attention q/k/v/output, both feed-forward) starts as LoRA
-(Hu et al. 2021, Eq. 3) at the budget's uniform rank ``r0``: ``h = W_k x + (α / r_k) B_k A_k x``,
-``B_k ∈ R^{d_out×r_k}`` (zero init), ``A_k ∈ R^{r_k×d_in}`` (Kaiming-uniform init). During a warm-up
+Method (seed 000). Every target matrix ``W_k`` (attention q/k/v/output, both feed-forward; ``n``
+of them) starts as LoRA (Hu et al. 2021, arXiv:2106.09685, Eq. 3) at the budget's uniform rank
+``r0``: ``h = W_k x + s_k B_k A_k x``, ``s_k = α / r_k``, ``B_k ∈ R^{d_out×r_k}`` (zero init),
+``A_k ∈ R^{r_k×d_in}`` (Kaiming-uniform init, as peft), ``ΔW_k = s_k B_k A_k``. During a warm-up
 of ``K`` optimizer steps the method keeps, per matrix, an exponential moving average of the
-Frobenius norm of the gradient of its update ``ΔW_k = B_k A_k``::
+Frobenius norm of the gradient of the loss with respect to its update::
 
-    g_k ← β g_k + (1 − β) n_k,     n_k = sqrt(‖∇A_k‖²_F + ‖∇B_k‖²_F)      (estimator "lora", free)
-                                   n_k = ‖∂L/∂W_k‖_F                         (estimator "exact")
+    g_k ← β g_k + (1 − β) n_k,   g_k = 0 at the start, β = 0.9
+    n_k = ‖∂L/∂ΔW_k‖_F = ‖∂L/∂W_k‖_F = ‖Σ_tokens δ_out x_inᵀ‖_F        (estimator "exact", default)
+    n_k = sqrt(‖∂L/∂A_k‖²_F + ‖∂L/∂B_k‖²_F)                               (estimator "lora")
 
-(the exact estimator switches ``requires_grad`` on for the frozen base weights during warm-up
-only, reads their gradient ``∂L/∂W_k = Σ_tokens δ_outᵀ x`` and drops it: the base weights are never
-in the optimizer and never updated). After step ``K`` the total rank ``R_total = n · r0`` (``n``
-matrices) is re-allocated in proportion to the scores ``s_k = g_k / Σ_j g_j``::
+The exact estimator is the seed's score. It switches ``requires_grad`` on for the frozen base
+weights for the forward/backward of each warm-up step only, reads their gradient and drops it
+(the base weights are never in the optimizer and never updated; the extra cost is one
+``d_out × d_in`` weight-gradient product per matrix per warm-up step). The ``lora`` estimator
+costs nothing extra but is biased by the matrix shape: early in training ``B ≈ 0``, so
+``∂L/∂A = s Bᵀ G ≈ 0`` and ``‖∂L/∂B‖ = s ‖G Aᵀ‖`` with ``G = ∂L/∂W``; the ``r`` random rows of ``A``
+(entries of variance ``1/(3 d_in)``) keep ``E‖G Aᵀ‖² = r ‖G‖² / (3 d_in)`` of the gradient's energy,
+so the score scales as ``‖G‖ / √d_in`` and the feed-forward output matrix (``d_in = 3072`` on a base
+model) looks half as important as an attention matrix (``d_in = 768``) with the same ``‖G‖``.
+
+After step ``K`` the total rank ``R_total = n · r0`` is re-allocated in proportion to the scores
+``s_k = g_k / Σ_j g_j`` (the zero start scales every ``g_k`` by the same ``1 − β^K`` and cancels)::
 
     r_k = round(R_total · s_k)      (largest-remainder rounding: Σ_k r_k = R_total exactly)
 
-with ``min_rank ≤ r_k ≤ min(d_in, d_out)`` (``min_rank`` = 1 by default so no matrix loses its
-adapter; rank that the caps or the floor remove or add is redistributed over the other matrices
-in proportion to their scores, see :func:`allocate_ranks`). Each peft LoRA module is then
-resized in place: the first ``min(r0, r_k)`` rank components (rows of ``A``, columns of ``B``) are
-kept bit for bit, new components are initialised as LoRA does (``A`` Kaiming-uniform, ``B`` zero),
-the rest are dropped, and the α/r rule is applied explicitly: ``scaling = α / r_k``, ``r = r_k``.
-The optimizer is rebuilt; kept slices keep their AdamW moments (``exp_avg``, ``exp_avg_sq``,
-``step``), new slices start with zero moments.
+with ``min_rank ≤ r_k ≤ min(d_in, d_out)`` (``min_rank = 0`` by default, as the seed's rounding
+rule: a matrix may lose its adapter; rank that the caps or the floor remove or add is
+redistributed over the other matrices in proportion to their scores, :func:`allocate_ranks`).
 
-Note on the scaling rule: with ``scaling = α / r_k`` a matrix whose rank grows from ``r0`` to
-``r_k`` sees its learned update multiplied by ``r0 / r_k`` (new components are zero, so they add
-nothing, but the common factor changes). Option ``preserve_update: true`` instead absorbs the
-factor into the kept columns of ``B`` (``B ← B · r_k / r0``, AdamW moments rescaled to match) so
-that ``ΔW_k`` and the forward output are exactly unchanged by the resize; the default (``false``)
-keeps the learned factors bitwise, as the issue specifies.
+Re-factorisation (:func:`refactor_update`). LoRA's rank components are interchangeable (any
+``B Q, Q⁻¹ A`` gives the same update), so "the first ``m`` columns" of ``B`` is no selection at all.
+A module whose rank changes keeps instead the top ``m = min(r0, r_k)`` singular components of its
+learned update ``ΔW_k`` (Eckart & Young 1936: the best rank-``m`` approximation in Frobenius norm;
+for ``r_k ≥ r0`` the update is kept exactly), computed in ``r × r`` form from QR decompositions of
+``B`` and ``Aᵀ`` (never forming ``d_out × d_in``); components beyond the old rank start as LoRA's
+(``A`` rows Kaiming-uniform, ``B`` columns zero). The new ``A`` has orthonormal rows times the old
+rows' RMS norm, so ``A`` keeps its scale and the update's magnitude stays in ``B``, as in LoRA
+training. ``scaling = α / r_k``; with ``preserve_update: true`` (default) the kept part of ``B`` is
+multiplied by ``(α / r0) / (α / r_k) = r_k / r0`` so that ``ΔW_k`` (and the model output) is unchanged
+by the re-allocation where ``r_k ≥ r0`` and is its best rank-``r_k`` approximation where ``r_k < r0``.
+A rank-0 matrix keeps zero-size factors (``A ∈ R^{0×d_in}``, ``B ∈ R^{d_out×0}``, frozen, scaling 0):
+it adds nothing to the output and holds no trainable parameter (peft cannot be configured with
+``r = 0``, so the method sets it after the warm-up).
+
+Optimizer state. Re-factorised factors are a new basis, so their old AdamW moments (Loshchilov &
+Hutter, arXiv:1711.05101) do not apply: they start with fresh state (step 0, zero moments, bias
+correction from 1), while modules whose rank is unchanged keep their parameters and state. The
+learning-rate schedule continues.
 
 Budget: ``r0`` is the uniform LoRA rank of the budget (:func:`peftbench.budget.uniform_rank`), so
 the run starts with exactly LoRA's parameter count. Re-allocation keeps the total *rank* fixed, but
@@ -46,18 +64,31 @@ first) until it is within, keeping ``Σ r_k = R_total`` (:func:`balance_params`)
 ``capacity_limited`` is reported when ``r0`` already sits at the smallest matrix dimension and
 LoRA's count is below 90 % of the budget.
 
-Options (``method_options.glora``): :class:`GLoRAOptions`. With ``warmup_steps`` and
-``warmup_fraction`` both null the warm-up is the first epoch; it is capped at half the run so that
-the re-allocated ranks are trained (1-epoch runs).
+Warm-up: the first epoch (the seed's), unless ``warmup_steps`` or ``warmup_fraction`` say
+otherwise, then clamped by :func:`warmup_length`: at most half the run (so the re-allocated ranks
+are trained for at least half of it; this binds only for runs of fewer than two epochs) and at
+least ``min(min_warmup_steps, total_steps // 2)`` (20 steps: the EMA then averages an effective
+≥ 15 minibatches instead of a single one on a short run).
 
-Outputs: ``ranks.parquet`` with module, layer, kind, score (= s_k), rank (= r_k), plus
-``grad_norm_ema`` (g_k) and ``initial_rank`` (r0).
+Mechanism controls (same options, same warm-up, same re-factorisation): ``glora_shuffled``
+(the measured scores permuted across matrices with the run's seed) and ``glora_uniform`` (every
+score equal: LoRA's ranks, every module re-factorised and its AdamW state reset at step ``K``).
+
+Hot path: the EMAs are a device tensor updated in place; the host reads them once, at
+re-allocation (and when a checkpoint is written). Not ``compilable``: the base weights'
+``requires_grad`` flips around every warm-up step and re-allocation replaces the LoRA modules,
+both of which a captured graph would have to be re-traced for.
+
+Options (``method_options.glora``): :class:`GLoRAOptions`.
+
+Outputs: ``ranks.parquet`` with module, layer, kind, score (the allocation score ``s_k``), rank
+(``r_k``, 0 allowed), plus ``grad_norm_ema`` (the measured ``g_k``) and ``initial_rank`` (``r0``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -71,9 +102,13 @@ from .options import option
 
 ADAPTER = "default"
 
+#: Row norm of a freshly Kaiming-uniform(a = √5) LoRA ``A`` row: entries U(±1/√d_in), so
+#: ``E‖a‖² = d_in · (1/d_in) / 3 = 1/3`` whatever ``d_in``.
+KAIMING_ROW_NORM = 1.0 / math.sqrt(3.0)
+
 
 # ------------------------------------------------------------------------------------------------
-# helpers shared with fwlora
+# helpers shared with fwlora and the controls
 # ------------------------------------------------------------------------------------------------
 def lora_modules(model: nn.Module, targets: list[Target]) -> list[nn.Module]:
     """The peft ``LoraLayer`` wrapping each target, in the order of ``targets``.
@@ -115,6 +150,55 @@ def exclude_params(groups: list[dict[str, Any]], excluded: list[nn.Parameter]) -
     return out
 
 
+def shares(values: list[float]) -> list[float]:
+    """``v_k / Σ_j v_j`` of ``(n,)`` non-negative values (GLoRA's ``s_k``, FW-LoRA's ``I_m``): ``(n,)``
+    summing to 1; uniform ``1/n`` when the sum is zero or not finite."""
+    tot = sum(values)
+    n = len(values)
+    return [v / tot for v in values] if tot > 0 and math.isfinite(tot) else [1.0 / n] * n
+
+
+def frobenius_norms(groups: list[list[torch.Tensor | None]], device: torch.device) -> torch.Tensor:
+    """Per group, the Frobenius norm of its tensors taken together, ``sqrt(Σ_t ‖t‖²_F)``.
+
+    Computed on the device, without a host sync (the hooks call it every warm-up step).
+
+    Args:
+        groups: ``(n,)`` lists of gradient tensors (``None`` = no gradient, counts 0).
+        device: where the result lives when a group has no tensor.
+
+    Returns:
+        ``(n,)`` fp32 tensor.
+    """
+    out = []
+    for tensors in groups:
+        norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors if t is not None]
+        if not norms:
+            out.append(torch.zeros((), device=device))
+        elif len(norms) == 1:
+            out.append(norms[0])
+        else:
+            out.append(torch.linalg.vector_norm(torch.stack(norms)))
+    return torch.stack(out)
+
+
+def warmup_length(requested: int, total_steps: int, min_steps: int) -> int:
+    """The warm-up ``K`` actually run: ``requested`` clamped to
+    ``[min(min_steps, ⌊T/2⌋), ⌊T/2⌋]`` (``T`` = ``total_steps``), and at least 1.
+
+    The ceiling leaves at least half the run to train after the warm-up (GLoRA's re-allocated
+    ranks, FW-LoRA's penalty); the floor keeps the warm-up from falling to a single minibatch on
+    short runs (``min_steps`` = 20 by default: an EMA over 20 steps has an effective sample size of
+    14.9 minibatches at β = 0.9 and 19.7 at β = 0.98, against 1).
+
+    Args:
+        requested: the warm-up the options ask for, in optimizer steps.
+        total_steps: optimizer steps of the run. min_steps: the floor (``min_warmup_steps``).
+    """
+    half = total_steps // 2
+    return max(1, min(max(int(requested), min(int(min_steps), half)), half))
+
+
 # ------------------------------------------------------------------------------------------------
 # allocation
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +210,7 @@ def allocate_ranks(scores: list[float], total: int, caps: list[int], min_rank: i
     one below the floor holds ``min_rank``, and what they give up or take is redistributed over the
     others in proportion to their scores. The shares are then floored and the ``total − Σ ⌊q_k⌋``
     leftover units go to the largest fractional parts (ties: lower index). Zero or non-finite total
-    score: uniform shares.
+    score: uniform shares. GLoRA passes its ``min_rank`` option (default 0).
 
     Args:
         scores: ``(n,)`` non-negative importance per matrix.
@@ -157,17 +241,17 @@ def allocate_ranks(scores: list[float], total: int, caps: list[int], min_rank: i
     eps = 1e-9 * max(s)  # zero scores still take rank once every scored matrix is capped
     s = [x + eps for x in s]
 
-    def shares(lam: float) -> list[float]:
+    def ideal(lam: float) -> list[float]:
         return [min(max(lam * x, min_rank), c) for x, c in zip(s, caps)]
 
     lo, hi = 0.0, max(caps) / min(s)
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if sum(shares(mid)) < total:
+        if sum(ideal(mid)) < total:
             lo = mid
         else:
             hi = mid
-    q = shares(hi)
+    q = ideal(hi)
     ranks = [min(max(int(math.floor(x + 1e-9)), min_rank), c) for x, c in zip(q, caps)]
     frac = [x - r for x, r in zip(q, ranks)]
     left = total - sum(ranks)
@@ -235,108 +319,138 @@ def balance_params(ranks: list[int], ideal: list[float], costs: list[int], caps:
 
 
 # ------------------------------------------------------------------------------------------------
-# resizing
+# re-factorisation
 # ------------------------------------------------------------------------------------------------
-def resize_lora_module(module: nn.Module, new_r: int, alpha: float, preserve_update: bool = False,
-                       adapter: str = ADAPTER) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter, float]:
-    """Resize one peft LoRA module's adapter from rank ``r`` to ``new_r`` in place.
+def refactor_update(A: torch.Tensor, B: torch.Tensor, new_r: int, c: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """New LoRA factors of rank ``new_r`` holding the top singular components of ``B A``.
 
-    ``A`` (``r × d_in``) → ``A'`` (``new_r × d_in``): the first ``m = min(r, new_r)`` rows kept bitwise,
-    new rows Kaiming-uniform (a = √5, as peft/LoRA). ``B`` (``d_out × r``) → ``B'`` (``d_out × new_r``):
-    the first ``m`` columns kept (bitwise, or times ``c = scaling_old / scaling_new`` when
-    ``preserve_update``), new columns zero. Sets ``module.r[adapter] = new_r`` and
-    ``module.scaling[adapter] = α / new_r``.
+    With reduced QR decompositions ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (``Q_B``: ``d_out × r``,
+    ``Q_A``: ``d_in × r``, ``R``: ``r × r``), ``B A = Q_B (R_B R_Aᵀ) Q_Aᵀ`` and the SVD of the ``r × r``
+    core ``R_B R_Aᵀ = U Σ Vᵀ`` gives the SVD of ``B A = (Q_B U) Σ (Q_A V)ᵀ`` without forming the
+    ``d_out × d_in`` product. The first ``m = min(r, new_r)`` components are kept (Eckart–Young: the
+    best rank-``m`` approximation in Frobenius norm; all of ``B A`` when ``new_r ≥ r``)::
+
+        A'[:m]    = ρ V_mᵀ Q_Aᵀ                 ρ = ‖A‖_F / √r, the old rows' RMS norm
+        B'[:, :m] = (c / ρ) Q_B U_m Σ_m          so  B'[:, :m] A'[:m] = c · (B A)_m
+
+    and rows ``m:`` of ``A'`` are Kaiming-uniform (a = √5, as peft and LoRA initialise ``A``),
+    columns ``m:`` of ``B'`` zero, so ``B' A' = c · (B A)_m`` exactly (up to round-off; computed in
+    float64). ``A`` keeps its scale and the update's magnitude stays in ``B``.
+
+    Args:
+        A: ``(r, d_in)`` LoRA down-projection. B: ``(d_out, r)`` up-projection.
+        new_r: the new rank, ≥ 0 (0: empty factors).
+        c: factor on the kept update (``s_old / s_new`` to keep ``ΔW = s B A`` under the α/r rule).
 
     Returns:
-        ``(A_old, B_old, A_new, B_new, c)``: the replaced and new weight parameters and the factor
-        applied to ``B``'s kept columns (1.0 unless ``preserve_update``).
+        ``(A', B')``: ``(new_r, d_in)`` and ``(d_out, new_r)``, dtype and device of ``A`` and ``B``.
 
     Raises:
-        ValueError: ``new_r < 1``.
+        ValueError: ``new_r < 0`` or shapes that do not chain.
     """
-    if new_r < 1:
-        raise ValueError(f"rank must be ≥ 1, got {new_r}")
-    lin_a, lin_b = module.lora_A[adapter], module.lora_B[adapter]
-    a_old, b_old = lin_a.weight, lin_b.weight
-    r = a_old.shape[0]
+    if new_r < 0:
+        raise ValueError(f"rank must be ≥ 0, got {new_r}")
+    r, d_in = A.shape
+    d_out, r_b = B.shape
+    if r_b != r:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain")
+    a_new = torch.zeros(new_r, d_in, dtype=torch.float64, device=A.device)
+    b_new = torch.zeros(d_out, new_r, dtype=torch.float64, device=B.device)
     m = min(r, new_r)
-    old_scaling = float(module.scaling[adapter])
-    new_scaling = alpha / new_r
-    c = old_scaling / new_scaling if preserve_update else 1.0
-    new_a = nn.Linear(a_old.shape[1], new_r, bias=False).to(device=a_old.device, dtype=a_old.dtype)
-    new_b = nn.Linear(new_r, b_old.shape[0], bias=lin_b.bias is not None).to(device=b_old.device, dtype=b_old.dtype)
-    with torch.no_grad():
-        nn.init.kaiming_uniform_(new_a.weight, a=math.sqrt(5))
-        new_a.weight[:m].copy_(a_old[:m])
-        new_b.weight.zero_()
-        new_b.weight[:, :m].copy_(b_old[:, :m] * c if preserve_update else b_old[:, :m])
-        if lin_b.bias is not None:
-            new_b.bias.copy_(lin_b.bias)
-    new_a.weight.requires_grad_(a_old.requires_grad)
-    new_b.weight.requires_grad_(b_old.requires_grad)
-    module.lora_A[adapter] = new_a
-    module.lora_B[adapter] = new_b
-    module.r[adapter] = new_r
-    module.scaling[adapter] = new_scaling
-    return a_old, b_old, new_a.weight, new_b.weight, c
+    if m > 0:
+        a64, b64 = A.detach().double(), B.detach().double()
+        q_b, r_b_ = torch.linalg.qr(b64)          # (d_out, k_b), (k_b, r)
+        q_a, r_a = torch.linalg.qr(a64.t())       # (d_in, k_a), (k_a, r)
+        u, sv, vh = torch.linalg.svd(r_b_ @ r_a.t(), full_matrices=False)  # core (k_b, k_a)
+        m = min(m, sv.numel())
+        rho = float(a64.norm()) / math.sqrt(r)
+        rho = rho if rho > 0 else KAIMING_ROW_NORM
+        a_new[:m] = rho * (vh[:m] @ q_a.t())                      # (m, d_in), orthonormal rows × ρ
+        b_new[:, :m] = (c / rho) * (q_b @ u[:, :m]) * sv[:m]      # (d_out, m)
+    if new_r > m:
+        fresh = torch.empty(new_r - m, d_in, dtype=A.dtype, device=A.device)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+        a_new[m:] = fresh.double()
+    return a_new.to(A.dtype), b_new.to(B.dtype)
 
 
-def transfer_adam_state(old_opt: torch.optim.Optimizer, new_opt: torch.optim.Optimizer,
-                        pairs: list[tuple[nn.Parameter, nn.Parameter, int, float]]) -> None:
-    """Copy AdamW state of kept slices from replaced parameters to their resized successors.
-
-    Each pair ``(old, new, dim, c)``: the first ``min(old.shape[dim], new.shape[dim])`` slices along
-    ``dim`` of ``exp_avg`` (times ``1/c``) and ``exp_avg_sq`` (times ``1/c²``) are copied, the rest of
-    the new moments are zero; ``step`` is copied. ``c`` is the factor the parameter's kept slices
-    were multiplied by (the gradient scales by ``1/c``). Parameters without old state are skipped.
-    """
-    for old, new, dim, c in pairs:
-        st = old_opt.state.get(old)
-        if not st:
-            continue
-        m = min(old.shape[dim], new.shape[dim])
-        ns: dict[str, Any] = {}
-        for key, val in st.items():
-            if key in ("exp_avg", "exp_avg_sq") and torch.is_tensor(val) and val.shape == old.shape:
-                z = torch.zeros_like(new, memory_format=torch.preserve_format)
-                scale = (1.0 / c) ** (2 if key == "exp_avg_sq" else 1)
-                z.narrow(dim, 0, m).copy_(val.narrow(dim, 0, m) * scale if scale != 1.0 else val.narrow(dim, 0, m))
-                ns[key] = z
-            elif torch.is_tensor(val):
-                ns[key] = val.clone()
-            else:
-                ns[key] = val
-        new_opt.state[new] = ns
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` (``(out, in)``, zero-size allowed) without running an init."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(max(in_f, 1), max(out_f, 1), bias=bias is not None, device="meta")
+    lin.in_features, lin.out_features = in_f, out_f
+    lin.weight = nn.Parameter(weight.contiguous(), requires_grad=requires_grad)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+    return lin
 
 
-def warmup_length(total_steps: int, default: int, steps: int | None, fraction: float | None,
-                  cap: int | None = None) -> int:
-    """Warm-up steps ``K``: ``steps`` if given, else ``round(fraction · total)`` if given, else
-    ``default``; then at most ``cap`` (if given), at most ``total_steps``, at least 1.
+def set_lora_factors(module: nn.Module, A: torch.Tensor, B: torch.Tensor, alpha: float,
+                     adapter: str = ADAPTER) -> None:
+    """Replace one peft LoRA module's factors by ``A`` (``(r, d_in)``) and ``B`` (``(d_out, r)``).
+
+    Sets ``module.r[adapter] = r`` and ``module.scaling[adapter] = α / r`` (LoRA's rule). Rank 0:
+    zero-size factors, frozen (``requires_grad`` False: out of the optimizer, the parameter count
+    and ``adapter.safetensors``), scaling 0; the module then adds exactly nothing to its output.
 
     Raises:
-        ValueError: negative ``steps`` or ``fraction`` outside ``[0, 1]``.
+        ValueError: shapes that do not chain.
     """
-    if steps is not None and steps < 0:
-        raise ValueError(f"warmup_steps must be ≥ 0, got {steps}")
-    if fraction is not None and not 0 <= fraction <= 1:
-        raise ValueError(f"warmup_fraction must be in [0, 1], got {fraction}")
-    k = int(steps) if steps is not None else (round(fraction * total_steps) if fraction is not None else default)
-    if cap is not None:
-        k = min(k, cap)
-    return max(1, min(k, total_steps))
+    r = A.shape[0]
+    if B.shape[1] != r:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain")
+    old_b = module.lora_B[adapter]
+    module.lora_A[adapter] = _linear(A, None, r > 0)
+    module.lora_B[adapter] = _linear(B, old_b.bias, r > 0)
+    module.r[adapter] = r
+    module.scaling[adapter] = alpha / r if r > 0 else 0.0
+
+
+def resize_lora_module(module: nn.Module, new_r: int, alpha: float, preserve_update: bool = True,
+                       adapter: str = ADAPTER) -> None:
+    """Re-factorise one peft LoRA module from rank ``r`` to ``new_r`` in place (:func:`refactor_update`).
+
+    With ``preserve_update`` the kept components are multiplied by ``c = scaling / (α/new_r)``
+    (``= new_r / r`` under LoRA's ``scaling = α/r``) so that
+    ``ΔW = (α/new_r) B' A'`` equals the best rank-``min(r, new_r)`` approximation of the old
+    ``(α/r) B A`` (all of it when growing); without, ``c = 1`` and the α/r rule multiplies the kept
+    update by ``r / new_r``. The new factors are new parameters (fresh optimizer state).
+
+    Raises:
+        ValueError: ``new_r < 0``.
+    """
+    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    old_scaling = float(module.scaling[adapter])  # α / r
+    c = old_scaling / (alpha / new_r) if preserve_update and old_scaling > 0 and new_r > 0 else 1.0
+    a_new, b_new = refactor_update(a, b, new_r, c)
+    set_lora_factors(module, a_new, b_new, alpha, adapter)
 
 
 # ------------------------------------------------------------------------------------------------
-# the method
+# LoRA that may read the frozen weights' gradients during a warm-up
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class BaseGradientOptions(LoRAOptions):
+    """Options shared by the warm-up methods (GLoRA, FW-LoRA and their controls)."""
+
+    min_warmup_steps: int = option(20, "floor of the warm-up K in optimizer steps, ≥ 1: K is raised to "
+                                       "min(min_warmup_steps, total_steps // 2) so that the score averages "
+                                       "many minibatches on short runs (K never exceeds total_steps // 2)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require("min_warmup_steps", self.min_warmup_steps >= 1, "must be ≥ 1")
+
+
 class LoRAWithBaseGradients(LoRA):
     """LoRA whose frozen target weights may carry gradients during a warm-up (GLoRA's exact
     estimator, FW-LoRA's Fisher estimate): they are read, never optimised.
 
-    ``self.modules`` holds the peft LoRA modules in target order after :meth:`build`.
-    Not ``compilable``: the base weights' ``requires_grad`` flips after the warm-up and GLoRA
-    resizes its modules, both of which a captured graph would not see.
+    ``self.modules`` holds the peft LoRA modules in target order after :meth:`build`. A subclass
+    calls :meth:`base_grads_on` in ``on_step_start`` of a warm-up step and :meth:`pop_base_grads` in
+    ``after_backward``, so the base weights require gradients only inside that step's
+    forward/backward (never in a checkpoint, the parameter count or the optimizer).
+    Not ``compilable``: ``requires_grad`` of the base weights flips around every warm-up step.
     """
 
     compilable = False
@@ -347,24 +461,54 @@ class LoRAWithBaseGradients(LoRA):
         return model
 
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        # base weights may have requires_grad on during the warm-up: keep them out of the optimizer
+        # base weights may have requires_grad on inside a warm-up step: keep them out of the optimizer
         return exclude_params(super().parameter_groups(model, weight_decay), base_weights(self.modules))
 
+    def base_grads_on(self) -> None:
+        """Let the next backward fill ``∂L/∂W_k`` of every frozen base weight."""
+        for w in base_weights(self.modules):
+            w.requires_grad_(True)
 
+    def pop_base_grads(self) -> list[torch.Tensor | None]:
+        """The base weights' gradients ``(d_out, d_in)`` per target (``None`` where none); the
+        weights are frozen again and their ``.grad`` dropped."""
+        out = []
+        for w in base_weights(self.modules):
+            out.append(w.grad)
+            w.grad = None
+            w.requires_grad_(False)
+        return out
+
+    def param_counts(self, model: nn.Module) -> dict[str, int]:
+        counts = super().param_counts(model)
+        counts["adapter_params"] -= sum(w.numel() for w in base_weights(self.modules) if w.requires_grad)
+        return counts
+
+    def _device(self) -> torch.device:
+        return self.modules[0].get_base_layer().weight.device
+
+
+# ------------------------------------------------------------------------------------------------
+# the method
+# ------------------------------------------------------------------------------------------------
 @dataclass
-class GLoRAOptions(LoRAOptions):
-    """Options of GLoRA (alpha and dropout as in LoRA)."""
+class GLoRAOptions(BaseGradientOptions):
+    """Options of GLoRA and its controls (alpha and dropout as in LoRA; defaults: seed 000)."""
 
     beta: float = option(0.9, "EMA factor β of the gradient-norm score, in [0, 1)")
     estimator: Literal["lora", "exact"] = option(
-        "lora", "gradient-norm estimator: 'lora' = sqrt(‖∇A‖² + ‖∇B‖²) (free), 'exact' = ‖∂L/∂W‖_F")
+        "exact", "gradient-norm estimator: 'exact' = ‖∂L/∂W‖_F, the seed's score (reads the frozen weights' "
+                 "gradients during the warm-up); 'lora' = sqrt(‖∇A‖² + ‖∇B‖²), free but biased against "
+                 "matrices with a large d_in (∝ 1/√d_in while B ≈ 0)")
     warmup_steps: int | None = option(None, "warm-up length K in optimizer steps, ≥ 0; null: see warmup_fraction")
     warmup_fraction: float | None = option(None, "warm-up length as a fraction of total steps, in [0, 1]; "
                                                  "both null: the first epoch")
-    min_rank: int = option(1, "smallest rank a matrix keeps after re-allocation, ≥ 1")
+    min_rank: int = option(0, "smallest rank a matrix keeps after re-allocation, ≥ 0 (0, the seed's rounding: "
+                              "a matrix may lose its adapter)")
     param_tolerance: float | None = option(0.1, "allowed relative deviation of the parameter count from the "
                                                 "budget after re-allocation, ≥ 0; null: no balancing")
-    preserve_update: bool = option(False, "rescale kept factors so that ΔW is unchanged when α/r changes")
+    preserve_update: bool = option(True, "multiply the kept factors by r_new / r_old so that ΔW is unchanged "
+                                         "by the α/r rule at re-allocation; false: ΔW scales by r_old / r_new")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -372,30 +516,40 @@ class GLoRAOptions(LoRAOptions):
         self.require("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be ≥ 0 or null")
         self.require("warmup_fraction", self.warmup_fraction is None or 0 <= self.warmup_fraction <= 1,
                      "must be in [0, 1] or null")
-        self.require("min_rank", self.min_rank >= 1, "must be ≥ 1")
+        self.require("min_rank", self.min_rank >= 0, "must be ≥ 0")
         self.require("param_tolerance", self.param_tolerance is None or self.param_tolerance >= 0,
                      "must be ≥ 0 or null")
 
 
 @register
 class GLoRA(LoRAWithBaseGradients):
-    """Gradient-norm-aware LoRA rank allocation (not peft's Generalized LoRA)."""
+    """Gradient-norm-aware LoRA rank allocation, seed 000 (not peft's Generalized LoRA).
+
+    Subclasses (the controls) change :meth:`allocation_scores` and :attr:`refactor_all` only.
+
+    Class attributes:
+        refactor_all: re-factorise (and reset the AdamW state of) every module at re-allocation,
+            not only those whose rank changes.
+    """
 
     name = "glora"
     options_cls = GLoRAOptions
+    refactor_all: ClassVar[bool] = False
 
     def __init__(self, ctx):
         super().__init__(ctx)
         n = len(ctx.targets)
         self.r0 = self.rank()
         self.ranks = [self.r0] * n
-        self.ema = [0.0] * n
+        self.ema = torch.zeros(n)  # g_k, fp32; on the factors' device from the first update on
         self.n_updates = 0
         self.reallocated = False
+        self.alloc_scores: list[float] | None = None
         self.modules: list[nn.Module] = []
-        self.warmup = warmup_length(ctx.total_steps, ctx.steps_per_epoch, self.options.warmup_steps,
-                                    self.options.warmup_fraction,
-                                    cap=max(1, ctx.total_steps // 2) if ctx.total_steps >= 2 else None)
+        o = self.options
+        requested = o.warmup_steps if o.warmup_steps is not None else \
+            round(o.warmup_fraction * ctx.total_steps) if o.warmup_fraction is not None else ctx.steps_per_epoch
+        self.warmup = warmup_length(requested, ctx.total_steps, o.min_warmup_steps)
 
     def _in_warmup(self, state: LoopState) -> bool:
         return not self.reallocated and state.step < self.warmup
@@ -403,49 +557,46 @@ class GLoRA(LoRAWithBaseGradients):
     # -- hooks ------------------------------------------------------------------------------------
     def on_step_start(self, model: nn.Module, state: LoopState) -> None:
         if self.options.estimator == "exact" and self._in_warmup(state):
-            for w in base_weights(self.modules):
-                w.requires_grad_(True)
+            self.base_grads_on()
 
-    def gradient_norms(self) -> list[float]:
-        """Current per-target gradient norm ``n_k`` of the chosen estimator (0 where no gradient)."""
-        out = []
-        for mod in self.modules:
-            if self.options.estimator == "exact":
-                g = mod.get_base_layer().weight.grad
-                out.append(0.0 if g is None else float(g.detach().float().norm()))
-            else:
-                sq = 0.0
-                for p in (mod.lora_A[ADAPTER].weight, mod.lora_B[ADAPTER].weight):
-                    if p.grad is not None:
-                        sq += float(p.grad.detach().float().pow(2).sum())
-                out.append(math.sqrt(sq))
-        return out
+    def gradient_norms(self) -> torch.Tensor:
+        """This step's ``n_k`` per target, ``(n,)`` fp32 on the device (0 where no gradient).
+
+        The exact estimator also drops the base weights' gradients and freezes them again.
+        """
+        if self.options.estimator == "exact":
+            groups = [[g] for g in self.pop_base_grads()]
+        else:
+            groups = [[m.lora_A[ADAPTER].weight.grad, m.lora_B[ADAPTER].weight.grad] for m in self.modules]
+        return frobenius_norms(groups, self._device())
 
     def after_backward(self, model: nn.Module, state: LoopState) -> None:
         if not self._in_warmup(state):
             return
         beta = float(self.options.beta)
         norms = self.gradient_norms()
-        self.ema = [beta * e + (1 - beta) * x for e, x in zip(self.ema, norms)]
+        if self.ema.device != norms.device:
+            self.ema = self.ema.to(norms.device)
+        self.ema.mul_(beta).add_(norms, alpha=1.0 - beta)  # in place on the device: no host sync
         self.n_updates += 1
-        if self.options.estimator == "exact":
-            for w in base_weights(self.modules):
-                w.grad = None
 
     def after_optimizer_step(self, model: nn.Module, state: LoopState) -> None:
         if self.reallocated or state.step < self.warmup:
             return
-        for w in base_weights(self.modules):
-            w.requires_grad_(False)
-            w.grad = None
         self.reallocate(state.rebuild_optimizer)
 
     # -- re-allocation ----------------------------------------------------------------------------
+    def allocation_scores(self, measured: list[float]) -> list[float]:
+        """The scores the ranks are allocated by: ``s_k = g_k / Σ_j g_j`` (uniform when all are 0).
+
+        Args:
+            measured: ``(n,)`` the warm-up EMAs ``g_k``.
+        """
+        return shares(measured)
+
     def scores(self) -> list[float]:
-        """``s_k = g_k / Σ_j g_j`` (uniform when every EMA is zero)."""
-        tot = sum(self.ema)
-        n = len(self.ema)
-        return [e / tot for e in self.ema] if tot > 0 else [1.0 / n] * n
+        """The allocation scores (after re-allocation: those used; before: of the EMAs so far)."""
+        return self.alloc_scores if self.alloc_scores is not None else self.allocation_scores(self.ema.tolist())
 
     def param_window(self, tol: float) -> tuple[float, float]:
         """Allowed adapter-parameter window: ``budget_params · (1 ± tol)``, widened to contain
@@ -454,64 +605,71 @@ class GLoRA(LoRAWithBaseGradients):
         p0 = lora_params(self.ctx.targets, self.r0)
         return min(b * (1 - tol), p0), max(b * (1 + tol), p0)
 
-    def target_ranks(self) -> list[int]:
-        """The re-allocated ranks ``r_k`` (largest remainder, caps, floor, parameter balancing)."""
+    def target_ranks(self, scores: list[float]) -> list[int]:
+        """The re-allocated ranks ``r_k`` for ``scores`` (``(n,)``, summing to 1): largest remainder
+        of ``R_total · s_k``, caps, floor ``min_rank``, parameter balancing."""
         targets = self.ctx.targets
-        s = self.scores()
         total = self.r0 * len(targets)
         caps = [min(t.d_in, t.d_out) for t in targets]
         min_rank = int(self.options.min_rank)
-        ranks = allocate_ranks(s, total, caps, min_rank)
+        ranks = allocate_ranks(scores, total, caps, min_rank)
         tol = self.options.param_tolerance
         if tol is not None:
             lo, hi = self.param_window(float(tol))
-            ranks = balance_params(ranks, [total * x for x in s], [t.d_in + t.d_out for t in targets], caps,
+            ranks = balance_params(ranks, [total * x for x in scores], [t.d_in + t.d_out for t in targets], caps,
                                    lo, hi, min_rank)
         return ranks
 
-    def reallocate(self, rebuild: Callable[[Callable | None], None] | None = None) -> list[int]:
-        """Resize every LoRA module to :meth:`target_ranks` and rebuild the optimizer.
+    def _to_resize(self, new: list[int]) -> list[bool]:
+        return [self.refactor_all or r != old for r, old in zip(new, self.ranks)]
+
+    def reallocate(self, rebuild: Callable[[], None] | None = None) -> list[int]:
+        """Re-factorise the LoRA modules to :meth:`target_ranks` and rebuild the optimizer.
+
+        The EMAs are read on the host here (once). Modules whose rank changes (every module when
+        :attr:`refactor_all`) get new factors (:func:`resize_lora_module`), which enter the rebuilt
+        AdamW with fresh state; the others keep their parameters and state.
 
         Args:
-            rebuild: ``state.rebuild_optimizer`` (called with the AdamW state transfer), or None
-                (no optimizer, e.g. in tests).
+            rebuild: ``state.rebuild_optimizer`` (called without a state transfer), or None (no
+                optimizer, e.g. in tests).
+
+        Returns:
+            The new ranks ``(n,)``.
         """
-        new = self.target_ranks()
-        pairs = []
-        alpha = float(self.options.alpha)
-        for mod, r_new in zip(self.modules, new):
-            a_old, b_old, a_new, b_new, c = resize_lora_module(mod, r_new, alpha, bool(self.options.preserve_update))
-            pairs += [(a_old, a_new, 0, 1.0), (b_old, b_new, 1, c)]
-        self.ranks = new
-        self.reallocated = True
+        scores = self.allocation_scores(self.ema.tolist())
+        new = self.target_ranks(scores)
+        alpha, preserve = float(self.options.alpha), bool(self.options.preserve_update)
+        for mod, r, resize in zip(self.modules, new, self._to_resize(new)):
+            if resize:
+                resize_lora_module(mod, r, alpha, preserve)
+        self.ranks, self.alloc_scores, self.reallocated = new, scores, True
         if rebuild is not None:
-            rebuild(lambda old, opt: transfer_adam_state(old, opt, pairs))
+            rebuild()
         return new
 
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint_state(self, model: nn.Module) -> dict:
-        """Warm-up EMAs, update count and (after warm-up) the allocated ranks."""
-        return {"ema": list(self.ema), "n_updates": self.n_updates, "reallocated": self.reallocated,
-                "ranks": list(self.ranks)}
+        """Warm-up EMAs, update count and (after warm-up) the allocated ranks and scores."""
+        return {"ema": self.ema.tolist(), "n_updates": self.n_updates, "reallocated": self.reallocated,
+                "ranks": list(self.ranks), "alloc_scores": self.alloc_scores}
 
     def restore_checkpoint_state(self, model: nn.Module, state: dict) -> None:
-        """Re-apply a saved allocation (resizing the LoRA modules) before the parameters load."""
+        """Re-apply a saved allocation before the parameters load: the re-factorised modules get
+        factors of the saved shapes (zeros; the checkpoint's values are loaded into them next)."""
         if not state:
             return
-        self.ema, self.n_updates = list(state["ema"]), int(state["n_updates"])
+        self.ema, self.n_updates = torch.tensor(state["ema"], dtype=torch.float32), int(state["n_updates"])
         if state["reallocated"]:
+            new = [int(r) for r in state["ranks"]]
             alpha = float(self.options.alpha)
-            for mod, r in zip(self.modules, state["ranks"]):
-                resize_lora_module(mod, int(r), alpha)
-            self.ranks, self.reallocated = list(state["ranks"]), True
+            for mod, r, resize in zip(self.modules, new, self._to_resize(new)):
+                if resize:
+                    a, b = mod.lora_A[ADAPTER].weight, mod.lora_B[ADAPTER].weight
+                    set_lora_factors(mod, a.new_zeros(r, a.shape[1]), b.new_zeros(b.shape[0], r), alpha)
+            self.ranks, self.alloc_scores, self.reallocated = new, state.get("alloc_scores"), True
 
     # -- reporting --------------------------------------------------------------------------------
-    def param_counts(self, model: nn.Module) -> dict[str, int]:
-        counts = super().param_counts(model)
-        frozen = sum(w.numel() for w in base_weights(self.modules) if w.requires_grad)
-        counts["adapter_params"] -= frozen
-        return counts
-
     def summary(self, model: nn.Module) -> dict:
         return {"rank": self.r0, "capacity_limited": capacity_limited(self.ctx, self.r0),
                 "warmup_steps": self.warmup, "reallocated": self.reallocated,
@@ -519,5 +677,5 @@ class GLoRA(LoRAWithBaseGradients):
                 "lora_params_uniform": lora_params(self.ctx.targets, self.r0)}
 
     def tables(self, model: nn.Module) -> dict:
-        return {"ranks": ranks_frame(self.ctx.targets, self.ranks, self.scores(), grad_norm_ema=list(self.ema),
+        return {"ranks": ranks_frame(self.ctx.targets, self.ranks, self.scores(), grad_norm_ema=self.ema.tolist(),
                                      initial_rank=[self.r0] * len(self.ranks))}
