@@ -32,7 +32,7 @@ clamped by :func:`~peftbench.methods.glora.warmup_length` to at most half the ru
 acts for at least half of it) and at least ``min(min_warmup_steps, total_steps // 2)`` (20 steps:
 the importances then average an effective 19.7 minibatches at β = 0.98, not one).
 
-Budget: the uniform LoRA rank of the budget (:func:`peftbench.budget.uniform_rank`): exactly LoRA's
+Budget: the uniform LoRA rank of the budget (:func:`peftbench.budget.rank_for_params` of ``ctx.budget_params``): exactly LoRA's
 parameter count, so within ±10 % whenever LoRA is; ``capacity_limited`` is reported when the rank is
 at the smallest matrix dimension and still below 90 % of the budget.
 

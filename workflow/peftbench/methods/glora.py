@@ -54,7 +54,7 @@ Hutter, arXiv:1711.05101) do not apply: they start with fresh state (step 0, zer
 correction from 1), while modules whose rank is unchanged keep their parameters and state. The
 learning-rate schedule continues.
 
-Budget: ``r0`` is the uniform LoRA rank of the budget (:func:`peftbench.budget.uniform_rank`), so
+Budget: ``r0`` is the uniform LoRA rank of the budget (:func:`peftbench.budget.rank_for_params` of ``ctx.budget_params``), so
 the run starts with exactly LoRA's parameter count. Re-allocation keeps the total *rank* fixed, but
 matrices differ in cost ``d_in + d_out`` (feed-forward matrices cost more), so the parameter count
 can move; if it leaves ``budget_params · (1 ± param_tolerance)`` (±10 %, the benchmark's budget
