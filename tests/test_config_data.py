@@ -244,3 +244,15 @@ def test_paper_overlay_sets_each_method_at_its_source_setting():
     overlay = yaml.safe_load((CONFIGS / "glue-deberta-paper.yaml").read_text())
     assert overlay["method_options"]["spectral_r"] == {"rank": 8} and overlay["method_options"]["gsa"] == {"k": 16}
     assert {"spectral_r", "gsa"} <= set(overlay["grid"]["methods"]) and overlay["grid"]["budgets"] == ["r8"]
+
+
+def test_one_compile_setting_for_all_methods_of_a_comparison(cfg):
+    ok = copy.deepcopy(cfg)
+    ok["training"]["defaults"]["compile"] = True
+    ok["training"]["tasks"] = {"cola": {"compile": False}}
+    pbconfig.validate(ok)  # per task: every method of the task shares it
+    for where in ({"methods": {"lora": {"compile": True}}}, {"adapters": {"compile_mode": "default"}}):
+        bad = copy.deepcopy(cfg)
+        bad["training"].update(where)
+        with pytest.raises(pbconfig.ConfigError, match=r"one compile setting for all methods in a comparison"):
+            pbconfig.validate(bad)

@@ -293,6 +293,23 @@ def test_curves_one_seed_has_no_band():
     assert not any(isinstance(c, PolyCollection) for c in panels(fig)[0].collections)
 
 
+def test_curves_show_open_gates_over_training(runs):
+    """⟨k⟩ (mean_k, logged by the gated spectral methods) gets a page of its own: mean over seeds."""
+    c = make_curves(runs)
+    c["mean_k"] = np.nan
+    gated = (c["method"] == "adalora") & (c["kind"] == "train")
+    c.loc[gated, "mean_k"] = c.loc[gated, "step"] / 50 + c.loc[gated, "seed"]
+    figs = plots.plot_curves(c)
+    assert len(figs) == 2
+    axes = panels(figs[1])
+    assert [ax.get_title() for ax in axes] == ["CoLA", "RTE"] and "open gates" in axes[0].get_ylabel()
+    (line,) = [ln for ln in axes[0].lines]
+    assert line.get_label() == "adalora (n=3)"
+    seeds = runs.loc[runs.method == "adalora", "seed"].unique()
+    np.testing.assert_allclose(line.get_ydata(), np.array([0, 1, 2]) + np.mean(seeds))
+    assert len(plots.plot_curves(make_curves(runs))) == 1  # no mean_k column: no gate page
+
+
 def test_curves_without_eval_rows_raise(runs):
     c = make_curves(runs)
     with pytest.raises(ValueError, match="no eval rows"):

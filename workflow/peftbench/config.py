@@ -219,6 +219,33 @@ def check(cfg: dict) -> None:
         except OptionsError as exc:
             raise ConfigError(str(exc)) from None
     known("method", "analysis.reference_method", cfg["analysis"]["reference_method"], METHODS)
+    check_one_compile_setting(cfg)
+
+
+#: Runtime keys that must be the same for every method compared on a task (a comparison of
+#: speed or of results between a compiled and an eager method would not be fair).
+COMPILE_KEYS = ("compile", "compile_mode", "compile_backend")
+
+
+def check_one_compile_setting(cfg: dict) -> None:
+    """Every method of the grid gets the same ``compile`` / ``compile_mode`` / ``compile_backend``
+    on each task (methods that cannot compile still fall back to eager and record it in
+    ``compile_note``).
+
+    Raises:
+        ConfigError: a per-method override makes them differ; names the task and the methods.
+    """
+    for task in cfg["grid"]["tasks"]:
+        settings: dict[tuple, list[str]] = {}
+        for m in cfg["grid"]["methods"]:
+            rt = runtime_for(cfg, task, m)
+            settings.setdefault(tuple(getattr(rt, k) for k in COMPILE_KEYS), []).append(m)
+        if len(settings) > 1:
+            shown = "; ".join(f"{dict(zip(COMPILE_KEYS, k))} for {ms}" for k, ms in settings.items())
+            raise ConfigError(f"config key training: the methods of task {task!r} get different compile settings "
+                              f"({shown}); one compile setting for all methods in a comparison: set compile, "
+                              f"compile_mode and compile_backend in training.defaults or training.tasks.{task}, "
+                              f"not per method or in training.adapters")
 
 
 def check_budgets(budgets: list) -> list:

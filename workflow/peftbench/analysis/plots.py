@@ -737,8 +737,52 @@ def plot_curves(curves: pd.DataFrame, out: str | Path | None = None, reference: 
         _footer(fig, "Lines: mean over seeds of the dev main metric at each evaluation (×100), last value "
                      "annotated; band: ±1 standard deviation over seeds (none with one seed); n: seeds.")
         figs.append(fig)
+    figs += _open_gate_pages(curves, reference)
     if out is not None:
         save_figures(figs, out)
+    return figs
+
+
+def _open_gate_pages(curves: pd.DataFrame, reference: str | None) -> list[Figure]:
+    """Pages of ⟨k⟩ (``mean_k``: open gates per matrix under the inference mask, logged by the
+    gated spectral methods at every logged training step) vs training step: one page per
+    ``(model, budget)``, one panel per task, one line per method (mean over seeds, ±1 SD band).
+    No page when no run logged ``mean_k``."""
+    if "mean_k" not in curves.columns:
+        return []
+    tr = curves[(curves["kind"] == "train") & np.isfinite(pd.to_numeric(curves["mean_k"], errors="coerce"))]
+    if tr.empty:
+        return []
+    colors = method_colors(curves["method"].unique())
+    figs = []
+    for (model, budget), g in tr.groupby(["model", "budget"], sort=False):
+        tasks = order_tasks(g["task"].unique())
+        nrows, ncols = _grid(len(tasks), 3)
+        fig, axes = _page(nrows, ncols, height_per_row=3.3)
+        for ax, task in zip(_drop_unused(axes, len(tasks)), tasks):
+            gt = g[g["task"] == task]
+            for m in order_methods(gt["method"].unique(), reference):
+                a = gt[gt["method"] == m].groupby("step")["mean_k"].agg(["mean", "std", "count"]).sort_index()
+                x, y = a.index.to_numpy(), a["mean"].to_numpy(dtype=float)
+                n = int(gt.loc[gt["method"] == m, "seed"].nunique())
+                ax.plot(x, y, "-", color=colors[m], lw=1.3, label=f"{m} (n={n})")
+                sd = a["std"].to_numpy(dtype=float)
+                band = (a["count"].to_numpy() >= 2) & np.isfinite(sd)
+                if band.any():
+                    ax.fill_between(x, y - np.where(band, sd, 0), y + np.where(band, sd, 0),
+                                    color=colors[m], alpha=0.18, lw=0, where=band)
+            ax.set_title(task_label(task), fontsize=9)
+            ax.set_xlabel("training step", fontsize=8)
+            ax.set_ylabel("⟨k⟩ open gates per matrix", fontsize=8)
+            ax.set_ylim(bottom=0)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6.5, loc="upper right")
+        fig.suptitle(f"{model}: open spectral gates during training, {_fmt_budget(budget)}", fontsize=11,
+                     x=0.01, ha="left")
+        _footer(fig, "⟨k⟩: mean number of open gates per adapted matrix under the deterministic inference mask "
+                     "(1[logit > 0]), at each logged training step; mean over seeds, band ±1 SD; n: seeds.")
+        figs.append(fig)
     return figs
 
 
