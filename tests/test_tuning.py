@@ -244,3 +244,34 @@ def test_research_option_is_tuned_and_reaches_the_trial(tiny_model_dir, tiny_dat
     assert best["method_options"]["lam"] == t["param_lam"]
     assert best["method_options"]["lam"] != 1.0 and 1e-6 <= best["method_options"]["lam"] <= 1e-2
     assert best["method_options"]["beta"] == 0.9  # untuned options keep the configured value
+
+
+def test_study_name_changes_with_the_space_not_with_the_trial_count():
+    from peftbench.recipe import Recipe
+
+    rec = Recipe.from_dict({})
+    s = tuning.Settings.from_dict({"trials": 4})
+    space = {"lr": tuning.Param("lr", 1e-4, 1e-2, log=True)}
+    name = tuning.study_name("m", "stsb", "lora", "2", rec, s, space)
+    assert name.startswith("m/stsb/lora/b2#")
+    import dataclasses
+
+    assert tuning.study_name("m", "stsb", "lora", "2", rec, dataclasses.replace(s, trials=9, trials_per_job=1),
+                             space) == name
+    assert tuning.study_name("m", "stsb", "lora", "2", rec, s,
+                             {"lr": tuning.Param("lr", 1e-4, 1e-3, log=True)}) != name
+    assert tuning.study_name("m", "stsb", "lora", "2", dataclasses.replace(rec, epochs=7), s, space) != name
+
+
+def test_apply_best_replaces_lr_and_options_and_names_a_broken_file(tmp_path):
+    from peftbench.recipe import Recipe
+
+    rec = Recipe.from_dict({"lr": 1e-5, "method_options": {"lam": 1.0}})
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump({"lr": 3e-4, "method_options": {"lam": 0.5},
+                                                        "tuning_trials": 4, "tuning_s": 12.5}))
+    out, extra = tuning.apply_best(rec, tmp_path / "best.yaml")
+    assert (out.lr, out.method_options, out.epochs) == (3e-4, {"lam": 0.5}, rec.epochs)
+    assert extra == {"tuning_trials": 4, "tuning_s": 12.5}
+    (tmp_path / "bad.yaml").write_text("lr: 1.0\n")
+    with pytest.raises(ValueError, match="method_options"):
+        tuning.apply_best(rec, tmp_path / "bad.yaml")

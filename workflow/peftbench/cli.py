@@ -53,8 +53,13 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .train import run
 
     key = RunKey.from_args(a)
+    recipe, extra = Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}), None
+    if a.tuned:
+        from .tuning import apply_best
+
+        recipe, extra = apply_best(recipe, a.tuned)
     row = run(key=key, model_spec=a.model, train_path=a.train, dev_paths=dict(a.dev), out_dir=a.out,
-              recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
+              recipe=recipe, extra_columns=extra,
               runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
               svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir,
               budget_denominator=a.budget_denominator)
@@ -162,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tracked training recipe as JSON (peftbench.recipe.Recipe; missing keys: schema defaults)")
     s.add_argument("--runtime", default=None,
                    help="speed/logging knobs as JSON (peftbench.recipe.Runtime; missing keys: schema defaults)")
+    s.add_argument("--tuned", default=None,
+                   help="best.yaml of the run's tuning study: its lr and method_options replace the recipe's, "
+                        "its cost becomes the tuning_trials / tuning_s columns (peftbench.tuning.apply_best)")
     s.add_argument("--device", default=None)
     s.add_argument("--checkpoint-dir", default=None,
                    help="checkpoint directory (resume from it after a kill); omit to run without checkpoints")

@@ -313,6 +313,21 @@ def open_study(storage_path: str | Path, name: str, settings: Settings, n_existi
                                direction="maximize", load_if_exists=True)
 
 
+def study_name(model: str, task: str, method: str, budget: str, recipe, settings: Settings,
+               space: dict[str, Param], budget_denominator: str | None = None) -> str:
+    """``{model}/{task}/{method}/b{budget}#<12 hex>``: the hash covers what changes a trial's
+    result (the base recipe, the space, sampler, pruner, seed, holdout fraction and the budget
+    denominator), not ``trials`` / ``trials_per_job``, so raising ``tuning.trials`` extends the
+    study while editing the space starts a fresh one in the same journal file."""
+    import hashlib
+
+    what = {"recipe": json.loads(recipe.to_json()), "space": json.loads(space_json(space)),
+            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("trials", "trials_per_job")},
+            "budget_denominator": budget_denominator}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{model}/{task}/{method}/b{budget}#{digest}"
+
+
 def counts_as_finished(trial) -> bool:
     """A trial (``optuna.trial.FrozenTrial``) that counts toward ``tuning.trials``: complete,
     pruned, or failed because training diverged."""
@@ -353,7 +368,7 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir = Path(out_dir)
     target = trials or settings.trials
-    name = f"{model}/{task}/{method}/b{budget}"
+    name = study_name(model, task, method, budget, recipe, settings, space, budget_denominator)
     study = open_study(storage, name, settings)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         log.warning("trial %d was left %s by a killed job; marking it FAIL (not counted)", t.number, t.state.name)
