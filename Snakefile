@@ -30,8 +30,14 @@ rule all:
     default_target: True
     input:
         # every figure of peftbench.vocab.PLOTS; the per-task kind once per task of the grid
+        # (the tuning figures only with tuning.enabled: they read its trials table)
         expand(
-            "results/comparison/{name}.pdf", name=figure_names(config["grid"]["tasks"])
+            "results/comparison/{name}.pdf",
+            name=[
+                n
+                for n in figure_names(config["grid"]["tasks"])
+                if TUNING["enabled"] or n not in TUNING_PLOTS
+            ],
         ),
         "results/comparison/summary.md",
         "results/comparison/explorer.html",

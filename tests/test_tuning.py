@@ -275,3 +275,67 @@ def test_apply_best_replaces_lr_and_options_and_names_a_broken_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("lr: 1.0\n")
     with pytest.raises(ValueError, match="method_options"):
         tuning.apply_best(rec, tmp_path / "bad.yaml")
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. reporting
+# ------------------------------------------------------------------------------------------------
+
+def test_expected_max_is_dodge_eq_1():
+    v = np.array([0.3, 0.1, 0.2])
+    # n = 1: the mean; n -> inf: the maximum; n = 2 by enumeration of the 9 ordered pairs
+    assert tuning.expected_max(v, 1) == pytest.approx(0.2)
+    pairs = [max(a, b) for a in v for b in v]
+    assert tuning.expected_max(v, 2) == pytest.approx(np.mean(pairs))
+    assert tuning.expected_max(v, 200) == pytest.approx(0.3)
+    curve = tuning.expected_max(v, np.arange(1, 6))
+    assert curve.shape == (5,) and (np.diff(curve) >= 0).all()
+    assert tuning.expected_max([0.5, np.nan], 3) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=">= 1"):
+        tuning.expected_max(v, 0)
+    with pytest.raises(ValueError, match="no finite"):
+        tuning.expected_max([np.nan], 1)
+
+
+def test_collect_trials_keys_every_study(tmp_path):
+    a = tmp_path / "results/tuning/tiny/stsb/lora/b2"
+    b = tmp_path / "results/tuning/tiny/stsb/full/b100"
+    for d, n in ((a, 2), (b, 1)):
+        d.mkdir(parents=True)
+        pd.DataFrame({"trial": range(n), "state": ["COMPLETE"] * n, "value": [0.5] * n}).to_parquet(d / "trials.parquet")
+    out = tmp_path / "trials.parquet"
+    assert tuning.collect_trials([a, b], out) == 3
+    t = pd.read_parquet(out)
+    assert list(t.columns[:4]) == ["model", "task", "method", "budget"]
+    assert list(t["method"]) == ["lora", "lora", "full"] and list(t["budget"]) == ["2", "2", "100"]
+    assert tuning.collect_trials([], tmp_path / "empty.parquet") == 0
+    assert {"model", "state", "value"} <= set(pd.read_parquet(tmp_path / "empty.parquet").columns)
+    with pytest.raises(FileNotFoundError, match="rule tune"):
+        tuning.collect_trials([tmp_path / "results/tuning/tiny/stsb/gsa/b2"], out)
+
+
+def test_evp_plot_one_line_per_method_from_complete_trials():
+    from peftbench.analysis import plots
+    from test_plots import make_trials
+
+    figs = plots.plot_evp(make_trials())
+    assert len(figs) == 1
+    ax = figs[0].axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"lora", "fwlora"}
+    x, y = lines["lora"].get_data()
+    assert list(x) == [1, 2, 3]  # the pruned trial has no score
+    assert y[-1] == pytest.approx(100 * tuning.expected_max([0.5, 0.55, 0.6], 3))
+    empty = plots.plot_evp(make_trials().iloc[0:0])
+    assert len(empty) == 1  # placeholder page
+
+
+def test_summary_lists_tuning_cost_only_for_tuned_runs():
+    from peftbench.analysis.summary import _tuning_table
+
+    runs = pd.DataFrame({"method": ["lora", "lora", "gsa"], "budget": ["2", "2", "2"], "task": ["stsb"] * 3,
+                         "seed": [1, 2, 1], "tuning_trials": [4, 4, 4], "tuning_s": [10.0, 10.0, 30.0]})
+    lines = _tuning_table(runs)
+    row = [ln for ln in lines if ln.startswith("| lora |")]
+    assert row == ["| lora | 2 | 1 | 4 | 10 |"]  # the seeds share one study
+    assert _tuning_table(runs.drop(columns=["tuning_trials", "tuning_s"])) == []

@@ -51,11 +51,12 @@ def test_disabled_tuning_plans_the_same_jobs_as_no_tuning_section(tmp_path, tiny
     base = job_counts(smk(tmp_path, "-n"))
     _config(tmp_path, tiny_model_dir, glue_dir, methods, tuning={"enabled": False, "trials": 3})
     off = job_counts(smk(tmp_path, "-n"))
-    assert off == base and "tune" not in off and base["train"] == 3
+    assert off == base and "tune" not in off and "tuning_table" not in off and base["train"] == 3
     _config(tmp_path, tiny_model_dir, glue_dir, methods, tuning={"enabled": True, "trials": 3})
     on = job_counts(smk(tmp_path, "-n"))
     assert on["tune"] == 3 and on["train"] == 3  # one study per (model, task, method, budget)
-    assert {k: v for k, v in on.items() if k != "tune"} == base
+    assert on["tuning_table"] == 1  # the expected-validation-performance figure reads its table
+    assert {k: v for k, v in on.items() if k not in ("tune", "tuning_table")} == {**base, "plot": base["plot"] + 1}
 
 
 def test_bad_space_fails_at_planning(tmp_path, tiny_model_dir, glue_dir):
@@ -102,3 +103,13 @@ def test_editing_one_space_reruns_exactly_that_method(tuned):
     assert counts.get("tune") == 1 and counts.get("train") == 1, proc.stdout[-3000:]
     assert "wildcards: model=tiny, task=stsb, method=fwlora" in proc.stdout
     assert "method=lora" not in proc.stdout
+
+
+def test_tuning_cost_reaches_runs_table_and_evp_figure(tuned):
+    work, _ = tuned
+    smk(work, "results/tables/runs.parquet", "results/tables/trials.parquet", "results/comparison/evp.pdf")
+    runs = pd.read_parquet(work / "results/tables/runs.parquet")
+    assert (runs["tuning_trials"] == 2).all() and (runs["tuning_s"] > 0).all()
+    trials = pd.read_parquet(work / "results/tables/trials.parquet")
+    assert len(trials) == 4 and set(trials["method"]) == {"lora", "fwlora"}
+    assert (work / "results/comparison/evp.png").is_file()

@@ -93,6 +93,12 @@ def cmd_tune(a: argparse.Namespace) -> None:
                            f"keeps every trial")
 
 
+def cmd_tuning_table(a: argparse.Namespace) -> None:
+    from .tuning import collect_trials
+
+    print(json.dumps({"trials": collect_trials(a.study_dirs, a.out)}))
+
+
 def cmd_aggregate(a: argparse.Namespace) -> None:
     from .aggregate import aggregate
 
@@ -199,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--out", required=True, help="study directory: trials.parquet, best.yaml, data/, trials/")
     s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("tuning-table", help="collect every study's trials.parquet into results/tables/trials.parquet")
+    s.add_argument("--out", required=True)
+    s.add_argument("study_dirs", nargs="*", help="results/tuning/{model}/{task}/{method}/b{budget} directories")
+    s.set_defaults(func=cmd_tuning_table)
 
     s = sub.add_parser("aggregate", help="collect run outputs into results/tables/*.parquet")
     s.add_argument("--out-dir", required=True)

@@ -492,3 +492,72 @@ def apply_best(recipe, best_path: str | Path):
         raise ValueError(f"{best_path}: missing {missing}; rerun the tune job (snakemake --forcerun tune)")
     return (dataclasses.replace(recipe, lr=float(best["lr"]), method_options=dict(best["method_options"])),
             {"tuning_trials": int(best.get("tuning_trials", 0)), "tuning_s": float(best.get("tuning_s", 0.0))})
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------
+
+def expected_max(values, n: int | np.ndarray) -> np.ndarray:
+    """Expected validation performance (Dodge et al. 2019, "Show Your Work", arXiv:1909.03004,
+    Eq. 1): the expected best held-out score of ``n`` trials drawn i.i.d. (with replacement) from
+    the empirical distribution of the ``N`` observed scores ``values``.
+
+    With the scores sorted, ``v_(1) ≤ … ≤ v_(N)``, ``P(max of n = v_(i)) = (i/N)^n − ((i−1)/N)^n``
+    and ``E[max] = Σ_i v_(i) · ((i/N)^n − ((i−1)/N)^n)``. Units: those of ``values``.
+
+    Args:
+        values: ``(N,)`` finite scores (NaN entries are dropped).
+        n: number(s) of trials, each ≥ 1.
+
+    Returns:
+        ``E[max]`` for each ``n`` (same shape as ``np.asarray(n)``).
+
+    Raises:
+        ValueError: no finite value, or an ``n`` < 1.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    v = v[np.isfinite(v)]
+    ns = np.asarray(n)
+    if len(v) == 0:
+        raise ValueError("expected_max: no finite score")
+    if (ns < 1).any():
+        raise ValueError(f"expected_max: number of trials must be >= 1, got {ns.min()}")
+    i = np.arange(1, len(v) + 1) / len(v)
+    k = ns.reshape(-1, 1).astype(np.float64)
+    w = i ** k - (i - 1 / len(v)).clip(min=0) ** k
+    return (w @ v).reshape(ns.shape)
+
+
+def collect_trials(study_dirs, out: str | Path) -> int:
+    """Concatenate the ``trials.parquet`` of every study directory
+    (``…/{model}/{task}/{method}/b{budget}``) into ``out`` (``results/tables/trials.parquet``),
+    with the key columns model, task, method, budget first. An empty list writes an empty table
+    with those columns.
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        ValueError: a directory whose last part is not ``b{budget}``.
+        FileNotFoundError: a study without ``trials.parquet``.
+    """
+    import pandas as pd
+
+    from .io import write_table
+
+    frames = []
+    for d in map(Path, study_dirs):
+        parts = d.parts[-4:]
+        if len(parts) < 4 or not parts[3].startswith("b"):
+            raise ValueError(f"{d}: not a study directory …/{{model}}/{{task}}/{{method}}/b{{budget}}")
+        f = d / "trials.parquet"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no such file; run `snakemake {f}` (rule tune)")
+        df = pd.read_parquet(f)
+        key = {"model": parts[0], "task": parts[1], "method": parts[2], "budget": parts[3][1:]}
+        frames.append(df.assign(**key)[[*key, *df.columns]])
+    table = (pd.concat(frames, ignore_index=True) if frames
+             else pd.DataFrame(columns=["model", "task", "method", "budget", "trial", "state", "value"]))
+    write_table(table, out)
+    return len(table)

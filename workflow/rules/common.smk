@@ -17,7 +17,7 @@ from peftbench.budget import TOKEN_REGEX
 from peftbench.methods import method_info
 from peftbench.runkey import RUN_PATTERN, RunKey
 from peftbench.analysis.cli import table_path
-from peftbench.vocab import RUN_FILES, TABLE_SOURCES, get_task
+from peftbench.vocab import RUN_FILES, TABLE_SOURCES, TUNING_PLOTS, get_task
 
 # Snakemake 9 hands nested --config values over as strings; coerce them, validate against the
 # schema (the only place defaults live), check what a schema cannot (methods, tasks, options).

@@ -41,6 +41,36 @@ def tune_args(w, input):
     return svd + den + (f" --trials-per-job {per_job}" if per_job else "")
 
 
+def study_dirs():
+    """Every tuning study of the grid (none when tuning is off)."""
+    if not TUNING["enabled"]:
+        return []
+    return sorted(
+        {
+            TUNE_DIR.format(
+                model=k.model, task=k.task, method=k.method, budget=k.budget_token
+            )
+            for k in run_keys()
+        }
+    )
+
+
+rule tuning_table:
+    """Every trial of every study in one table (results/tables/trials.parquet; empty when tuning is off)."""
+    input:
+        [f"{d}/trials.parquet" for d in study_dirs()],
+    output:
+        table_path("trials"),
+    log:
+        "results/logs/tuning_table.log",
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        dirs=study_dirs(),
+    shell:
+        "python -m peftbench tuning-table --out {output} {params.dirs} > {log} 2>&1"
+
+
 rule tune:
     """Tune lr and the method's options on a held-out part of the training split (Optuna)."""
     input:
