@@ -143,8 +143,8 @@ def test_write_holdout_keeps_the_cache_metadata_and_splits_the_rows(tiny_data, t
 # ------------------------------------------------------------------------------------------------
 
 def _tune_args(model_dir, data, out, *, method="lora", trials=2, per_job=None, sampler="random", pruner="none",
-               space=None, task="stsb", options=None):
-    rec = {"epochs": 1, "batch_size": 16, "max_train_samples": 64, "max_eval_samples": 32, "log_every": 2,
+               space=None, task="stsb", options=None, epochs=1):
+    rec = {"epochs": epochs, "batch_size": 16, "max_train_samples": 64, "max_eval_samples": 32, "log_every": 2,
            "method_options": options or {}}
     r, rt = recipe_args(rec)[1], recipe_args(rec)[3]
     settings = {"trials": trials, "sampler": sampler, "pruner": pruner, "seed": 0, "holdout_fraction": 0.25,
@@ -226,12 +226,22 @@ def test_median_pruner_prunes_on_the_per_epoch_holdout_score(tiny_model_dir, tin
 
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", prune_third)
     out = tmp_path / "study"
-    main(_tune_args(tiny_model_dir, tiny_data, out, trials=3, pruner="median"))
+    main(_tune_args(tiny_model_dir, tiny_data, out, trials=3, pruner="median", epochs=2))
     t = pd.read_parquet(out / "trials.parquet")
+    # asked after epoch 1 only (never after the last epoch, which would throw a finished trial away)
     assert list(t["state"]) == ["COMPLETE", "COMPLETE", "PRUNED"] and calls == [0, 1, 2]
     assert not (out / "trials" / "0002" / "metrics.parquet").exists()
     assert yaml.safe_load((out / "best.yaml").read_text())["tuning_trials"] == 3
     assert real is not None
+
+
+def test_pruner_is_never_asked_after_the_last_epoch(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    import optuna
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    out = tmp_path / "study"
+    main(_tune_args(tiny_model_dir, tiny_data, out, trials=1, pruner="median", epochs=1))
+    assert list(pd.read_parquet(out / "trials.parquet")["state"]) == ["COMPLETE"]
 
 
 def test_research_option_is_tuned_and_reaches_the_trial(tiny_model_dir, tiny_data, tmp_path):

@@ -346,7 +346,8 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
     ``recipe.method_options`` entries; :func:`peftbench.train.run` trains on ``fit.parquet`` with
     ``holdout.parquet`` as the dev split (caps off: both are already the capped rows), seed
     ``settings.seed``; the objective is the final-epoch held-out main metric (``dev_main`` of the
-    trial's run, maximised). The held-out score after every epoch is reported to the pruner.
+    trial's run, maximised). The held-out score after every epoch is reported to the pruner, which
+    may stop the trial after any epoch but the last.
 
     Trials left RUNNING in the journal by a killed job are told FAIL (``outcome = killed``) and
     do not count; their points are drawn again by the sampler's next draws.
@@ -391,9 +392,9 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
             recipe, lr=params.get(LR, recipe.lr), max_train_samples=None, max_eval_samples=None,
             method_options={**recipe.method_options, **{k: v for k, v in params.items() if k != LR}})
 
-        def report(epoch: int, metrics: dict[str, float], trial=trial) -> None:
+        def report(epoch: int, metrics: dict[str, float], trial=trial, epochs=trial_recipe.epochs) -> None:
             trial.report(metrics[tspec.main_metric], epoch + 1)
-            if trial.should_prune():
+            if epoch + 1 < epochs and trial.should_prune():  # never discard a finished trial
                 raise optuna.TrialPruned(f"epoch {epoch + 1}: held-out {tspec.main_metric} "
                                          f"{metrics[tspec.main_metric]:.4f} below the median")
 
