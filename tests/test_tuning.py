@@ -43,6 +43,10 @@ def test_tuning_is_off_by_default_with_a_space_for_every_method():
     assert set(tuning.space_for(out, "fwlora")) == {"lr", "lam"}
     assert set(tuning.space_for(out, "gsa")) == {"lr", "lam"}
     assert set(tuning.space_for(out, "dynacsg")) == {"lr", "lam"}
+    # a control tunes the same options as its method (glora_uniform's uniform scores ignore beta)
+    for control, method in (("glora_shuffled", "glora"), ("fwlora_uniform", "fwlora"), ("dynacsg_static", "dynacsg")):
+        assert tuning.space_for(out, control) == tuning.space_for(out, method), control
+    assert set(tuning.space_for(out, "glora_uniform")) == {"lr"}
     # full fine-tuning has its own (lower) learning-rate range, not the adapters' one
     assert tuning.space_for(out, "full")["lr"].high < tuning.space_for(out, "lora")["lr"].high
 
