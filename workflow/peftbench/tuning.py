@@ -349,6 +349,9 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
     trial's run, maximised). The held-out score after every epoch is reported to the pruner, which
     may stop the trial after any epoch but the last.
 
+    Each trial's run files stay in ``out_dir/trials/<number>/`` (metrics, curve on the held-out
+    rows), except ``adapter.safetensors``, which is deleted.
+
     Trials left RUNNING in the journal by a killed job are told FAIL (``outcome = killed``) and
     do not count; their points are drawn again by the sampler's next draws.
 
@@ -364,7 +367,7 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
     from .recipe import Runtime
     from .runkey import RunKey
     from .train import run as train_run
-    from .vocab import get_task
+    from .vocab import RUN_FILES, get_task
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir = Path(out_dir)
@@ -399,9 +402,10 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
                                          f"{metrics[tspec.main_metric]:.4f} below the median")
 
         t0 = time.perf_counter()
+        trial_dir = out_dir / "trials" / f"{trial.number:04d}"
         try:
             row = train_run(key=key, model_spec=model_spec, train_path=fit, dev_paths=dev_paths,
-                            out_dir=out_dir / "trials" / f"{trial.number:04d}", recipe=trial_recipe,
+                            out_dir=trial_dir, recipe=trial_recipe,
                             runtime=runtime, svd_path=svd_path, device=device, checkpoint_dir=None,
                             budget_denominator=budget_denominator, on_eval=report)
         except optuna.TrialPruned:
@@ -410,6 +414,8 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
             study.tell(trial, state=TrialState.PRUNED)
         else:
             trial.set_user_attr("seconds", time.perf_counter() - t0)
+            # the trained weights are not needed (full fine-tuning's would be the whole model per trial)
+            (trial_dir / RUN_FILES["adapter"]).unlink(missing_ok=True)
             if row["status"] == "ok" and math.isfinite(row["dev_main"]):
                 trial.set_user_attr("outcome", "ok")
                 study.tell(trial, float(row["dev_main"]))
