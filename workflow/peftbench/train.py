@@ -24,7 +24,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class TrainingDiverged(RuntimeError):
 def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict[str, str | Path],
         out_dir: str | Path, recipe: Recipe, runtime: Runtime | None = None, svd_path: str | Path | None = None,
         device: str | None = None, checkpoint_dir: str | Path | None = None,
-        budget_denominator: str | None = None, on_eval=None,
+        budget_denominator: str | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
         extra_columns: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one (model, task, method, budget, seed) and write its outputs to ``out_dir``.
 
@@ -294,7 +294,7 @@ class Loop:
     device: torch.device
     ckpt: Checkpointer | None
     label: str
-    on_eval: Any = None
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
     clock: "ProgressClock" = field(default_factory=lambda: ProgressClock())
 
     @property
