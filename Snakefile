@@ -1,5 +1,5 @@
 # peftbench: which PEFT method gives the best accuracy for a trainable-parameter budget?
-# DAG: svd + tokenize -> train (model, task, method, budget, seed) -> aggregate -> significance -> plots
+# DAG: svd + tokenize -> [tune, with tuning.enabled] -> train (model, task, method, budget, seed) -> aggregate -> significance -> plots
 # See README.md and ../shared/DESIGN.md. Rules live in workflow/rules/*.smk; each calls one
 # subcommand of the peftbench package (workflow/peftbench), which also runs without Snakemake.
 from snakemake.utils import min_version
@@ -20,6 +20,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/svd.smk"
 include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/tune.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/analysis.smk"
@@ -29,8 +30,14 @@ rule all:
     default_target: True
     input:
         # every figure of peftbench.vocab.PLOTS; the per-task kind once per task of the grid
+        # (the tuning figures only with tuning.enabled: they read its trials table)
         expand(
-            "results/comparison/{name}.pdf", name=figure_names(config["grid"]["tasks"])
+            "results/comparison/{name}.pdf",
+            name=[
+                n
+                for n in figure_names(config["grid"]["tasks"])
+                if TUNING["enabled"] or n not in TUNING_PLOTS
+            ],
         ),
         "results/comparison/summary.md",
         "results/comparison/explorer.html",

@@ -479,6 +479,17 @@ def test_summary_markdown(tmp_path):
 # CLI
 # ------------------------------------------------------------------------------------------
 
+def make_trials() -> pd.DataFrame:
+    """A trials table (peftbench.tuning.collect_trials) of two studies, one trial pruned."""
+    rows = []
+    for method, base in (("lora", 0.5), ("fwlora", 0.55)):
+        for i in range(4):
+            rows.append({"model": "a", "task": "cola", "method": method, "budget": "0.5", "trial": i,
+                         "state": "PRUNED" if i == 3 else "COMPLETE",
+                         "value": float("nan") if i == 3 else base + 0.05 * i, "seconds": 1.0})
+    return pd.DataFrame(rows)
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(prog="peftbench")
     cli.register(parser.add_subparsers(dest="command", required=True))
@@ -488,7 +499,7 @@ def parse(argv):
 def test_cli_plot_and_summary(tmp_path, runs, sig):
     paths = {}
     for name, df in (("runs", runs), ("significance", sig), ("curves", make_curves(runs)),
-                     ("ranks", make_ranks()), ("gradnorms", make_gradnorms())):
+                     ("ranks", make_ranks()), ("gradnorms", make_gradnorms()), ("trials", make_trials())):
         paths[name] = tmp_path / f"{name}.parquet"
         df.to_parquet(paths[name])
     # two spectrum files (as from two svd jobs) are concatenated: here one per module kind
@@ -506,6 +517,7 @@ def test_cli_plot_and_summary(tmp_path, runs, sig):
         "ranks": ["--ranks", paths["ranks"]],
         "spectrum": ["--spectrum", *spec],
         "gradnorms": ["--gradnorms", paths["gradnorms"]],
+        "evp": ["--trials", paths["trials"]],
     }
     assert set(calls) == set(vocab.PLOTS)
     for kind, extra in calls.items():

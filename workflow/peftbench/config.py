@@ -179,7 +179,8 @@ def check(cfg: dict) -> None:
     Raises:
         ConfigError: unknown method or task, a grid model missing from ``models:``, a bad or
             duplicated budget, an unknown budget denominator, a per-method block for a method
-            that does not exist, an unknown option or a bad option value.
+            that does not exist, an unknown option or a bad option value, or a bad ``tuning:``
+            search space (:func:`peftbench.tuning.check_tuning`).
     """
     from .methods import METHODS, get_method
     from .vocab import TASKS
@@ -220,6 +221,12 @@ def check(cfg: dict) -> None:
             raise ConfigError(str(exc)) from None
     known("method", "analysis.reference_method", cfg["analysis"]["reference_method"], METHODS)
     check_one_compile_setting(cfg)
+    from .tuning import TuningError, check_tuning
+
+    try:
+        check_tuning(cfg)
+    except TuningError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 #: Runtime keys that must be the same for every method compared on a task (a comparison of

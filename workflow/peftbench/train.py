@@ -24,7 +24,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,7 +56,8 @@ class TrainingDiverged(RuntimeError):
 def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict[str, str | Path],
         out_dir: str | Path, recipe: Recipe, runtime: Runtime | None = None, svd_path: str | Path | None = None,
         device: str | None = None, checkpoint_dir: str | Path | None = None,
-        budget_denominator: str | None = None) -> dict[str, Any]:
+        budget_denominator: str | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
+        extra_columns: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one (model, task, method, budget, seed) and write its outputs to ``out_dir``.
 
     With ``checkpoint_dir``, the run saves a checkpoint every ``runtime.checkpoint_every`` steps
@@ -78,6 +79,11 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
             them when the job fails); ``None`` disables checkpoints.
         budget_denominator: what a percentage budget is a percentage of
             (:data:`peftbench.budget.DENOMINATORS`); ``None``: the schema default.
+        on_eval: called as ``on_eval(epoch, metrics)`` (0-based epoch, the evaluation's
+            ``{metric: value}``) after every epoch's evaluation; an exception it raises ends the run
+            without outputs (the tuning stage's pruner, :mod:`peftbench.tuning`).
+        extra_columns: added to the ``metrics.parquet`` row (the tuning cost ``tuning_trials``,
+            ``tuning_s`` of a tuned run).
 
     With ``runtime.tracking.backend`` other than ``none`` the finished run is also mirrored to the
     tracker (:mod:`peftbench.tracking`; a tracker failure is logged, the outputs stay).
@@ -152,7 +158,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
 
     # the epochs
     loop = Loop(model=model, forward=forward, method=method, task=task, train=train, devs=devs, recipe=recipe,
-                runtime=runtime, state=state, gen=gen, device=dev, ckpt=ckpt, label=str(key))
+                runtime=runtime, state=state, gen=gen, device=dev, ckpt=ckpt, label=str(key), on_eval=on_eval)
     error = None
     try:
         loop.run(progress)
@@ -164,6 +170,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     row = run_row(key, task, method, model, backbone, recipe, progress, error, train, devs, dev,
                   compiled=forward is not model, compile_note=compile_note)
     row.update(provenance(model_spec, train_path, dev_paths, dev))
+    row.update(extra_columns or {})
     row = write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
                     ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows)
     mirror_finished_run(runtime.tracking, key, recipe, row, progress.curve, str(out_dir))
@@ -287,6 +294,7 @@ class Loop:
     device: torch.device
     ckpt: Checkpointer | None
     label: str
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
     clock: "ProgressClock" = field(default_factory=lambda: ProgressClock())
 
     @property
@@ -403,6 +411,8 @@ class Loop:
         log.info("%s | epoch %d/%d done at step %d/%d | loss %.4f | dev %s %.4f | %.1f s train, %.1f s eval | ETA %s",
                  self.label, epoch + 1, self.recipe.epochs, self.state.step, self.state.total_steps, p.last_finite,
                  main, m[main], p.train_s, p.eval_s, self._eta(p, evaluated=epoch + 1))
+        if self.on_eval is not None:
+            self.on_eval(epoch, m)
 
     def _eta(self, p: Progress, evaluated: int) -> str:
         """Seconds left, as ``"<n> s"`` (``"n/a"`` before the first timed step): the remaining

@@ -191,7 +191,9 @@ RUN_FILES: dict[str, str] = {
 }
 
 #: Aggregated tables under ``results/tables`` (key -> file name); the first four are concatenated
-#: run files (``runs`` from ``metrics``), the last two are written by the significance stage.
+#: run files (``runs`` from ``metrics``), the next two are written by the significance stage, and
+#: ``trials`` (every trial of every tuning study, :func:`peftbench.tuning.collect_trials`) by the
+#: ``tuning_table`` rule.
 TABLES: dict[str, str] = {
     "runs": "runs.parquet",
     "curves": "curves.parquet",
@@ -199,6 +201,7 @@ TABLES: dict[str, str] = {
     "gradnorms": "gradnorms.parquet",
     "significance": "significance.parquet",
     "method_stats": "method_stats.parquet",
+    "trials": "trials.parquet",
 }
 
 #: Packages whose version every run row records (``<package>_version``; ``python_version`` too).
@@ -272,4 +275,7 @@ PLOTS: dict[str, PlotKind] = {p.name: p for p in (
     PlotKind("ranks", ("ranks",)),
     PlotKind("spectrum", ("spectrum",)),
     PlotKind("gradnorms", ("gradnorms",)),
+    PlotKind("evp", ("trials",)),
 )}
+#: Plot kinds drawn only when the tuning stage runs (``tuning.enabled``): they read its tables.
+TUNING_PLOTS: tuple[str, ...] = tuple(k for k, p in PLOTS.items() if "trials" in p.inputs)

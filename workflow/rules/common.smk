@@ -17,7 +17,7 @@ from peftbench.budget import TOKEN_REGEX
 from peftbench.methods import method_info
 from peftbench.runkey import RUN_PATTERN, RunKey
 from peftbench.analysis.cli import table_path
-from peftbench.vocab import RUN_FILES, TABLE_SOURCES, get_task
+from peftbench.vocab import RUN_FILES, TABLE_SOURCES, TUNING_PLOTS, get_task
 
 # Snakemake 9 hands nested --config values over as strings; coerce them, validate against the
 # schema (the only place defaults live), check what a schema cannot (methods, tasks, options).
@@ -28,6 +28,9 @@ except pbconfig.ConfigError as exc:
 
 GRID = config["grid"]
 RUN_DIR = RunKey.wildcard_dir()
+TUNING = config["tuning"]
+# one Optuna study per (model, task, method, budget): rules/tune.smk, peftbench.tuning
+TUNE_DIR = "results/tuning/{model}/{task}/{method}/b{budget}"
 
 
 wildcard_constraints:
@@ -96,11 +99,20 @@ def train_inputs(w):
     }
     if method_info(w.method).uses_svd:
         inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
+    if TUNING["enabled"]:
+        inputs["tuned"] = TUNE_DIR.format(**tune_wildcards(w)) + "/best.yaml"
     return inputs
 
 
+def tune_wildcards(w):
+    """The tuning study of a train job: its (model, task, method, budget), every seed alike."""
+    return {"model": w.model, "task": w.task, "method": w.method, "budget": w.budget}
+
+
 def train_args(w, input):
-    """`--dev SPLIT=PATH` for every dev split, `--svd` where the method needs it, and for a
+    """`--dev SPLIT=PATH` for every dev split, `--svd` where the method needs it, `--tuned
+    best.yaml` when tuning is enabled (lr and options from the study; an input, so a new best.yaml
+    reruns the run), and for a
     percentage budget `--budget-denominator` (a tracked param: changing grid.budget_denominator
     reruns exactly the percentage-budget runs; r<N> and full budgets do not depend on it).
     """
@@ -111,7 +123,8 @@ def train_args(w, input):
         if wildcard_key(w).budget.is_pct
         else ""
     )
-    return dev + svd + den
+    tuned = f" --tuned {input.tuned}" if TUNING["enabled"] else ""
+    return dev + svd + den + tuned
 
 
 def wildcard_key(w):

@@ -58,7 +58,7 @@ def _hint(key: str) -> str:
     """How to (re)create input ``key``, for error messages."""
     if key == SPECTRUM:
         return "it is written by the svd rule: `snakemake results/svd/<model>/spectrum.parquet`"
-    rule = "aggregate" if key in TABLE_SOURCES else "significance"
+    rule = "aggregate" if key in TABLE_SOURCES else "tuning_table" if key == "trials" else "significance"
     return f"it is written by the {rule} rule: `snakemake {table_path(key)}`"
 
 
@@ -192,6 +192,7 @@ def _draw(kind: str, t: dict, task: str | None, opts, reference: str | None) -> 
         "ranks": lambda: plots.plot_ranks(t["ranks"]),
         "spectrum": lambda: plots.plot_spectrum(t["spectrum"]),
         "gradnorms": lambda: plots.plot_gradnorms(t["gradnorms"]),
+        "evp": lambda: plots.plot_evp(t["trials"]),
     }
     if set(draw) != set(PLOTS):  # pragma: no cover - a vocabulary invariant
         raise RuntimeError(f"plot kinds of vocab.PLOTS ({', '.join(PLOTS)}) and of analysis.cli "

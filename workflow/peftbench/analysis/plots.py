@@ -982,3 +982,60 @@ def plot_gradnorms(gradnorms: pd.DataFrame, out: str | Path | None = None) -> li
     if out is not None:
         save_figures(figs, out)
     return figs
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning
+# --------------------------------------------------------------------------------------------
+
+def plot_evp(trials: pd.DataFrame, out: str | Path | None = None) -> list[Figure]:
+    """Expected validation performance (Dodge et al. 2019, arXiv:1909.03004): the expected best
+    held-out score (×100) as a function of the number of tuning trials ``n = 1 … N``, one line per
+    method, one panel per task, one page per model and budget.
+
+    Reads ``trials.parquet`` (:func:`peftbench.tuning.collect_trials`); the curve of a study is
+    :func:`peftbench.tuning.expected_max` of its complete trials (pruned and diverged trials have
+    no final held-out score and are left out; the footer counts them). An empty table (tuning
+    off) gives one placeholder page.
+
+    Raises:
+        ValueError: the table lacks the model, task, method, budget, state or value column.
+    """
+    from ..tuning import expected_max
+
+    _require(trials, ["model", "task", "method", "budget", "state", "value"], "trials table",
+             "it is written by the tuning_table rule: `snakemake results/tables/trials.parquet`")
+    done = trials[(trials["state"] == "COMPLETE") & np.isfinite(trials["value"].astype(float))]
+    if done.empty:
+        figs = [placeholder_figure("expected validation performance",
+                                   "no complete tuning trial (tuning.enabled: false, or every trial was "
+                                   "pruned or diverged)")]
+    else:
+        figs = []
+        colors = method_colors(done["method"].unique())
+        for (model, budget), g in done.groupby(["model", "budget"], sort=False):
+            tasks = order_tasks(g["task"].unique())
+            fig, axes = _page(*_grid(len(tasks)))
+            flat = axes.ravel()
+            for ax, task in zip(flat, tasks):
+                gt = g[g["task"] == task]
+                for m in order_methods(gt["method"].unique()):
+                    v = gt.loc[gt["method"] == m, "value"].astype(float).to_numpy()
+                    n = np.arange(1, len(v) + 1)
+                    ax.plot(n, 100 * expected_max(v, n), marker="o", ms=3, color=colors[m], label=m)
+                ax.set_title(task_label(task), fontsize=9)
+                ax.set_xlabel("tuning trials n", fontsize=8)
+                ax.set_ylabel(f"expected best held-out {_metric_label(_main_metric(task))} (×100)", fontsize=8)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+            _drop_unused(axes, len(tasks))
+            left = trials[(trials["model"] == model) & (trials["budget"] == budget) & (trials["state"] != "COMPLETE")]
+            fig.suptitle(f"{model}, budget {_fmt_budget(budget)}: expected validation performance", fontsize=11,
+                         x=0.01, ha="left")
+            _footer(fig, "Dodge et al. 2019 (arXiv:1909.03004): expected maximum of n trials drawn from the "
+                    "study's complete trials, scored on the held-out part of the training split (never the "
+                    f"GLUE dev set). Trials without a final score left out: {len(left)}.")
+            figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs

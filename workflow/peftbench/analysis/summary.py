@@ -137,6 +137,25 @@ def _cost_table(runs: pd.DataFrame, budget_free: set[str]) -> list[str]:
     return lines
 
 
+def _tuning_table(runs: pd.DataFrame) -> list[str]:
+    """The tuning cost per method and budget (``tuning_trials``, ``tuning_s`` of tuned runs: one
+    study per task, shared by the seeds), or nothing when no run was tuned."""
+    if "tuning_s" not in runs.columns or runs["tuning_s"].isna().all():
+        return []
+    tuned = runs[runs["tuning_s"].notna()]
+    per_study = tuned.groupby(["method", "budget", "task"])[["tuning_trials", "tuning_s"]].first()
+    cost = per_study.groupby(["method", "budget"]).agg(trials=("tuning_trials", "sum"), s=("tuning_s", "sum"),
+                                                       tasks=("tuning_s", "size"))
+    order = order_methods(cost.index.get_level_values(0).unique())
+    b_order = order_budgets(cost.index.get_level_values(1).unique())
+    lines = ["### Tuning cost", "", "| method | budget | tasks tuned | trials (all tasks) | tuning time (s, all tasks) |",
+             "|---|---|---:|---:|---:|"]
+    for (m, b), r in sorted(cost.iterrows(), key=lambda kv: (order.index(kv[0][0]), b_order.index(kv[0][1]))):
+        lines.append(f"| {_esc(m)} | {_esc(b)} | {int(r['tasks'])} | {_fmt_int(r['trials'])} | {_fmt(r['s'], '.0f')} |")
+    return lines + ["", "One Optuna study per (task, method, budget), shared by the seeds (peftbench.tuning): "
+                    "trials finished and the wall time of all its trials, summed over tasks.", ""]
+
+
 def _section_label(runs: pd.DataFrame, budget: str, methods: set[str], budget_free: set[str]) -> str:
     """Heading of one budget family's results table."""
     if methods <= budget_free:
@@ -297,6 +316,7 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
                    and runs["effective_adapter_params"].notna().any() else "")
                 + ". Train time: mean over tasks of the mean over seeds (ok runs); peak memory: maximum "
                 "over ok runs.", ""]
+        out += _tuning_table(runs[runs["model"] == model])
     failed = runs[runs["status"] != "ok"]
     out += ["## Failed runs", ""]
     if failed.empty:
