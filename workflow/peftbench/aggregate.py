@@ -2,7 +2,8 @@
 
 ``runs.parquet`` gets one row per run of the grid. A run whose ``metrics.parquet`` is missing
 (crashed or killed) is still listed, with ``status = "missing"`` and its key columns, so no gap is
-silent. ``curves.parquet``, ``ranks.parquet`` and ``gradnorms.parquet`` concatenate the runs'
+silent. ``curves.parquet``, ``ranks.parquet``, ``gradnorms.parquet`` and ``predictions.parquet``
+(every dev example's label, prediction and logits, per run) concatenate the runs'
 tables of the same kind (:data:`peftbench.vocab.TABLE_SOURCES`).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def aggregate(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, int]:
     """Concatenate the run files of ``run_dirs`` into the tables of ``out_dir`` (runs, curves,
-    ranks, gradnorms).
+    ranks, gradnorms, predictions).
 
     Returns:
         Row counts per table, plus ``missing`` (runs without ``metrics.parquet``).

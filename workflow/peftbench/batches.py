@@ -24,6 +24,8 @@ class TokenizedSplit:
             example), padding ``pad_token_id`` / 0.
         lengths: ``(n,)`` tokens per example.
         labels: ``(n,)`` int64 class ids or float32 scores.
+        idx: ``(n,)`` int64 GLUE ``idx`` of each example (its row number where the cache has no
+            ``idx`` column), so predictions can be matched across runs.
     """
 
     def __init__(self, path: str | Path, max_samples: int | None = None):
@@ -53,6 +55,8 @@ class TokenizedSplit:
                                if "token_type_ids" in table.column_names else None)
         label = table.column("label").to_numpy()
         self.labels = torch.from_numpy(label.astype(np.float32 if label.dtype.kind == "f" else np.int64))
+        self.idx = (table.column("idx").to_numpy().astype(np.int64) if "idx" in table.column_names
+                    else rows.astype(np.int64))
         self.buckets: list[int] = []
 
     def bucket_widths(self, n: int, multiple: int = 8) -> list[int]:

@@ -9,7 +9,8 @@ own list:
 - :data:`METRICS`: metric names (the field's standard ones, used unchanged as column names
   ``dev_<metric>``), their display label, short name and scale (stored as fractions, shown ×100);
 - :data:`RUN_STATUSES`: what a row of ``runs.parquet`` can say about its run;
-- :data:`RUN_FILES`: the files of one run directory (``metrics.parquet`` last: the completion marker);
+- :data:`RUN_FILES`: the files of one run directory (``predictions.parquet``: every dev example's
+  label, prediction and logits; ``metrics.parquet`` last: the completion marker);
 - :data:`TABLES`: the aggregated tables under ``results/tables``;
 - :data:`PROVENANCE`: the columns of a run row that say what code, model, data, software and
   machine produced it;
@@ -187,16 +188,19 @@ RUN_FILES: dict[str, str] = {
     "adapter": "adapter.safetensors",
     "ranks": "ranks.parquet",
     "gradnorms": "gradnorms.parquet",
+    "predictions": "predictions.parquet",
     "metrics": "metrics.parquet",
 }
 
-#: Aggregated tables under ``results/tables`` (key -> file name); the first four are concatenated
-#: run files (``runs`` from ``metrics``), the last two are written by the significance stage.
+#: Aggregated tables under ``results/tables`` (key -> file name); the first five are concatenated
+#: run files (``runs`` from ``metrics``; :data:`TABLE_SOURCES`), the rest are written by the
+#: significance stage.
 TABLES: dict[str, str] = {
     "runs": "runs.parquet",
     "curves": "curves.parquet",
     "ranks": "ranks.parquet",
     "gradnorms": "gradnorms.parquet",
+    "predictions": "predictions.parquet",
     "significance": "significance.parquet",
     "method_stats": "method_stats.parquet",
 }
@@ -222,7 +226,8 @@ PROVENANCE: dict[str, str] = {
 }
 
 #: Which run file each concatenated table collects.
-TABLE_SOURCES: dict[str, str] = {"runs": "metrics", "curves": "curve", "ranks": "ranks", "gradnorms": "gradnorms"}
+TABLE_SOURCES: dict[str, str] = {"runs": "metrics", "curves": "curve", "ranks": "ranks", "gradnorms": "gradnorms",
+                                 "predictions": "predictions"}
 
 #: Parameter groups of the gradient-norm logs, in display order: embeddings (word, position, type
 #: and relative-position embeddings, their LayerNorm), attention and mlp (everything inside an encoder
