@@ -203,6 +203,7 @@ TABLES: dict[str, str] = {
     "predictions": "predictions.parquet",
     "significance": "significance.parquet",
     "method_stats": "method_stats.parquet",
+    "example_significance": "example_significance.parquet",
 }
 
 #: Packages whose version every run row records (``<package>_version``; ``python_version`` too).
