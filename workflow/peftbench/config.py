@@ -299,6 +299,7 @@ def recipe_for(cfg: dict, task: str, method: str) -> Recipe:
     r = _resolve_keys(cfg, task, method, RECIPE_KEYS)
     data = cfg["data"]
     return Recipe(**r, max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
+                  resample_per_seed=bool(data["resample_per_seed"]),
                   method_options=dict((cfg.get("method_options") or {}).get(method) or {}))
 
 

@@ -115,7 +115,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     np.random.seed(key.seed)
 
     # data: the capped training subset (optionally length-bucketed) and every dev split
-    train = TokenizedSplit(train_path, recipe.max_train_samples)
+    train = TokenizedSplit(train_path, recipe.max_train_samples, subset_seed=train_subset_seed(recipe, key.seed))
     if runtime.length_buckets:
         train.set_buckets(train.bucket_widths(runtime.length_buckets))
         log.info("length buckets (tokens): %s", train.buckets)
@@ -174,6 +174,13 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     if ckpt is not None and error is None and not runtime.keep_checkpoints:
         ckpt.remove()
     return {**key.columns(), **row}
+
+
+def train_subset_seed(recipe: Recipe, seed: int) -> int:
+    """Seed of the capped training subset (:class:`peftbench.batches.TokenizedSplit`): the run's
+    seed with ``recipe.resample_per_seed`` (Bouthillier et al. 2021, arXiv:2103.03098: the seed
+    variance then includes data sampling), else 0 (one subset for the whole grid)."""
+    return int(seed) if recipe.resample_per_seed else 0
 
 
 def prediction_table(task: TaskSpec, devs: dict[str, TokenizedSplit], p: Progress, error: str | None):
