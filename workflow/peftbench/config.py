@@ -219,6 +219,15 @@ def check(cfg: dict) -> None:
         except OptionsError as exc:
             raise ConfigError(str(exc)) from None
     known("method", "analysis.reference_method", cfg["analysis"]["reference_method"], METHODS)
+    from .ood import check_ood
+
+    for t, sets in (cfg.get("ood") or {}).get("sets", {}).items():
+        known("task", f"ood.sets.{t}", t, TASKS)
+        for name in sets:
+            try:
+                check_ood(t, name)
+            except ValueError as exc:
+                raise ConfigError(f"config key ood.sets.{t}: {exc}") from None
 
 
 def check_budgets(budgets: list) -> list:
