@@ -269,8 +269,9 @@ RUN_FILES: dict[str, str] = {
 }
 
 #: Aggregated tables under ``results/tables`` (key -> file name); the first five are concatenated
-#: run files (``runs`` from ``metrics``; :data:`TABLE_SOURCES`), the rest are written by the
-#: significance stage.
+#: run files (``runs`` from ``metrics``; :data:`TABLE_SOURCES`), ``significance``,
+#: ``method_stats`` and ``example_significance`` are written by the significance stage, ``ood`` by
+#: the ``aggregate_ood`` rule (from every run's :data:`OOD_FILE`).
 TABLES: dict[str, str] = {
     "runs": "runs.parquet",
     "curves": "curves.parquet",
