@@ -107,3 +107,5 @@ def test_anli_proxy_stage_through_snakemake(tmp_path, tiny_model_dir):
     m = pd.read_parquet(run / "metrics.parquet").iloc[0]
     assert ood.set_index("ood_set").loc["anli_r1", "accuracy"] == m["dev_accuracy"]
     pd.testing.assert_frame_equal(pd.read_parquet(run / "ood.parquet"), ood)
+    # the stage's own reload check: the reloaded model re-scores the dev split as logged
+    assert (ood["reload_dev_main"] == m["dev_main"]).all() and ood["reload_matches"].all()

@@ -65,7 +65,7 @@ def cmd_evaluate_ood(a: argparse.Namespace) -> None:
     from .runkey import RunKey
 
     df = evaluate_ood(key=RunKey.from_args(a), model_spec=a.model, run_dir=a.run_dir, sets=a.sets, out=a.out,
-                      max_length=a.max_length, anli_dir=a.anli_dir,
+                      max_length=a.max_length, dev_path=a.dev, anli_dir=a.anli_dir,
                       recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
                       runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
                       svd_path=a.svd, budget_denominator=a.budget_denominator, device=a.device)
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sets", nargs="+", required=True, help="OOD sets (keys of peftbench.vocab.OOD_SETS)")
     s.add_argument("--max-length", type=int, required=True, help="truncation length (tokens), as for training")
     s.add_argument("--anli-dir", default=None, help="local ANLI copy (dev_r{1,2,3}.parquet); omit: the hub")
+    s.add_argument("--dev", default=None, help="the tokenised main dev split of the task (reload check)")
     s.add_argument("--svd", default=None, help="factors.safetensors (spectral methods)")
     s.add_argument("--budget-denominator", default=None, choices=list(DENOMINATORS))
     s.add_argument("--recipe", default=None, help="the run's tracked recipe as JSON (as for train)")

@@ -16,9 +16,12 @@ schema) or the hub; HANS (McCoy et al. 2019, arXiv:1902.01007) from the hub only
 models on ANLI maps neutral and contradiction to not_entailment: a documented proxy (RTE has two
 classes, ANLI three).
 
-Limitation: only what :meth:`~peftbench.methods.base.Method.state_to_save` writes is restored;
-a method whose inference depends on other state (buffers it changes, masks outside parameters)
-is scored as freshly built with the trained parameters.
+Only what :meth:`~peftbench.methods.base.Method.state_to_save` writes is restored; a method whose
+inference depends on other state (buffers it changes, masks outside parameters) would be scored
+as freshly built with the trained parameters. So the stage first re-scores the run's own main dev
+split with the reloaded model (``reload_dev_main``) and compares it with the logged ``dev_main``
+(``reload_matches``: within :data:`RELOAD_TOLERANCE`; a mismatch is logged as an error, and the
+OOD numbers of that row are not of the trained model).
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ from .vocab import OOD_MAPS, OOD_SETS, TASKS, OODMap, OODSet
 log = logging.getLogger(__name__)
 
 #: Columns of ``ood.parquet`` after the run key's.
-OOD_COLUMNS = ["ood_set", "train_task", "n", "accuracy", "scored_classes", "mapping", "source"]
+OOD_COLUMNS = ["ood_set", "train_task", "n", "accuracy", "scored_classes", "mapping", "source",
+               "reload_dev_main", "reload_matches"]
+#: ``reload_matches``: the reloaded model's main dev metric is within this of the logged ``dev_main``.
+RELOAD_TOLERANCE = 1e-4
 
 
 def check_ood(task: str, name: str, maps: dict | None = None, sets: dict | None = None) -> OODMap:
@@ -113,10 +119,14 @@ def score(logits: np.ndarray, gold: np.ndarray, mapping: OODMap) -> float:
 
 
 def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], out: str | Path,
-                 max_length: int, anli_dir: str | Path | None = None, recipe=None, runtime=None,
+                 max_length: int, dev_path: str | Path | None = None, anli_dir: str | Path | None = None, recipe=None, runtime=None,
                  svd_path: str | Path | None = None, budget_denominator: str | None = None,
                  device: str | None = None) -> pd.DataFrame:
     """Score the trained run ``key`` (its ``run_dir``) on every OOD set of ``sets``; write ``out``.
+
+    Args:
+        dev_path: the tokenised main dev split of the run's task (the reload check; ``None``:
+            ``reload_dev_main`` NaN, ``reload_matches`` None).
 
     Returns:
         The ``ood.parquet`` table: run key columns, then :data:`OOD_COLUMNS` (one row per set;
@@ -164,6 +174,17 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
         with torch.no_grad():
             named[n].copy_(t)
     model = model.to(dev)
+    reload_main, matches = float("nan"), None
+    if dev_path is not None:
+        split_name = task.eval_splits[0]
+        metrics, _ = evaluate(model, method, task, {split_name: TokenizedSplit(dev_path, recipe.max_eval_samples)},
+                              dev, runtime.eval_batch_size, dev.type == "cuda")
+        reload_main = float(metrics[task.main_metric])
+        matches = bool(abs(reload_main - float(m["dev_main"])) <= RELOAD_TOLERANCE)
+        if not matches:
+            log.error("%s: the reloaded model scores %s %.6f on %s, the run logged %.6f; the OOD numbers below "
+                      "are not of the trained model (method state outside adapter.safetensors?)", key,
+                      task.main_metric, reload_main, split_name, float(m["dev_main"]))
     tok = load_tokenizer(model_spec)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +201,8 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
             acc = score(logits["validation"], df["label"].to_numpy(), mapping)
             log.info("%s on %s (%s): accuracy %.4f over %d examples", key, name, source, acc, len(df))
             rows.append({**key.columns(), "ood_set": name, "train_task": key.task, "n": len(df), "accuracy": acc,
-                         "scored_classes": ",".join(mapping.classes), "mapping": mapping.note, "source": source})
+                         "scored_classes": ",".join(mapping.classes), "mapping": mapping.note, "source": source,
+                         "reload_dev_main": reload_main, "reload_matches": matches})
     out_df = pd.DataFrame(rows, columns=[*key.columns(), *OOD_COLUMNS])
     write_table(out_df, out)
     return out_df

@@ -20,6 +20,8 @@ def ood_inputs(w):
     inputs = {
         "adapter": f"{run}/{RUN_FILES['adapter']}",
         "metrics": f"{run}/{RUN_FILES['metrics']}",
+        # the main dev split: the stage re-scores it to check the reloaded model is the trained one
+        "dev": f"results/data/{w.model}/{w.task}/{eval_splits(w.task)[0]}.parquet",
     }
     if method_info(w.method).uses_svd:
         inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
@@ -62,7 +64,7 @@ rule evaluate_ood:
         max_length=lambda w: pbconfig.max_length(config, w.task),
     shell:
         "python -m peftbench evaluate-ood {params.key} --model {params.spec:q} --run-dir {params.run}"
-        " --max-length {params.max_length} {params.args}"
+        " --dev {input.dev} --max-length {params.max_length} {params.args}"
         " --recipe {params.recipe:q} --runtime {params.runtime:q} --out {output} > {log} 2>&1"
 
 
