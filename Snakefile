@@ -24,6 +24,7 @@ include: "workflow/rules/tune.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/ood.smk"
 
 
 rule all:
@@ -41,3 +42,5 @@ rule all:
         ),
         "results/comparison/summary.md",
         "results/comparison/explorer.html",
+        # OOD accuracies, when ood.sets names sets for a task of the grid
+        [table_path("ood")] if ood_files() else [],

@@ -2,7 +2,8 @@
 
 ``runs.parquet`` gets one row per run of the grid. A run whose ``metrics.parquet`` is missing
 (crashed or killed) is still listed, with ``status = "missing"`` and its key columns, so no gap is
-silent. ``curves.parquet``, ``ranks.parquet`` and ``gradnorms.parquet`` concatenate the runs'
+silent. ``curves.parquet``, ``ranks.parquet``, ``gradnorms.parquet`` and ``predictions.parquet``
+(every dev example's label, prediction and logits, per run) concatenate the runs'
 tables of the same kind (:data:`peftbench.vocab.TABLE_SOURCES`).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def aggregate(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, int]:
     """Concatenate the run files of ``run_dirs`` into the tables of ``out_dir`` (runs, curves,
-    ranks, gradnorms).
+    ranks, gradnorms, predictions).
 
     Returns:
         Row counts per table, plus ``missing`` (runs without ``metrics.parquet``).
@@ -57,3 +58,18 @@ def aggregate(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, int]
         counts[name] = len(df)
     log.info("aggregated %d runs (%d missing) into %s", counts["runs"], missing, out_dir)
     return counts
+
+
+def aggregate_ood(files: list[str | Path], out: str | Path) -> int:
+    """Concatenate the runs' ``ood.parquet`` (:func:`peftbench.ood.evaluate_ood`) into ``out``,
+    sorted by the run key and the OOD set. Returns the row count.
+
+    Raises:
+        FileNotFoundError: a listed file is missing.
+    """
+    frames = [pd.read_parquet(f) for f in files]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(KEY_COLUMNS))
+    if len(df):
+        df = df.sort_values([*[k for k in KEY_COLUMNS if k in df.columns], "ood_set"], kind="stable")
+    write_table(df.reset_index(drop=True), out)
+    return len(df)

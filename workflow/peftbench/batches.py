@@ -24,9 +24,19 @@ class TokenizedSplit:
             example), padding ``pad_token_id`` / 0.
         lengths: ``(n,)`` tokens per example.
         labels: ``(n,)`` int64 class ids or float32 scores.
+        idx: ``(n,)`` int64 GLUE ``idx`` of each example (its row number where the cache has no
+            ``idx`` column), so predictions can be matched across runs.
     """
 
-    def __init__(self, path: str | Path, max_samples: int | None = None):
+    def __init__(self, path: str | Path, max_samples: int | None = None, subset_seed: int = 0):
+        """Read ``path``; with ``max_samples`` below its row count keep the subset of the first
+        ``max_samples`` rows of ``numpy.random.default_rng(subset_seed).permutation(n)``, in file
+        order (``subset_seed`` 0: the grid's fixed subset; :func:`peftbench.train.train_subset_seed`).
+        ``rows``: the file rows kept.
+
+        Raises:
+            FileNotFoundError: no such file (names the rule that writes it). ValueError: no rows.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenised split {path} not found; run `snakemake {path}` (rule tokenize) first")
@@ -37,11 +47,12 @@ class TokenizedSplit:
             raise ValueError(f"{path} has no rows; the split is empty")
         rows = np.arange(n)
         if max_samples is not None and max_samples < n:
-            # A fixed subset (seed 0), the same for every method and seed of the grid.
-            rows = np.sort(np.random.default_rng(0).permutation(n)[:max_samples])
+            # A fixed subset (seed 0: the same for every method and seed of the grid)
+            rows = np.sort(np.random.default_rng(subset_seed).permutation(n)[:max_samples])
             table = table.take(rows)
             n = len(rows)
         self.path = path
+        self.rows = rows
         self.pad_token_id = int(meta.get("pad_token_id", 0))
         ids = table.column("input_ids").combine_chunks()
         offsets = ids.offsets.to_numpy()
@@ -53,6 +64,8 @@ class TokenizedSplit:
                                if "token_type_ids" in table.column_names else None)
         label = table.column("label").to_numpy()
         self.labels = torch.from_numpy(label.astype(np.float32 if label.dtype.kind == "f" else np.int64))
+        self.idx = (table.column("idx").to_numpy().astype(np.int64) if "idx" in table.column_names
+                    else rows.astype(np.int64))
         self.buckets: list[int] = []
 
     def bucket_widths(self, n: int, multiple: int = 8) -> list[int]:

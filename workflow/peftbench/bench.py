@@ -47,7 +47,7 @@ from .batches import TokenizedSplit
 from .outputs import peak_mem_mib
 from .recipe import Recipe, Runtime
 from .runkey import RunKey
-from .train import build_model, run
+from .train import build_model, run, train_subset_seed
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
     if method_name not in BASELINE_METHODS:
         raise ValueError(f"the HF Trainer baseline runs {BASELINE_METHODS}, not {method_name}")
     task = get_task(task_name)
-    train = TokenizedSplit(train_path, recipe.max_train_samples)
+    train = TokenizedSplit(train_path, recipe.max_train_samples, subset_seed=train_subset_seed(recipe, seed))
     dev = TokenizedSplit(dev_path, recipe.max_eval_samples)
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs

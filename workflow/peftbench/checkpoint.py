@@ -42,6 +42,8 @@ class Progress:
     compile_s: float = 0.0    # seconds of steps that compiled or recorded a graph (not in train_s)
     compile_seen: int = 0     # examples of those steps (not in samples_per_s)
     shape_calls: dict = field(default_factory=dict)  # batch shape -> compiled calls so far
+    logits_last: Any = None   # (epoch, {split: (n, C) float32 logits}) of the latest evaluation
+    logits_best: Any = None   # (epoch, logits, main metric) of the first best evaluation
 
 
 def fingerprint(*parts) -> str:

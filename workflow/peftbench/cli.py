@@ -99,6 +99,25 @@ def cmd_tuning_table(a: argparse.Namespace) -> None:
     print(json.dumps({"trials": collect_trials(a.study_dirs, a.out)}))
 
 
+def cmd_evaluate_ood(a: argparse.Namespace) -> None:
+    from .ood import evaluate_ood
+    from .recipe import Recipe, Runtime
+    from .runkey import RunKey
+
+    df = evaluate_ood(key=RunKey.from_args(a), model_spec=a.model, run_dir=a.run_dir, sets=a.sets, out=a.out,
+                      max_length=a.max_length, dev_path=a.dev, anli_dir=a.anli_dir,
+                      recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
+                      runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
+                      svd_path=a.svd, budget_denominator=a.budget_denominator, device=a.device)
+    print(df[["ood_set", "n", "accuracy"]].to_json(orient="records"))
+
+
+def cmd_aggregate_ood(a: argparse.Namespace) -> None:
+    from .aggregate import aggregate_ood
+
+    print(json.dumps({"rows": aggregate_ood(a.files, a.out)}))
+
+
 def cmd_aggregate(a: argparse.Namespace) -> None:
     from .aggregate import aggregate
 
@@ -211,6 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("study_dirs", nargs="*", help="results/tuning/{model}/{task}/{method}/b{budget} directories")
     s.set_defaults(func=cmd_tuning_table)
 
+
+    s = sub.add_parser("evaluate-ood", help="score one trained run on out-of-distribution sets (ood.parquet)")
+    RunKey.add_arguments(s)
+    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    s.add_argument("--run-dir", required=True, help="the trained run's directory (adapter.safetensors, metrics.parquet)")
+    s.add_argument("--sets", nargs="+", required=True, help="OOD sets (keys of peftbench.vocab.OOD_SETS)")
+    s.add_argument("--max-length", type=int, required=True, help="truncation length (tokens), as for training")
+    s.add_argument("--anli-dir", default=None, help="local ANLI copy (dev_r{1,2,3}.parquet); omit: the hub")
+    s.add_argument("--dev", default=None, help="the tokenised main dev split of the task (reload check)")
+    s.add_argument("--svd", default=None, help="factors.safetensors (spectral methods)")
+    s.add_argument("--budget-denominator", default=None, choices=list(DENOMINATORS))
+    s.add_argument("--recipe", default=None, help="the run's tracked recipe as JSON (as for train)")
+    s.add_argument("--runtime", default=None, help="speed knobs as JSON (eval_batch_size)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", required=True, help="output ood.parquet")
+    s.set_defaults(func=cmd_evaluate_ood)
+
+    s = sub.add_parser("aggregate-ood", help="concatenate the runs' ood.parquet into results/tables/ood.parquet")
+    s.add_argument("--out", required=True)
+    s.add_argument("files", nargs="+")
+    s.set_defaults(func=cmd_aggregate_ood)
+
     s = sub.add_parser("aggregate", help="collect run outputs into results/tables/*.parquet")
     s.add_argument("--out-dir", required=True)
     s.add_argument("run_dirs", nargs="+")
@@ -262,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("svd", "tokenize", "train", "tune", "bench"):
+    if args.command in ("svd", "tokenize", "train", "tune", "bench", "evaluate-ood"):
         import transformers
 
         transformers.logging.set_verbosity_error()  # no per-run weight-loading reports in the logs

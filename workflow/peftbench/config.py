@@ -227,6 +227,15 @@ def check(cfg: dict) -> None:
         check_tuning(cfg)
     except TuningError as exc:
         raise ConfigError(str(exc)) from None
+    from .ood import check_ood
+
+    for t, sets in (cfg.get("ood") or {}).get("sets", {}).items():
+        known("task", f"ood.sets.{t}", t, TASKS)
+        for name in sets:
+            try:
+                check_ood(t, name)
+            except ValueError as exc:
+                raise ConfigError(f"config key ood.sets.{t}: {exc}") from None
 
 
 #: Runtime keys that must be the same for every method compared on a task (a comparison of
@@ -333,6 +342,7 @@ def recipe_for(cfg: dict, task: str, method: str) -> Recipe:
     r = _resolve_keys(cfg, task, method, RECIPE_KEYS)
     data = cfg["data"]
     return Recipe(**r, max_train_samples=data["max_train_samples"], max_eval_samples=data["max_eval_samples"],
+                  resample_per_seed=bool(data["resample_per_seed"]),
                   method_options=dict((cfg.get("method_options") or {}).get(method) or {}))
 
 

@@ -22,6 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -32,6 +33,8 @@ from .vocab import PROVENANCE, RUN_FILES, VERSIONED_PACKAGES, TaskSpec
 PROTOCOL = "final epoch (dev_*) and best epoch (best_dev_*) on the GLUE dev split; one run per seed"
 RANKS_COLUMNS = ["module", "layer", "kind", "rank", "score"]
 GRADNORM_COLUMNS = ["step", "group", "layer", "grad_norm"]
+#: Columns of ``predictions.parquet`` before the per-class ``logit_<c>`` (STS-B: ``score``) columns.
+PREDICTION_COLUMNS = ["epoch", "split", "idx", "label", "prediction"]
 
 
 def versions() -> dict[str, str]:
@@ -252,6 +255,51 @@ def gradnorm_columns(gradrows: list[tuple], phase_boundaries: list[int] | None =
     return out
 
 
+def prediction_frame(task: TaskSpec, splits: dict[str, tuple], epochs: list[tuple[int, dict]]) -> pd.DataFrame:
+    """The rows of ``predictions.parquet``: one per (evaluated epoch, dev split, example).
+
+    Columns (compact dtypes): ``epoch`` (int16, 1-based: the final epoch gives the ``dev_*``
+    metrics, ``best_epoch`` of the metrics row the ``best_dev_*`` ones), ``split`` (str), ``idx``
+    (int64, the GLUE ``idx``), ``label`` (int8 class id; STS-B float32 gold score), ``prediction``
+    (int8 argmax class; STS-B float32 score) and the raw outputs: ``logit_0 … logit_{C-1}``
+    (float32, ``C = num_labels``) for classification, ``score`` (float32) for STS-B.
+    :func:`peftbench.metrics.compute_metrics` on these columns gives the logged metrics exactly.
+
+    Args:
+        task: the task (decides regression vs classification, the class count).
+        splits: ``{split: (idx (n,), labels (n,))}`` in the order the logits are in.
+        epochs: ``[(epoch, {split: (n, C) float32 logits})]``; empty (a failed run): zero rows.
+
+    Raises:
+        ValueError: logits whose row count or width does not fit the split / task.
+    """
+    width = 1 if task.is_regression else task.num_labels
+    out_cols = ["score"] if task.is_regression else [f"logit_{c}" for c in range(width)]
+    frames = []
+    for epoch, logits in epochs:
+        for split, (idx, labels) in splits.items():
+            z = np.asarray(logits[split], dtype=np.float32).reshape(len(logits[split]), -1)
+            if z.shape != (len(idx), width):
+                raise ValueError(f"{task.name}/{split}: logits of shape {z.shape}, expected ({len(idx)}, {width})")
+            df = pd.DataFrame({"epoch": np.full(len(idx), epoch, dtype=np.int16), "split": split,
+                               "idx": np.asarray(idx, dtype=np.int64)})
+            if task.is_regression:
+                df["label"] = np.asarray(labels, dtype=np.float32)
+                df["prediction"] = z[:, 0]
+            else:
+                df["label"] = np.asarray(labels).astype(np.int8)
+                df["prediction"] = z.argmax(axis=1).astype(np.int8)
+            for c, name in enumerate(out_cols):
+                df[name] = z[:, c]
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
+            PREDICTION_COLUMNS + out_cols,
+            ["int16", "object", "int64", "float32" if task.is_regression else "int8",
+             "float32" if task.is_regression else "int8"] + ["float32"] * len(out_cols))})
+    return pd.concat(frames, ignore_index=True)
+
+
 def _with_keys(df: pd.DataFrame, key: RunKey) -> pd.DataFrame:
     df = df.copy()
     for i, (k, v) in enumerate(key.columns().items()):
@@ -260,7 +308,8 @@ def _with_keys(df: pd.DataFrame, key: RunKey) -> pd.DataFrame:
 
 
 def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter: dict[str, torch.Tensor],
-              curve: list[dict], ranks: pd.DataFrame | None, gradrows: list[tuple]) -> dict[str, Any]:
+              curve: list[dict], ranks: pd.DataFrame | None, gradrows: list[tuple],
+              predictions: pd.DataFrame | None = None) -> dict[str, Any]:
     """Write every run file into ``out_dir`` (``metrics.parquet`` last).
 
     Args:
@@ -268,6 +317,7 @@ def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter:
         adapter: tensors for ``adapter.safetensors`` (the method's :meth:`state_to_save`).
         curve: ``curve.parquet`` rows. ranks: the method's ``ranks`` table (``None``: zero rows).
         gradrows: ``(step, group, layer, grad_norm)`` tuples for ``gradnorms.parquet``.
+        predictions: ``predictions.parquet`` rows (:func:`prediction_frame`; ``None``: zero rows).
 
     Returns:
         The row as written, without the key columns: ``row`` plus ``adapter_bytes`` (size of
@@ -281,5 +331,7 @@ def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter:
     write_table(_with_keys(ranks if ranks is not None else pd.DataFrame(columns=RANKS_COLUMNS), key),
                 out_dir / RUN_FILES["ranks"])
     write_table(_with_keys(pd.DataFrame(gradrows, columns=GRADNORM_COLUMNS), key), out_dir / RUN_FILES["gradnorms"])
+    write_table(_with_keys(predictions if predictions is not None else pd.DataFrame(columns=PREDICTION_COLUMNS), key),
+                out_dir / RUN_FILES["predictions"])
     write_table(pd.DataFrame([{**key.columns(), **row}]), out_dir / RUN_FILES["metrics"])
     return row

@@ -52,8 +52,12 @@ class Recipe:
         log_gradnorms: log per-group gradient norms (``gradnorms.parquet``); ``None`` = the
             method's default.
         max_train_samples: cap on training examples (a fixed subset, the same for every seed and
-            method); ``None`` uses all.
+            method unless ``resample_per_seed``); ``None`` uses all.
         max_eval_samples: cap on examples per dev split (fixed subset); ``None`` uses all.
+        resample_per_seed: draw the capped training subset with the run's seed instead of seed 0,
+            so seeds differ in their training data too (Bouthillier et al. 2021, "Accounting for
+            Variance in Machine Learning Benchmarks", arXiv:2103.03098); every method of one seed
+            still sees the same subset (paired). No effect without ``max_train_samples``.
         method_options: the method's options (``method_options.<name>``, defaults filled in).
     """
 
@@ -66,6 +70,7 @@ class Recipe:
     log_gradnorms: bool | None
     max_train_samples: int | None
     max_eval_samples: int | None
+    resample_per_seed: bool
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -177,7 +182,8 @@ class Runtime:
 
 #: Recipe keys of ``training.*`` layers that belong to the tracked :class:`Recipe`.
 RECIPE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Recipe)
-                                     if f.name not in ("max_train_samples", "max_eval_samples", "method_options"))
+                                     if f.name not in ("max_train_samples", "max_eval_samples", "resample_per_seed",
+                                                       "method_options"))
 #: Keys of the untracked :class:`Runtime`: the speed and logging knobs of the ``training.*``
 #: layers, and ``tracking`` (the config's top-level ``tracking:`` section, which the schema does
 #: not allow inside a layer).

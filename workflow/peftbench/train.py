@@ -14,7 +14,9 @@ Outputs of one run (all written atomically) in ``out_dir``: :data:`peftbench.voc
 (``metrics.parquet``: one row, see :func:`run`; ``curve.parquet``: step, epoch, kind (train/eval),
 loss, lr, dev metrics per evaluation; ``adapter.safetensors``: the method's
 :meth:`~peftbench.methods.base.Method.state_to_save`; ``ranks.parquet``: per-module rank/gates
-where the method reports them; ``gradnorms.parquet``: per-group gradient norms when logging is on).
+where the method reports them; ``gradnorms.parquet``: per-group gradient norms when logging is on;
+``predictions.parquet``: every dev example's label, prediction and logits at the final and the best
+epoch, :func:`peftbench.outputs.prediction_frame`).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from .metrics import compute_metrics
 from .models import (backbone_param_count, embedding_param_count, find_targets, head_module_names, is_head_param,
                      load_classifier)
 from .optim import optimizer_factory, rebuild_optimizer, warmup_steps
-from .outputs import PROTOCOL, gradnorm_columns, metric_columns, peak_mem_mib, provenance, write_run
+from .outputs import (PROTOCOL, gradnorm_columns, metric_columns, peak_mem_mib, prediction_frame, provenance,
+                      write_run)
 from .recipe import Recipe, Runtime
 from .runkey import RunKey
 from .tracking import mirror_finished_run
@@ -118,7 +121,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     np.random.seed(key.seed)
 
     # data: the capped training subset (optionally length-bucketed) and every dev split
-    train = TokenizedSplit(train_path, recipe.max_train_samples)
+    train = TokenizedSplit(train_path, recipe.max_train_samples, subset_seed=train_subset_seed(recipe, key.seed))
     if runtime.length_buckets:
         train.set_buckets(train.bucket_widths(runtime.length_buckets))
         log.info("length buckets (tokens): %s", train.buckets)
@@ -171,12 +174,32 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
                   compiled=forward is not model, compile_note=compile_note)
     row.update(provenance(model_spec, train_path, dev_paths, dev))
     row.update(extra_columns or {})
+    preds = prediction_table(task, devs, progress, error)
     row = write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
-                    ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows)
+                    ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows, predictions=preds)
     mirror_finished_run(runtime.tracking, key, recipe, row, progress.curve, str(out_dir))
     if ckpt is not None and error is None and not runtime.keep_checkpoints:
         ckpt.remove()
     return {**key.columns(), **row}
+
+
+def train_subset_seed(recipe: Recipe, seed: int) -> int:
+    """Seed of the capped training subset (:class:`peftbench.batches.TokenizedSplit`): the run's
+    seed with ``recipe.resample_per_seed`` (Bouthillier et al. 2021, arXiv:2103.03098: the seed
+    variance then includes data sampling), else 0 (one subset for the whole grid)."""
+    return int(seed) if recipe.resample_per_seed else 0
+
+
+def prediction_table(task: TaskSpec, devs: dict[str, TokenizedSplit], p: Progress, error: str | None):
+    """The run's ``predictions.parquet`` (:func:`peftbench.outputs.prediction_frame`): every dev
+    example at the final epoch (the ``dev_*`` metrics) and, when it differs, at the first best
+    epoch (``best_dev_*``); no rows for a failed run (its metrics are NaN)."""
+    epochs = []
+    if error is None and p.logits_last is not None:
+        epochs.append(p.logits_last[:2])
+        if p.logits_best is not None and p.logits_best[0] != p.logits_last[0]:
+            epochs.append(p.logits_best[:2])
+    return prediction_frame(task, {s: (d.idx, d.labels.numpy()) for s, d in devs.items()}, epochs)
 
 
 def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: Recipe, p: Progress,
@@ -398,13 +421,17 @@ class Loop:
 
     def _evaluate(self, p: Progress, epoch: int) -> None:
         t1 = time.perf_counter()
-        m = evaluate(self.model, self.method, self.task, self.devs, self.device, self.runtime.eval_batch_size,
-                     self.autocast)
+        m, logits = evaluate(self.model, self.method, self.task, self.devs, self.device,
+                             self.runtime.eval_batch_size, self.autocast)
         t2 = time.perf_counter()
         p.eval_s += t2 - t1
         self.clock.evaluated(t2 - t1, p.seen)
         p.evals.append(m)
         main = self.task.main_metric
+        # logits of the final epoch (so far: this one) and of the first best epoch (dev_* / best_dev_*)
+        p.logits_last = (epoch + 1, logits)
+        if p.logits_best is None or m[main] > p.logits_best[2]:
+            p.logits_best = (epoch + 1, logits, m[main])
         p.curve.append({"step": self.state.step, "epoch": float(epoch + 1), "kind": "eval",
                         "lr": self.state.scheduler.get_last_lr()[0], "dev_main": m[main],
                         **{f"dev_{k}": v for k, v in m.items()}})
@@ -467,14 +494,20 @@ class ProgressClock:
 
 @torch.no_grad()
 def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], device: torch.device,
-             batch_size: int, autocast: bool) -> dict[str, float]:
-    """Metrics on every dev split (see :func:`peftbench.metrics.compute_metrics`).
+             batch_size: int, autocast: bool) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Metrics on every dev split (see :func:`peftbench.metrics.compute_metrics`) and the logits
+    they were computed from.
 
     Logits stay on the device until the split is done; metrics are computed once per split.
+
+    Returns:
+        ``(metrics, logits)``: ``{metric_name: value}`` over all splits, and ``{split: (n, C)
+        float32 array}`` (``C = num_labels``; STS-B ``(n, 1)`` scores) in the split's row order.
     """
     model.eval()
     method.on_eval_start(model)
     out: dict[str, float] = {}
+    logits_by_split: dict[str, np.ndarray] = {}
     for name, split in splits.items():
         logits = []
         for start in range(0, len(split), batch_size):
@@ -483,10 +516,12 @@ def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], d
             b.pop("labels")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits.append(model(**b).logits.float())
-        out.update(compute_metrics(task, torch.cat(logits).cpu().numpy(), split.labels.numpy(), name))
+        arr = torch.cat(logits).cpu().numpy().astype(np.float32)
+        logits_by_split[name] = arr
+        out.update(compute_metrics(task, arr, split.labels.numpy(), name))
     method.on_eval_end(model)
     model.train()
-    return out
+    return out, logits_by_split
 
 
 def _grad_group(name: str) -> tuple[str, int]:

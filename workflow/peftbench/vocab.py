@@ -9,8 +9,11 @@ own list:
 - :data:`METRICS`: metric names (the field's standard ones, used unchanged as column names
   ``dev_<metric>``), their display label, short name and scale (stored as fractions, shown ×100);
 - :data:`RUN_STATUSES`: what a row of ``runs.parquet`` can say about its run;
-- :data:`RUN_FILES`: the files of one run directory (``metrics.parquet`` last: the completion marker);
+- :data:`RUN_FILES`: the files of one run directory (``predictions.parquet``: every dev example's
+  label, prediction and logits; ``metrics.parquet`` last: the completion marker);
 - :data:`TABLES`: the aggregated tables under ``results/tables``;
+- :data:`OOD_SETS`, :data:`OOD_MAPS`: out-of-distribution sets and, per (training task, OOD
+  set), how their label spaces are scored;
 - :data:`PROVENANCE`: the columns of a run row that say what code, model, data, software and
   machine produced it;
 - :data:`GRAD_GROUPS`, :data:`GRAD_TOTAL`: the parameter groups of the gradient-norm logs and their union;
@@ -169,6 +172,80 @@ def order_tasks(tasks) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Out-of-distribution (OOD) evaluation sets
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OODSet:
+    """One OOD evaluation set (the ``evaluate_ood`` stage, :mod:`peftbench.ood`).
+
+    Attributes:
+        name: the key of ``ood.sets.<task>`` lists (``anli_r1`` …).
+        label: display name.
+        hub_id, hub_config, split: where ``datasets.load_dataset`` finds it.
+        local: file name under a local mirror (``data.anli_dir``) or ``None`` (hub only).
+        text_columns: the premise/hypothesis columns, tokenised as a pair.
+        classes: the set's own gold label names, by class id.
+        licence: the data licence.
+    """
+
+    name: str
+    label: str
+    hub_id: str
+    hub_config: str | None
+    split: str
+    local: str | None
+    text_columns: tuple[str, ...]
+    classes: tuple[str, ...]
+    licence: str
+
+
+_ANLI = ("entailment", "neutral", "contradiction")
+#: Every OOD set. ANLI: Nie et al. 2020, "Adversarial NLI", arXiv:1910.14599 (rounds r1–r3, dev);
+#: HANS: McCoy et al. 2019, "Right for the Wrong Reasons", arXiv:1902.01007 (hub only).
+OOD_SETS: dict[str, OODSet] = {o.name: o for o in (
+    *(OODSet(f"anli_r{r}", f"ANLI R{r}", "facebook/anli", None, f"dev_r{r}", f"dev_r{r}.parquet",
+             ("premise", "hypothesis"), _ANLI, "CC BY-NC 4.0") for r in (1, 2, 3)),
+    OODSet("hans", "HANS", "jhu-cogsci/hans", None, "validation", None, ("premise", "hypothesis"),
+           ("entailment", "non-entailment"), "see the jhu-cogsci/hans dataset card"),
+)}
+
+
+@dataclass(frozen=True)
+class OODMap:
+    """How a model trained on ``train_task`` is scored on ``ood_set``: both label spaces are
+    mapped onto ``classes`` (the scored classes), gold labels by ``gold``, the model's argmax
+    class by ``pred``; accuracy is computed there.
+
+    Attributes:
+        classes: names of the scored classes, by id.
+        gold: OOD gold class id -> scored class id (every class of the set).
+        pred: training-task class id -> scored class id (every class of the task).
+        note: why the mapping is a fair proxy.
+    """
+
+    train_task: str
+    ood_set: str
+    classes: tuple[str, ...]
+    gold: dict[int, int]
+    pred: dict[int, int]
+    note: str
+
+
+#: The one table of label-space mappings, per (training task, OOD set). RTE: 0 entailment,
+#: 1 not_entailment; ANLI: 0 entailment, 1 neutral, 2 contradiction (neutral and contradiction
+#: are not-entailment: a documented proxy); MNLI: 0 entailment, 1 neutral, 2 contradiction;
+#: HANS: 0 entailment, 1 non-entailment (McCoy et al. 2019 score MNLI models the same way).
+OOD_MAPS: dict[tuple[str, str], OODMap] = {(m.train_task, m.ood_set): m for m in (
+    *(OODMap("rte", f"anli_r{r}", ("entailment", "not_entailment"), {0: 0, 1: 1, 2: 1}, {0: 0, 1: 1},
+             "proxy: ANLI neutral and contradiction scored as RTE not_entailment") for r in (1, 2, 3)),
+    OODMap("mnli", "hans", ("entailment", "non-entailment"), {0: 0, 1: 1}, {0: 0, 1: 1, 2: 1},
+           "MNLI neutral and contradiction predictions scored as HANS non-entailment"),
+)}
+
+
+# ------------------------------------------------------------------------------------------------
 # Runs and their files
 # ------------------------------------------------------------------------------------------------
 
@@ -187,22 +264,30 @@ RUN_FILES: dict[str, str] = {
     "adapter": "adapter.safetensors",
     "ranks": "ranks.parquet",
     "gradnorms": "gradnorms.parquet",
+    "predictions": "predictions.parquet",
     "metrics": "metrics.parquet",
 }
 
-#: Aggregated tables under ``results/tables`` (key -> file name); the first four are concatenated
-#: run files (``runs`` from ``metrics``), the next two are written by the significance stage, and
-#: ``trials`` (every trial of every tuning study, :func:`peftbench.tuning.collect_trials`) by the
-#: ``tuning_table`` rule.
+#: Aggregated tables under ``results/tables`` (key -> file name); the first five are concatenated
+#: run files (``runs`` from ``metrics``; :data:`TABLE_SOURCES`), ``significance``,
+#: ``method_stats`` and ``example_significance`` are written by the significance stage, ``ood`` by
+#: the ``aggregate_ood`` rule (from every run's :data:`OOD_FILE`), and ``trials`` (every trial of
+#: every tuning study, :func:`peftbench.tuning.collect_trials`) by the ``tuning_table`` rule.
 TABLES: dict[str, str] = {
     "runs": "runs.parquet",
     "curves": "curves.parquet",
     "ranks": "ranks.parquet",
     "gradnorms": "gradnorms.parquet",
+    "predictions": "predictions.parquet",
     "significance": "significance.parquet",
     "method_stats": "method_stats.parquet",
     "trials": "trials.parquet",
+    "example_significance": "example_significance.parquet",
+    "ood": "ood.parquet",
 }
+
+#: The ``evaluate_ood`` rule's file in a run directory (OOD accuracy per configured set).
+OOD_FILE = "ood.parquet"
 
 #: Packages whose version every run row records (``<package>_version``; ``python_version`` too).
 VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "transformers", "peft", "peftbench")
@@ -225,7 +310,8 @@ PROVENANCE: dict[str, str] = {
 }
 
 #: Which run file each concatenated table collects.
-TABLE_SOURCES: dict[str, str] = {"runs": "metrics", "curves": "curve", "ranks": "ranks", "gradnorms": "gradnorms"}
+TABLE_SOURCES: dict[str, str] = {"runs": "metrics", "curves": "curve", "ranks": "ranks", "gradnorms": "gradnorms",
+                                 "predictions": "predictions"}
 
 #: Parameter groups of the gradient-norm logs, in display order: embeddings (word, position, type
 #: and relative-position embeddings, their LayerNorm), attention and mlp (everything inside an encoder

@@ -40,9 +40,11 @@ ANALYSIS_STATS = shlex.join(
 rule significance:
     input:
         runs=table_path("runs"),
+        predictions=table_path("predictions"),
     output:
         table=table_path("significance"),
         stats=table_path("method_stats"),
+        examples=table_path("example_significance"),
     log:
         "results/logs/significance.log",
     benchmark:
@@ -55,7 +57,8 @@ rule significance:
         stats=ANALYSIS_STATS,
     shell:
         "python -m peftbench significance --runs {input.runs} --out {output.table} "
-        "--stats-out {output.stats} --reference {params.reference} {params.all_pairs} "
+        "--stats-out {output.stats} --predictions {input.predictions} --examples-out {output.examples} "
+        "--reference {params.reference} {params.all_pairs} "
         "{params.stats} > {log} 2>&1"
 
 

@@ -4,6 +4,8 @@ Modules:
     significance: seed-paired method comparisons (bootstrap CI, paired t-test, Wilcoxon,
         Cohen's d, Holm–Bonferroni) and per-method statistics, including the GLUE average
         (rows with ``task == "glue_avg"``), from ``results/tables/runs.parquet``.
+    examples: example-level tests from ``results/tables/predictions.parquet`` (hierarchical
+        bootstrap over seeds and dev examples, McNemar per seed, Almost Stochastic Order).
     plots: one function per figure (glue, task, pareto, cost, curves, ranks, spectrum,
         gradnorms), each returning Matplotlib figures and writing a PDF plus a PNG.
     summary: ``results/comparison/summary.md``.
@@ -24,6 +26,8 @@ Outputs of the ``significance`` sub-command:
     ``results/tables/method_stats.parquet``: one row per ``(model, task, budget, method)`` with
         seed counts, mean, SD and bootstrap CI; ``task == "glue_avg"`` rows are the GLUE average
         per method per ``(model, budget)``.
+    ``results/tables/example_significance.parquet`` (with ``--predictions``): one row per
+        example-level test (:data:`peftbench.analysis.examples.EXAMPLE_COLUMNS`).
 
 Importing this package does not import plotting; import the sub-modules you need.
 """

@@ -160,6 +160,14 @@ def cmd_significance(args: argparse.Namespace) -> int:
         print(f"warning: reference method {args.reference!r} has no runs in {args.runs}; "
               "every comparison has n = 0", file=sys.stderr)
     print(f"wrote {out} ({len(sig)} comparisons) and {stats_out} ({len(stats_)} method rows)")
+    if getattr(args, "predictions", None) is not None:
+        from .examples import example_significance, read_predictions
+
+        ex_out = Path(args.examples_out) if getattr(args, "examples_out", None) else out.with_name(TABLES["example_significance"])
+        ex = example_significance(runs, read_predictions(args.predictions), reference=args.reference, opts=opts)
+        ex_out.parent.mkdir(parents=True, exist_ok=True)
+        ex.to_parquet(ex_out, index=False)
+        print(f"wrote {ex_out} ({len(ex)} example-level tests)")
     return 0
 
 
@@ -269,6 +277,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help=f"output {TABLES['significance']}")
     p.add_argument("--stats-out", type=Path, default=None,
                    help=f"output per-method statistics (default: {TABLES['method_stats']} beside --out)")
+    p.add_argument("--predictions", type=Path, default=None,
+                   help=f"{table_path('predictions')}: also write the example-level tests "
+                        f"(hierarchical bootstrap, McNemar, ASO; peftbench.analysis.examples)")
+    p.add_argument("--examples-out", type=Path, default=None,
+                   help=f"output example-level tests (default: {TABLES['example_significance']} beside --out)")
     p.add_argument("--reference", default=defaults["reference_method"],
                    help="reference method (default %(default)s)")
     p.add_argument("--all-pairs", action=argparse.BooleanOptionalAction, default=defaults["all_pairs"],

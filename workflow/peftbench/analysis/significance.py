@@ -415,27 +415,23 @@ def _is_full(value) -> bool:
 # --------------------------------------------------------------------------------------------
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
-    """Holm–Bonferroni step-down adjusted p-values (Holm 1979).
+    """Holm–Bonferroni step-down adjusted p-values (Holm 1979), computed by
+    ``statsmodels.stats.multitest.multipletests(method="holm")``.
 
     With the m non-NaN p-values sorted ascending, ``p_(1) <= … <= p_(m)``:
     ``adj_(i) = min(1, max_{j <= i} (m − j + 1) · p_(j))``. The adjusted values are returned in
-    the input order; NaN inputs stay NaN and do not count towards m.
+    the input order; NaN inputs stay NaN and do not count towards m (statsmodels would propagate
+    them, so they are left out before the call).
 
     Example: ``holm([0.01, 0.04, 0.03, 0.005])`` → ``[0.03, 0.06, 0.06, 0.02]``.
     """
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(pvalues, dtype=float)
     out = np.full(p.shape, np.nan)
     ok = ~np.isnan(p)
-    m = int(ok.sum())
-    if m == 0:
-        return out
-    pv = p[ok]
-    order = np.argsort(pv, kind="stable")
-    adj = (m - np.arange(m)) * pv[order]
-    adj = np.minimum(np.maximum.accumulate(adj), 1.0)
-    res = np.empty(m)
-    res[order] = adj
-    out[ok] = res
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
     return out
 
 
