@@ -23,8 +23,8 @@ include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/tune.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
-include: "workflow/rules/analysis.smk"
 include: "workflow/rules/ood.smk"
+include: "workflow/rules/analysis.smk"
 
 
 rule all:

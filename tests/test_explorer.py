@@ -206,3 +206,26 @@ def test_page_in_headless_chromium(tables, tmp_path):
                     f"--screenshot={shot}", url)
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr[-3000:]
     print(f"explorer screenshot: {shot}")
+
+
+def test_ood_accuracies_become_y_axes():
+    """tables/ood.parquet (one row per run and OOD set) joins the runs as ood_<set>_accuracy."""
+    from peftbench.analysis.explorer import payload, with_ood_columns
+    from peftbench.analysis.significance import validate_runs
+
+    runs = validate_runs(make_runs())
+    ok = runs[(runs.status == "ok") & (runs.task == "rte")]
+    ood = pd.DataFrame([{**{k: r[k] for k in ("model", "task", "method", "budget", "seed")}, "ood_set": s,
+                         "accuracy": 0.4 + 0.01 * i + (0.05 if s == "anli_r2" else 0.0)}
+                        for i, (_, r) in enumerate(ok.iterrows()) for s in ("anli_r1", "anli_r2")])
+    wide = with_ood_columns(runs, ood)
+    assert len(wide) == len(runs)
+    rte = wide[(wide.status == "ok") & (wide.task == "rte")].reset_index(drop=True)
+    np.testing.assert_allclose(rte["ood_anli_r1_accuracy"], 0.4 + 0.01 * np.arange(len(rte)))
+    assert wide.loc[wide.task == "cola", "ood_anli_r1_accuracy"].isna().all()
+    d = payload(wide)
+    ys = [a["column"] for a in d["y_axes"]]
+    assert ys[-2:] == ["ood_anli_r1_accuracy", "ood_anli_r2_accuracy"]
+    assert with_ood_columns(runs, None) is runs
+    with pytest.raises(ValueError, match="missing column"):
+        with_ood_columns(runs, ood.drop(columns=["accuracy"]))

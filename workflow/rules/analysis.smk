@@ -119,6 +119,8 @@ rule explorer:
     input:
         runs=table_path("runs"),
         significance=table_path("significance"),
+        # OOD accuracies (y axes ood_<set>_accuracy) when ood.sets names sets for a grid task
+        ood=[table_path("ood")] if ood_files() else [],
     output:
         html=report(
             "results/comparison/explorer.html",
@@ -134,6 +136,7 @@ rule explorer:
     params:
         reference=ANALYSIS["reference_method"],
         value=ANALYSIS["value"],
+        ood=lambda w, input: f"--ood {input.ood}" if input.ood else "",
     shell:
         "python -m peftbench explorer --runs {input.runs} --significance {input.significance} "
-        "--reference {params.reference} --value {params.value} --out {output.html} > {log} 2>&1"
+        "--reference {params.reference} --value {params.value} {params.ood} --out {output.html} > {log} 2>&1"

@@ -58,7 +58,8 @@ def _hint(key: str) -> str:
     """How to (re)create input ``key``, for error messages."""
     if key == SPECTRUM:
         return "it is written by the svd rule: `snakemake results/svd/<model>/spectrum.parquet`"
-    rule = "aggregate" if key in TABLE_SOURCES else "tuning_table" if key == "trials" else "significance"
+    rule = ("aggregate" if key in TABLE_SOURCES else "tuning_table" if key == "trials"
+            else "aggregate_ood" if key == "ood" else "significance")
     return f"it is written by the {rule} rule: `snakemake {table_path(key)}`"
 
 
@@ -246,6 +247,11 @@ def cmd_explorer(args: argparse.Namespace) -> int:
     sig = (read_table(args.significance, ("model", "task", "budget", "method", "baseline", "reference"),
                       hint=_hint("significance")) if args.significance else None)
     sources = {"runs": str(args.runs), **({"significance": str(args.significance)} if args.significance else {})}
+    if args.ood:
+        from .explorer import with_ood_columns
+
+        runs = with_ood_columns(runs, read_table(args.ood, hint=_hint("ood")))
+        sources["ood"] = str(args.ood)
     out = write_explorer(runs, sig, args.out, args.reference, args.value, sources)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(runs)} runs)")
     return 0
@@ -322,6 +328,8 @@ def register(subparsers) -> None:
     p.add_argument("--significance", type=Path, default=None,
                    help=f"{TABLES['significance']} (comparison with the reference; omit: no comparison columns)")
     p.add_argument("--reference", default=None, help="reference method (default: from --significance)")
+    p.add_argument("--ood", type=Path, default=None,
+                   help=f"{TABLES['ood']} (the evaluate_ood stage): OOD accuracies become y axes ood_<set>_accuracy")
     p.add_argument("--value", default=defaults["value"], choices=["dev_main", "best_dev_main"],
                    help="the analysis value column: the default y axis (default %(default)s)")
     p.add_argument("--out", required=True, type=Path, help="output HTML file")

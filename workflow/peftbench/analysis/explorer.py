@@ -274,6 +274,31 @@ def render_page(data: dict[str, Any], plotly_js: str | None = None) -> str:
             .replace("%%APP%%", _script_safe(_APP_JS)))
 
 
+def with_ood_columns(runs: pd.DataFrame, ood: pd.DataFrame | None) -> pd.DataFrame:
+    """``runs`` with one ``ood_<set>_accuracy`` column per OOD set of ``tables/ood.parquet`` (the
+    ``evaluate_ood`` stage: one row per run and set), joined on the run key; runs without an OOD
+    row get NaN. ``ood`` None or empty: ``runs`` unchanged.
+
+    Raises:
+        ValueError: the OOD table lacks the run key, ``ood_set`` or ``accuracy``.
+    """
+    if ood is None or ood.empty:
+        return runs
+    from ..runkey import KEY_COLUMNS
+
+    need = [*KEY_COLUMNS, "ood_set", "accuracy"]
+    missing = [c for c in need if c not in ood.columns]
+    if missing:
+        raise ValueError(f"OOD table: missing column(s) {missing}; it is written by the aggregate_ood rule")
+    keys = list(KEY_COLUMNS)
+    o = ood.copy()
+    for k in keys:  # the same dtypes as the runs table (budget tokens, int seeds)
+        o[k] = o[k].astype(runs[k].dtype) if k in runs.columns else o[k]
+    wide = o.pivot_table(index=keys, columns="ood_set", values="accuracy", aggfunc="first")
+    wide.columns = [f"ood_{s}_accuracy" for s in wide.columns]
+    return runs.merge(wide.reset_index(), on=keys, how="left")
+
+
 def write_explorer(runs: pd.DataFrame, significance: pd.DataFrame | None, out: str | Path,
                    reference: str | None = None, value: str = "dev_main",
                    sources: dict[str, str] | None = None) -> Path:
