@@ -1,4 +1,5 @@
 # Shared helpers: the package on PYTHONPATH, the config check, the run grid and input functions.
+import json
 import os
 import shlex
 import sys
@@ -17,7 +18,8 @@ from peftbench.budget import TOKEN_REGEX
 from peftbench.methods import method_info
 from peftbench.runkey import RUN_PATTERN, RunKey
 from peftbench.analysis.cli import table_path
-from peftbench.vocab import RUN_FILES, TABLE_SOURCES, TUNING_PLOTS, get_task
+from peftbench.tuning import Settings, space_for, space_json
+from peftbench.vocab import OOD_FILE, RUN_FILES, TABLE_SOURCES, TUNING_PLOTS, get_task
 
 # Snakemake 9 hands nested --config values over as strings; coerce them, validate against the
 # schema (the only place defaults live), check what a schema cannot (methods, tasks, options).
@@ -100,7 +102,9 @@ def train_inputs(w):
     if method_info(w.method).uses_svd:
         inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
     if TUNING["enabled"]:
-        inputs["tuned"] = TUNE_DIR.format(**tune_wildcards(w)) + "/best.yaml"
+        inputs["tuned"] = os.path.join(
+            TUNE_DIR.format(**tune_wildcards(w)), "best.yaml"
+        )
     return inputs
 
 
@@ -140,3 +144,86 @@ def train_recipe(w):
 def train_runtime(w):
     """The run's speed-only knobs as JSON, untracked (changing them reruns nothing)."""
     return Untracked(pbconfig.runtime_for(config, w.task, w.method).to_json())
+
+
+# -- tuning stage (rules/tune.smk) --------------------------------------------------------
+
+
+def tune_settings(w):
+    """Tracked tuning settings as JSON (trials_per_job is untracked: it only splits the work)."""
+    s = Settings.from_dict(TUNING)
+    return json.dumps(
+        {k: v for k, v in json.loads(s.to_json()).items() if k != "trials_per_job"},
+        sort_keys=True,
+    )
+
+
+def tune_inputs(w):
+    """The tokenised training split (the held-out rows are carved from it), plus the SVD factors."""
+    inputs = {"train": f"results/data/{w.model}/{w.task}/train.parquet"}
+    if method_info(w.method).uses_svd:
+        inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
+    return inputs
+
+
+def tune_args(w, input):
+    svd = f" --svd {input.svd}" if method_info(w.method).uses_svd else ""
+    den = (
+        f" --budget-denominator {GRID['budget_denominator']}"
+        if RunKey.of(w.model, w.task, w.method, w.budget, 0).budget.is_pct
+        else ""
+    )
+    per_job = TUNING["trials_per_job"]
+    return svd + den + (f" --trials-per-job {per_job}" if per_job else "")
+
+
+def study_dirs():
+    """Every tuning study of the grid (none when tuning is off)."""
+    if not TUNING["enabled"]:
+        return []
+    return sorted(
+        {
+            TUNE_DIR.format(
+                model=k.model, task=k.task, method=k.method, budget=k.budget_token
+            )
+            for k in run_keys()
+        }
+    )
+
+
+# -- OOD stage (rules/ood.smk) --------------------------------------------------------------
+
+
+def ood_sets(task):
+    """OOD sets configured for `task` (ood.sets.<task>; empty: no OOD job)."""
+    return list(config["ood"]["sets"].get(task, []))
+
+
+def ood_files():
+    """The ood.parquet of every run whose task has OOD sets."""
+    return [f"{k.run_dir()}/{OOD_FILE}" for k in run_keys() if ood_sets(k.task)]
+
+
+def ood_inputs(w):
+    """The trained run (adapter, metrics), plus the SVD factors for methods that use them."""
+    run = wildcard_key(w).run_dir()
+    inputs = {
+        "adapter": f"{run}/{RUN_FILES['adapter']}",
+        "metrics": f"{run}/{RUN_FILES['metrics']}",
+        # the main dev split: the stage re-scores it to check the reloaded model is the trained one
+        "dev": f"results/data/{w.model}/{w.task}/{eval_splits(w.task)[0]}.parquet",
+    }
+    if method_info(w.method).uses_svd:
+        inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
+    return inputs
+
+
+def ood_args(w, input):
+    """`--sets`, `--anli-dir`, `--svd` and `--budget-denominator` of one OOD job."""
+    anli = config["data"]["anli_dir"]
+    args = "--sets " + " ".join(ood_sets(w.task))
+    args += f" --anli-dir {shlex.quote(anli)}" if anli else ""
+    args += f" --svd {input.svd}" if method_info(w.method).uses_svd else ""
+    if wildcard_key(w).budget.is_pct:
+        args += f" --budget-denominator {GRID['budget_denominator']}"
+    return args

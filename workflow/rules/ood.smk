@@ -1,42 +1,6 @@
 # OOD stage: every finished run of a task with `ood.sets.<task>` in the config is scored on those
 # sets (peftbench.ood; label spaces mapped by peftbench.vocab.OOD_MAPS, checked when the config is
 # validated), then the per-run ood.parquet files are collected into results/tables/ood.parquet.
-from peftbench.vocab import OOD_FILE
-
-
-def ood_sets(task):
-    """OOD sets configured for `task` (ood.sets.<task>; empty: no OOD job)."""
-    return list(config["ood"]["sets"].get(task, []))
-
-
-def ood_files():
-    """The ood.parquet of every run whose task has OOD sets."""
-    return [f"{k.run_dir()}/{OOD_FILE}" for k in run_keys() if ood_sets(k.task)]
-
-
-def ood_inputs(w):
-    """The trained run (adapter, metrics), plus the SVD factors for methods that use them."""
-    run = wildcard_key(w).run_dir()
-    inputs = {
-        "adapter": f"{run}/{RUN_FILES['adapter']}",
-        "metrics": f"{run}/{RUN_FILES['metrics']}",
-        # the main dev split: the stage re-scores it to check the reloaded model is the trained one
-        "dev": f"results/data/{w.model}/{w.task}/{eval_splits(w.task)[0]}.parquet",
-    }
-    if method_info(w.method).uses_svd:
-        inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
-    return inputs
-
-
-def ood_args(w, input):
-    """`--sets`, `--anli-dir`, `--svd` and `--budget-denominator` of one OOD job."""
-    anli = config["data"]["anli_dir"]
-    args = "--sets " + " ".join(ood_sets(w.task))
-    args += f" --anli-dir {shlex.quote(anli)}" if anli else ""
-    args += f" --svd {input.svd}" if method_info(w.method).uses_svd else ""
-    if wildcard_key(w).budget.is_pct:
-        args += f" --budget-denominator {GRID['budget_denominator']}"
-    return args
 
 
 rule evaluate_ood:

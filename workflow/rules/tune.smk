@@ -6,53 +6,9 @@
 # The journal (journal.log) is not an output: Snakemake deletes a failed job's outputs, never it,
 # so a killed job, or one that stopped after tuning.trials_per_job trials (it exits non-zero, saying
 # so), resumes from it when run again (--retries N runs the rest in one invocation).
+# Its input functions live in common.smk.
 # Tracked params: the base recipe, the search space and the settings that change a result, so
 # editing a method's space reruns exactly that method's studies and, through best.yaml, its runs.
-import json
-
-from peftbench.tuning import Settings, space_for, space_json
-
-
-def tune_settings(w):
-    """Tracked tuning settings as JSON (trials_per_job is untracked: it only splits the work)."""
-    s = Settings.from_dict(TUNING)
-    return json.dumps(
-        {k: v for k, v in json.loads(s.to_json()).items() if k != "trials_per_job"},
-        sort_keys=True,
-    )
-
-
-def tune_inputs(w):
-    """The tokenised training split (the held-out rows are carved from it), plus the SVD factors."""
-    inputs = {"train": f"results/data/{w.model}/{w.task}/train.parquet"}
-    if method_info(w.method).uses_svd:
-        inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
-    return inputs
-
-
-def tune_args(w, input):
-    svd = f" --svd {input.svd}" if method_info(w.method).uses_svd else ""
-    den = (
-        f" --budget-denominator {GRID['budget_denominator']}"
-        if RunKey.of(w.model, w.task, w.method, w.budget, 0).budget.is_pct
-        else ""
-    )
-    per_job = TUNING["trials_per_job"]
-    return svd + den + (f" --trials-per-job {per_job}" if per_job else "")
-
-
-def study_dirs():
-    """Every tuning study of the grid (none when tuning is off)."""
-    if not TUNING["enabled"]:
-        return []
-    return sorted(
-        {
-            TUNE_DIR.format(
-                model=k.model, task=k.task, method=k.method, budget=k.budget_token
-            )
-            for k in run_keys()
-        }
-    )
 
 
 rule tuning_table:
