@@ -81,3 +81,17 @@ def recipe_args(recipe: dict) -> list[str]:
 
     rec, rt = split_recipe(recipe)
     return ["--recipe", json.dumps(rec), "--runtime", json.dumps(rt)]
+
+
+def snakemake_run(work: Path, *args: str, check: bool = True):
+    """Run the repo's Snakefile offline in ``work`` with ``work/config.yaml`` (``--cores 2``);
+    ``check`` raises AssertionError with the output tails when it fails."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
+                           "--configfile", str(work / "config.yaml"), "--cores", "2", *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc

@@ -7,26 +7,15 @@ Snakemake 9 passes nested `--config` values as strings; the workflow coerces the
 """
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import snakemake_run as smk
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "results/runs/tiny/stsb/lora/b2/s1/metrics.parquet"
-
-
-def smk(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-                           "--configfile", str(work / "config.yaml"), "--cores", "2", *args],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

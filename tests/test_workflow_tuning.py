@@ -3,27 +3,16 @@ one study per (model, task, method, budget) before train, whose best.yaml the ru
 one method's search space reruns exactly that method's study and runs."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import snakemake_run as smk
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def smk(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-                           "--configfile", str(work / "config.yaml"), "--cores", "2", *args],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def job_counts(proc: subprocess.CompletedProcess) -> dict[str, int]:

@@ -32,6 +32,20 @@ def _split_arg(s: str) -> tuple[str, str]:
     return k, v
 
 
+def _recipe(a: argparse.Namespace):
+    """The tracked recipe of ``--recipe`` JSON (missing keys: schema defaults)."""
+    from .recipe import Recipe
+
+    return Recipe.from_dict(json.loads(a.recipe) if a.recipe else {})
+
+
+def _runtime(a: argparse.Namespace):
+    """The untracked runtime knobs of ``--runtime`` JSON (missing keys: schema defaults)."""
+    from .recipe import Runtime
+
+    return Runtime.from_dict(json.loads(a.runtime) if a.runtime else {})
+
+
 def cmd_svd(a: argparse.Namespace) -> None:
     from .svd import compute_svd
 
@@ -48,19 +62,18 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .recipe import Recipe, Runtime
     from .runkey import RunKey
     from .train import run
 
     key = RunKey.from_args(a)
-    recipe, extra = Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}), None
+    recipe, extra = _recipe(a), None
     if a.tuned:
         from .tuning import apply_best
 
         recipe, extra = apply_best(recipe, a.tuned)
     row = run(key=key, model_spec=a.model, train_path=a.train, dev_paths=dict(a.dev), out_dir=a.out,
               recipe=recipe, extra_columns=extra,
-              runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
+              runtime=_runtime(a),
               svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir,
               budget_denominator=a.budget_denominator)
     print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "status", "metric", "dev_main",
@@ -69,7 +82,6 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_tune(a: argparse.Namespace) -> None:
     from .methods import get_method
-    from .recipe import Recipe, Runtime
     from .tuning import Settings, space_from_json, tune
 
     import dataclasses
@@ -82,8 +94,8 @@ def cmd_tune(a: argparse.Namespace) -> None:
     space = space_from_json(a.space, get_method(a.method).options_cls)
     res = tune(model=a.model_name, model_spec=a.model, task=a.task, method=a.method, budget=a.budget,
                train_path=a.train, out_dir=a.out, storage=a.storage,
-               recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
-               runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
+               recipe=_recipe(a),
+               runtime=_runtime(a),
                settings=settings, space=space, svd_path=a.svd, device=a.device,
                budget_denominator=a.budget_denominator)
     print(json.dumps({k: res[k] for k in ("finished", "target", "complete")}))
@@ -101,13 +113,12 @@ def cmd_tuning_table(a: argparse.Namespace) -> None:
 
 def cmd_evaluate_ood(a: argparse.Namespace) -> None:
     from .ood import evaluate_ood
-    from .recipe import Recipe, Runtime
     from .runkey import RunKey
 
     df = evaluate_ood(key=RunKey.from_args(a), model_spec=a.model, run_dir=a.run_dir, sets=a.sets, out=a.out,
                       max_length=a.max_length, dev_path=a.dev, anli_dir=a.anli_dir,
-                      recipe=Recipe.from_dict(json.loads(a.recipe) if a.recipe else {}),
-                      runtime=Runtime.from_dict(json.loads(a.runtime) if a.runtime else {}),
+                      recipe=_recipe(a),
+                      runtime=_runtime(a),
                       svd_path=a.svd, budget_denominator=a.budget_denominator, device=a.device)
     print(df[["ood_set", "n", "accuracy"]].to_json(orient="records"))
 
@@ -229,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("study_dirs", nargs="*", help="results/tuning/{model}/{task}/{method}/b{budget} directories")
     s.set_defaults(func=cmd_tuning_table)
-
 
     s = sub.add_parser("evaluate-ood", help="score one trained run on out-of-distribution sets (ood.parquet)")
     RunKey.add_arguments(s)
