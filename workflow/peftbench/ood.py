@@ -145,6 +145,7 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
 
     from .io import write_table
     from .models import load_tokenizer
+    from .precision import resolve_precision
     from .recipe import Recipe, Runtime
     from .tokenization import encode_table
     from .train import build_model, evaluate
@@ -178,7 +179,7 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
     if dev_path is not None:
         split_name = task.eval_splits[0]
         metrics, _ = evaluate(model, method, task, {split_name: TokenizedSplit(dev_path, recipe.max_eval_samples)},
-                              dev, runtime.eval_batch_size, dev.type == "cuda")
+                              dev, runtime.eval_batch_size, resolve_precision(recipe.precision, dev) == "bf16")
         reload_main = float(metrics[task.main_metric])
         matches = bool(abs(reload_main - float(m["dev_main"])) <= RELOAD_TOLERANCE)
         if not matches:
@@ -197,7 +198,7 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
             write_table(table, path, metadata={"pad_token_id": int(tok.pad_token_id or 0)})
             split = TokenizedSplit(path)
             _, logits = evaluate(model, method, task, {"validation": split}, dev, runtime.eval_batch_size,
-                                 dev.type == "cuda")
+                                 resolve_precision(recipe.precision, dev) == "bf16")
             acc = score(logits["validation"], df["label"].to_numpy(), mapping)
             log.info("%s on %s (%s): accuracy %.4f over %d examples", key, name, source, acc, len(df))
             rows.append({**key.columns(), "ood_set": name, "train_task": key.task, "n": len(df), "accuracy": acc,

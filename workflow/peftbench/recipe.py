@@ -49,6 +49,8 @@ class Recipe:
         warmup_ratio: fraction of optimizer steps of linear warm-up.
         weight_decay: AdamW decoupled weight decay (not on biases/LayerNorm).
         max_grad_norm: gradient clipping threshold (L2 over all trainable parameters).
+        precision: ``auto`` | ``fp32`` | ``bf16`` (:mod:`peftbench.precision`; ``auto`` resolves per
+            device and the resolved value is recorded per run).
         log_gradnorms: log per-group gradient norms (``gradnorms.parquet``); ``None`` = the
             method's default.
         max_train_samples: cap on training examples (a fixed subset, the same for every seed and
@@ -67,6 +69,7 @@ class Recipe:
     warmup_ratio: float
     weight_decay: float
     max_grad_norm: float
+    precision: str
     log_gradnorms: bool | None
     max_train_samples: int | None
     max_eval_samples: int | None

@@ -7,7 +7,8 @@ followed by :func:`evaluate` on every dev split — and write the outputs
 (:mod:`peftbench.outputs`). Methods plug in through the hooks of
 :class:`peftbench.methods.base.Method`, which :func:`train_step` calls in the documented order.
 
-Precision: bf16 autocast on a GPU, fp32 on a CPU. Batches come from the tokenised Parquet cache
+Precision: the recipe's ``precision`` (:mod:`peftbench.precision`; ``auto``: bf16 autocast on a GPU and on
+a CPU with native bf16 matmul, fp32 otherwise), resolved once per run and recorded. Batches come from the tokenised Parquet cache
 (:mod:`peftbench.batches`), shuffled by the run's seed and padded per batch (or to length buckets).
 
 Outputs of one run (all written atomically) in ``out_dir``: :data:`peftbench.vocab.RUN_FILES`
@@ -38,6 +39,7 @@ from .metrics import compute_metrics
 from .models import (backbone_param_count, embedding_param_count, find_targets, head_module_names, is_head_param,
                      load_classifier)
 from .optim import optimizer_factory, rebuild_optimizer, warmup_steps
+from .precision import resolve_precision
 from .outputs import (PROTOCOL, gradnorm_columns, metric_columns, peak_mem_mib, prediction_frame, provenance,
                       write_run)
 from .recipe import Recipe, Runtime
@@ -100,7 +102,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         budget_pct (budget_params in % of denominator_params), budget_used_params (adapter
         parameters the method counts against the budget: AdaLoRA's final allocation, all adapter
         parameters otherwise),
-        train_s, samples_per_s, eval_s, compile_s, compiled, compile_note, length_buckets,
+        train_s, samples_per_s, eval_s, compile_s, compiled, compile_note, precision (resolved: fp32/bf16), length_buckets,
         peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr, protocol,
         method columns (e.g. rank), the provenance columns of :data:`peftbench.vocab.PROVENANCE`
         (commit, dirty flag, model and data sha256, package versions, device, host; see
@@ -117,6 +119,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     if method_info(key.method).uses_svd and svd_path is None:
         raise ValueError(f"method {key.method} needs the SVD factors (--svd results/svd/{key.model}/factors.safetensors)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(recipe.precision, dev)
     torch.manual_seed(key.seed)
     np.random.seed(key.seed)
 
@@ -156,12 +159,14 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
             if checkpoint_dir else None)
     if ckpt is not None and ckpt.exists() and ckpt.load(model, method, state, gen, progress, new_optimizer):
         log.info("resumed from %s at step %d (epoch %d)", ckpt.path, state.step, progress.epoch)
-    log.info("%s: %d train examples, %d steps (%d per epoch), %d trainable parameters, device %s", key, len(train),
-             total_steps, steps_per_epoch, sum(q.numel() for q in model.parameters() if q.requires_grad), dev)
+    log.info("%s: %d train examples, %d steps (%d per epoch), %d trainable parameters, device %s, %s", key,
+             len(train), total_steps, steps_per_epoch, sum(q.numel() for q in model.parameters() if q.requires_grad),
+             dev, precision)
 
     # the epochs
     loop = Loop(model=model, forward=forward, method=method, task=task, train=train, devs=devs, recipe=recipe,
-                runtime=runtime, state=state, gen=gen, device=dev, ckpt=ckpt, label=str(key), on_eval=on_eval)
+                runtime=runtime, state=state, gen=gen, device=dev, ckpt=ckpt, label=str(key), on_eval=on_eval,
+                precision=precision)
     error = None
     try:
         loop.run(progress)
@@ -171,7 +176,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
 
     # outputs (metrics.parquet last)
     row = run_row(key, task, method, model, backbone, recipe, progress, error, train, devs, dev,
-                  compiled=forward is not model, compile_note=compile_note)
+                  compiled=forward is not model, compile_note=compile_note, precision=precision)
     row.update(provenance(model_spec, train_path, dev_paths, dev))
     row.update(extra_columns or {})
     preds = prediction_table(task, devs, progress, error)
@@ -204,7 +209,7 @@ def prediction_table(task: TaskSpec, devs: dict[str, TokenizedSplit], p: Progres
 
 def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: Recipe, p: Progress,
             error: str | None, train: TokenizedSplit, devs: dict[str, TokenizedSplit], dev: torch.device, *,
-            compiled: bool, compile_note: str) -> dict[str, Any]:
+            compiled: bool, compile_note: str, precision: str = "fp32") -> dict[str, Any]:
     """The ``metrics.parquet`` row of a run (without the key columns; see :func:`run`)."""
     counts = method.param_counts(model)
     budget_count = method.budget_count(model)
@@ -216,7 +221,7 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
         "backbone_params": backbone, "trainable_pct": 100.0 * counts["adapter_params"] / backbone,
         **size.columns(), "budget_used_params": budget_count,
         "train_s": p.train_s, "samples_per_s": (p.seen - p.compile_seen) / max(p.train_s, 1e-9), "eval_s": p.eval_s,
-        "compile_s": p.compile_s, "compiled": compiled, "compile_note": compile_note,
+        "compile_s": p.compile_s, "compiled": compiled, "compile_note": compile_note, "precision": precision,
         "length_buckets": ",".join(map(str, train.buckets)),
         "peak_mem_mib": peak_mem_mib(dev), "steps": int(p.steps), "epochs": recipe.epochs,
         "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),
@@ -319,11 +324,12 @@ class Loop:
     label: str
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     clock: "ProgressClock" = field(default_factory=lambda: ProgressClock())
+    precision: str = "fp32"
 
     @property
     def autocast(self) -> bool:
-        """bf16 autocast on a GPU, fp32 on a CPU."""
-        return self.device.type == "cuda"
+        """bf16 autocast for training and evaluation (the resolved ``precision`` is ``bf16``)."""
+        return self.precision == "bf16"
 
     @property
     def log_gradnorms(self) -> bool:
