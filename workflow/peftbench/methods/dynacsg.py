@@ -95,6 +95,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..budget import BUDGET_TOLERANCE
 from ..models import is_head_param
 from ..svd import load_factors
 from . import register
@@ -287,7 +288,7 @@ def choose_size(budget_params: float, d_model: int, n_layers: int, n_kinds: int,
     else:
         r = int(min(max(round((B - H * (d_model + 1 + n_layers)) / (K * (H + 1))), 1), r_max))
     n = GateHyperNetwork.count(d_model, n_layers, K, r, H)
-    if abs(n - B) > 0.1 * B:
+    if abs(n - B) > BUDGET_TOLERANCE * B:
         h = max(1, round((B - K * r) / (d_model + 1 + n_layers + K * r)))
         if h < H or grow_hidden:
             H = h

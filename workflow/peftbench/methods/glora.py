@@ -93,7 +93,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..budget import lora_params
+from ..budget import BUDGET_TOLERANCE, lora_params
 from ..models import Target
 from . import register
 from .base import LoopState, ranks_frame
@@ -134,9 +134,10 @@ def base_weights(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 
 def capacity_limited(ctx, r0: int) -> bool:
-    """LoRA at its largest possible uniform rank still spends less than 90 % of the budget."""
+    """LoRA at its largest possible uniform rank still spends less than ``1 − BUDGET_TOLERANCE`` (90 %)
+    of the budget."""
     cap = min(min(t.d_in, t.d_out) for t in ctx.targets)
-    return bool(r0 >= cap and lora_params(ctx.targets, r0) < 0.9 * ctx.budget_params)
+    return bool(r0 >= cap and lora_params(ctx.targets, r0) < (1.0 - BUDGET_TOLERANCE) * ctx.budget_params)
 
 
 def exclude_params(groups: list[dict[str, Any]], excluded: list[nn.Parameter]) -> list[dict[str, Any]]:
@@ -505,7 +506,7 @@ class GLoRAOptions(BaseGradientOptions):
                                                  "both null: the first epoch")
     min_rank: int = option(0, "smallest rank a matrix keeps after re-allocation, ≥ 0 (0, the seed's rounding: "
                               "a matrix may lose its adapter)")
-    param_tolerance: float | None = option(0.1, "allowed relative deviation of the parameter count from the "
+    param_tolerance: float | None = option(BUDGET_TOLERANCE, "allowed relative deviation of the parameter count from the "
                                                 "budget after re-allocation, ≥ 0; null: no balancing")
     preserve_update: bool = option(True, "multiply the kept factors by r_new / r_old so that ΔW is unchanged "
                                          "by the α/r rule at re-allocation; false: ΔW scales by r_old / r_new")

@@ -40,9 +40,7 @@ from ..models import Target
 from ..svd import load_factors
 from .base import Method, ranks_frame
 
-#: Fraction of the budget's parameter count a run may miss and still belong to its budget family
-#: (the ±10 % of the method contract, ``tests/test_methods_contract.py``).
-BUDGET_TOLERANCE = 0.1
+from ..budget import BUDGET_TOLERANCE  # the fair-comparison rule, stated once in peftbench.budget
 
 
 def budget_flags(count: float, target: float) -> dict[str, bool]:
