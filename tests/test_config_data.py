@@ -256,3 +256,15 @@ def test_one_compile_setting_for_all_methods_of_a_comparison(cfg):
         bad["training"].update(where)
         with pytest.raises(pbconfig.ConfigError, match=r"one compile setting for all methods in a comparison"):
             pbconfig.validate(bad)
+
+
+def test_offline_all_methods_config_is_valid():
+    """workflow/configs/glue-minilm-offline.yaml: every method on the five offline tasks, budget r8."""
+    from peftbench.methods import METHODS
+
+    for out in (snakemake_stack("glue-minilm-offline.yaml"),):
+        assert out["grid"]["methods"] == list(METHODS) and out["grid"]["budgets"] == ["r8"]
+        assert sorted(out["grid"]["tasks"]) == ["cola", "mrpc", "rte", "sst2", "stsb"]
+        assert out["grid"]["tasks"] == [t for t in out["grid"]["tasks"] if get_task(t).name == t]
+        assert pbconfig.max_length(out, "rte") == 128 and pbconfig.max_length(out, "sst2") == 64
+        assert len({pbconfig.recipe_for(out, "sst2", m).lr for m in METHODS if METHODS[m].is_adapter}) == 1
