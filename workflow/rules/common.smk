@@ -205,10 +205,11 @@ def ood_files():
 
 
 def ood_inputs(w):
-    """The trained run (adapter, metrics), plus the SVD factors for methods that use them."""
+    """The trained run (adapter, method state, metrics), plus the SVD factors for methods that use them."""
     run = wildcard_key(w).run_dir()
     inputs = {
         "adapter": f"{run}/{RUN_FILES['adapter']}",
+        "method_state": f"{run}/{RUN_FILES['method_state']}",
         "metrics": f"{run}/{RUN_FILES['metrics']}",
         # the main dev split: the stage re-scores it to check the reloaded model is the trained one
         "dev": f"results/data/{w.model}/{w.task}/{eval_splits(w.task)[0]}.parquet",
