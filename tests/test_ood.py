@@ -3,19 +3,17 @@ proxy for RTE-trained runs through real Snakemake on a tiny model with the shipp
 HANS (MNLI-trained runs) is hub-only: its table entry is checked here, its data cannot be."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import snakemake_run
 
 from peftbench import config as pbconfig
-from peftbench.ood import check_ood, score
-from peftbench.vocab import OOD_MAPS, OOD_SETS, OODMap
+from peftbench.ood import breakdown_rows, check_ood, correct, headline, score
+from peftbench.vocab import HANS_HEURISTICS, OOD_MAPS, OOD_SETS, OODMap
 
 ROOT = Path(__file__).resolve().parents[1]
 ANLI_SAMPLE = ROOT / "workflow" / "data" / "ood-sample" / "anli"
@@ -87,25 +85,39 @@ def test_anli_proxy_stage_through_snakemake(tmp_path, tiny_model_dir):
     cfg["models"] = {"tiny": str(tiny_model_dir)}
     cfg["data"].update(glue_dir=str(glue.parent), anli_dir=str(ANLI_SAMPLE), max_train_samples=None,
                        max_eval_samples=None)
-    cfg["grid"].update(models=["tiny"], tasks=["rte"], methods=["lora"], budgets=[2.0], seeds=[1])
+    # glora re-allocates its ranks during the run: the OOD stage must restore them to reload it
+    cfg["grid"].update(models=["tiny"], tasks=["rte"], methods=["lora", "glora"], budgets=["r2"], seeds=[1])
     cfg["training"]["defaults"].update(epochs=1, batch_size=16, max_length=32)
     cfg["training"]["adapters"] = {"lr": 5e-3}
     cfg["ood"] = {"sets": {"rte": ["anli_r1", "anli_r2", "anli_r3"]}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-                           "--configfile", str(work / "config.yaml"), "--cores", "2",
-                           "results/tables/ood.parquet"], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = snakemake_run(work, "results/tables/ood.parquet", "results/tables/ood_significance.parquet",
+                         "results/comparison/ood.pdf")
     assert "rule evaluate_ood:" in proc.stdout + proc.stderr
     ood = pd.read_parquet(work / "results" / "tables" / "ood.parquet")
-    assert list(ood["ood_set"]) == ["anli_r1", "anli_r2", "anli_r3"]
-    assert list(ood["n"]) == [40, 40, 40] and ood["accuracy"].between(0, 1).all()
-    assert set(ood["method"]) == {"lora"} and set(ood["train_task"]) == {"rte"}
+    assert list(ood["ood_set"]) == ["anli_r1", "anli_r2", "anli_r3"] * 2  # no breakdown: headline rows only
+    assert (ood[["breakdown", "subset", "gold_class"]] == "all").all().all()
+    assert list(ood["n"]) == [40] * 6 and ood["accuracy"].between(0, 1).all()
+    assert list(ood["method"]) == ["glora"] * 3 + ["lora"] * 3 and set(ood["train_task"]) == {"rte"}
     assert ood["source"].str.startswith(str(ANLI_SAMPLE)).all()
-    run = work / "results" / "runs" / "tiny" / "rte" / "lora" / "b2" / "s1"
-    m = pd.read_parquet(run / "metrics.parquet").iloc[0]
-    assert ood.set_index("ood_set").loc["anli_r1", "accuracy"] == m["dev_accuracy"]
-    pd.testing.assert_frame_equal(pd.read_parquet(run / "ood.parquet"), ood)
-    # the stage's own reload check: the reloaded model re-scores the dev split as logged
-    assert (ood["reload_dev_main"] == m["dev_main"]).all() and ood["reload_matches"].all()
+    for method in ("lora", "glora"):
+        run = work / "results" / "runs" / "tiny" / "rte" / method / "br2" / "s1"
+        m = pd.read_parquet(run / "metrics.parquet").iloc[0]
+        o = ood[ood["method"] == method].set_index("ood_set")
+        assert o.loc["anli_r1", "accuracy"] == m["dev_accuracy"], method
+        pd.testing.assert_frame_equal(pd.read_parquet(run / "ood.parquet"), o.reset_index()[ood.columns],
+                                      check_dtype=False)
+        # the stage's own reload check: the reloaded model re-scores the dev split as logged
+        assert (o["reload_dev_main"] == m["dev_main"]).all() and o["reload_matches"].all(), method
+    assert bool(m["reallocated"])  # glora's ranks changed shape during the run, and it reloaded
+    # the significance stage tests the OOD accuracies like the dev metric; the ood figure is drawn
+    osig = pd.read_parquet(work / "results" / "tables" / "ood_significance.parquet")
+    assert list(osig["ood_set"]) == ["anli_r1", "anli_r2", "anli_r3"]
+    assert set(osig["method"]) == {"glora"} and set(osig["baseline"]) == {"lora"}
+    assert list(osig["value_column"]) == [f"ood_anli_r{k}_accuracy" for k in (1, 2, 3)]
+    assert (osig["n"] == 1).all()  # one seed: no test, but the row and its difference are there
+    o = ood.set_index(["method", "ood_set"])["accuracy"]
+    assert osig.set_index("ood_set").loc["anli_r2", "mean_diff"] == pytest.approx(
+        o["glora", "anli_r2"] - o["lora", "anli_r2"])
+    assert (work / "results" / "comparison" / "ood.pdf").stat().st_size > 0
+    assert (work / "results" / "comparison" / "ood.png").stat().st_size > 0

@@ -284,7 +284,8 @@ RUN_FILES: dict[str, str] = {
 
 #: Aggregated tables under ``results/tables`` (key -> file name); the first five are concatenated
 #: run files (``runs`` from ``metrics``; :data:`TABLE_SOURCES`), ``significance``,
-#: ``method_stats`` and ``example_significance`` are written by the significance stage, ``ood`` by
+#: ``method_stats``, ``example_significance`` and (when OOD sets are configured)
+#: ``ood_significance`` are written by the significance stage, ``ood`` by
 #: the ``aggregate_ood`` rule (from every run's :data:`OOD_FILE`), and ``trials`` (every trial of
 #: every tuning study, :func:`peftbench.tuning.collect_trials`) by the ``tuning_table`` rule.
 TABLES: dict[str, str] = {
@@ -298,6 +299,7 @@ TABLES: dict[str, str] = {
     "trials": "trials.parquet",
     "example_significance": "example_significance.parquet",
     "ood": "ood.parquet",
+    "ood_significance": "ood_significance.parquet",
 }
 
 #: The ``evaluate_ood`` rule's file in a run directory (OOD accuracy per configured set).
@@ -368,7 +370,7 @@ class PlotKind:
 
 PLOTS: dict[str, PlotKind] = {p.name: p for p in (
     PlotKind("glue", ("runs", "significance")),
-    PlotKind("task", ("runs", "significance"), per_task=True),
+    PlotKind("task", ("runs", "significance", "example_significance"), per_task=True),
     PlotKind("pareto", ("runs",)),
     PlotKind("cost", ("runs",)),
     PlotKind("curves", ("curves",)),
@@ -376,6 +378,9 @@ PLOTS: dict[str, PlotKind] = {p.name: p for p in (
     PlotKind("spectrum", ("spectrum",)),
     PlotKind("gradnorms", ("gradnorms",)),
     PlotKind("evp", ("trials",)),
+    PlotKind("ood", ("runs", "ood", "significance", "ood_significance")),
 )}
 #: Plot kinds drawn only when the tuning stage runs (``tuning.enabled``): they read its tables.
 TUNING_PLOTS: tuple[str, ...] = tuple(k for k, p in PLOTS.items() if "trials" in p.inputs)
+#: Plot kinds drawn only when ``ood.sets`` names a set for a task of the grid: they read the OOD tables.
+OOD_PLOTS: tuple[str, ...] = tuple(k for k, p in PLOTS.items() if "ood" in p.inputs)

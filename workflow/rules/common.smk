@@ -19,7 +19,14 @@ from peftbench.methods import method_info
 from peftbench.runkey import RUN_PATTERN, RunKey
 from peftbench.analysis.cli import table_path
 from peftbench.tuning import Settings, space_for, space_json
-from peftbench.vocab import OOD_FILE, RUN_FILES, TABLE_SOURCES, TUNING_PLOTS, get_task
+from peftbench.vocab import (
+    OOD_FILE,
+    OOD_PLOTS,
+    RUN_FILES,
+    TABLE_SOURCES,
+    TUNING_PLOTS,
+    get_task,
+)
 
 # Snakemake 9 hands nested --config values over as strings; coerce them, validate against the
 # schema (the only place defaults live), check what a schema cannot (methods, tasks, options).
