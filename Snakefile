@@ -31,13 +31,15 @@ rule all:
     default_target: True
     input:
         # every figure of peftbench.vocab.PLOTS; the per-task kind once per task of the grid
-        # (the tuning figures only with tuning.enabled: they read its trials table)
+        # (the tuning figures only with tuning.enabled: they read its trials table; the OOD
+        # figures only when ood.sets names sets for a task of the grid)
         expand(
             "results/comparison/{name}.pdf",
             name=[
                 n
                 for n in figure_names(config["grid"]["tasks"])
-                if TUNING["enabled"] or n not in TUNING_PLOTS
+                if (TUNING["enabled"] or n not in TUNING_PLOTS)
+                and (ood_files() or n not in OOD_PLOTS)
             ],
         ),
         "results/comparison/summary.md",

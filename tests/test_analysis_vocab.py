@@ -159,9 +159,12 @@ def test_figure_names_and_plot_argv():
     with pytest.raises(KeyError, match="unknown figure 'task'"):
         cli.plot_kind("task")  # the per-task kind is named after its tasks
     inputs = cli.plot_inputs("cola", ["minilm"])
-    assert inputs == {"runs": "results/tables/runs.parquet", "significance": "results/tables/significance.parquet"}
+    assert inputs == {"runs": "results/tables/runs.parquet", "significance": "results/tables/significance.parquet",
+                      "example_significance": "results/tables/example_significance.parquet"}
     assert cli.plot_argv("cola", inputs) == ["task", "--task", "cola", "--runs", "results/tables/runs.parquet",
-                                             "--significance", "results/tables/significance.parquet"]
+                                             "--significance", "results/tables/significance.parquet",
+                                             "--example_significance",
+                                             "results/tables/example_significance.parquet"]
     spec = cli.plot_inputs("spectrum", ["a", "b"])
     assert cli.plot_argv("spectrum", spec) == ["spectrum", "--spectrum", "results/svd/a/spectrum.parquet",
                                                "results/svd/b/spectrum.parquet"]

@@ -498,8 +498,13 @@ def parse(argv):
 
 def test_cli_plot_and_summary(tmp_path, runs, sig):
     paths = {}
+    from peftbench.analysis.significance import compare_ood
+
+    ood = make_ood_runs()[1].query("task == 'rte'")
     for name, df in (("runs", runs), ("significance", sig), ("curves", make_curves(runs)),
-                     ("ranks", make_ranks()), ("gradnorms", make_gradnorms()), ("trials", make_trials())):
+                     ("ranks", make_ranks()), ("gradnorms", make_gradnorms()), ("trials", make_trials()),
+                     ("example_significance", make_example_significance()), ("ood", ood),
+                     ("ood_significance", compare_ood(runs, ood, opts=OPTS))):
         paths[name] = tmp_path / f"{name}.parquet"
         df.to_parquet(paths[name])
     # two spectrum files (as from two svd jobs) are concatenated: here one per module kind
@@ -510,7 +515,8 @@ def test_cli_plot_and_summary(tmp_path, runs, sig):
     stat = ["--resamples", "500", "--seed", "0"]
     calls = {
         "glue": ["--runs", paths["runs"], "--significance", paths["significance"]],
-        "task": ["--runs", paths["runs"], "--significance", paths["significance"], "--task", "cola"],
+        "task": ["--runs", paths["runs"], "--significance", paths["significance"], "--example_significance",
+                 paths["example_significance"], "--task", "cola"],
         "pareto": ["--runs", paths["runs"]],
         "cost": ["--runs", paths["runs"]],
         "curves": ["--curves", paths["curves"]],
@@ -518,6 +524,8 @@ def test_cli_plot_and_summary(tmp_path, runs, sig):
         "spectrum": ["--spectrum", *spec],
         "gradnorms": ["--gradnorms", paths["gradnorms"]],
         "evp": ["--trials", paths["trials"]],
+        "ood": ["--runs", paths["runs"], "--ood", paths["ood"], "--significance", paths["significance"],
+                "--ood_significance", paths["ood_significance"]],
     }
     assert set(calls) == set(vocab.PLOTS)
     for kind, extra in calls.items():
@@ -558,11 +566,11 @@ def test_cli_register_does_not_import_plotting():
 
 
 def test_cli_plot_needs_its_inputs(tmp_path, capsys):
-    # the task kind reads runs and significance (vocab.PLOTS) and needs --task
+    # the task kind reads runs, significance and example_significance (vocab.PLOTS) and needs --task
     args = parse(["plot", "task", "--runs", "x.parquet", "--out", str(tmp_path / "t.pdf")])
     with pytest.raises(SystemExit):
         args.func(args)
-    assert "plot task needs --significance, --task" in capsys.readouterr().err
+    assert "plot task needs --significance, --example_significance, --task" in capsys.readouterr().err
 
 
 def test_cli_plot_missing_file_names_it(tmp_path):
@@ -578,3 +586,115 @@ def test_glue_avg_rows_used_for_glue_panel(runs):
     assert f"{100 * lora:.1f}" in [t.get_text() for t in glue_ax.texts]
     assert glue_ax.get_ylabel() == "mean main metric (%)"
     assert GLUE_AVG not in glue_ax.get_title()
+
+
+# ------------------------------------------------------------------------------------------
+# the reviewer figure (task) and in-domain vs OOD (ood)
+# ------------------------------------------------------------------------------------------
+
+def make_example_significance(reference="lora"):
+    """Example-level rows for cola at the 0.2 budget: adalora's bootstrap n.s., McNemar rejects on
+    2 of 3 seeds, ASO ε_min 0.05; full's bootstrap p 0.004, McNemar untested seeds, no ASO value."""
+    base = dict(model="m", task="cola", budget="0.2", metric="matthews_correlation", value_column="dev_main",
+                reference=reference, eps_min=np.nan)
+    rows = [dict(base, method="adalora", test="hier_bootstrap", seed=-1, p_value=0.1, p_holm=0.2),
+            *[dict(base, method="adalora", test="mcnemar", seed=s, p_value=p, p_holm=p)
+              for s, p in enumerate([0.01, 0.3, 0.04])],
+            dict(base, method="adalora", test="aso", seed=-1, p_value=np.nan, p_holm=np.nan, eps_min=0.05),
+            dict(base, method="full", test="hier_bootstrap", seed=-1, p_value=0.002, p_holm=0.004),
+            dict(base, method="full", test="aso", seed=-1, p_value=np.nan, p_holm=np.nan),
+            # a row against another reference is not this figure's
+            dict(base, method="adalora", test="hier_bootstrap", seed=-1, p_value=0.5, p_holm=0.5, reference="full")]
+    return pd.DataFrame(rows)
+
+
+def test_reviewer_figure_marks_come_from_both_tables(runs, sig, tmp_path):
+    ex = make_example_significance()
+    rows = plots.review_mark_rows(sig, ex, "lora")
+    assert [label for label, _ in rows] == list(plots.MARK_ROWS.values())
+    seed, boot, mcn, aso = (r for _, r in rows)
+    k = ("m", "cola", "0.2", "adalora")
+    # seed level: significance.parquet's Holm-adjusted t-test
+    p = sig[(sig.task == "cola") & (sig.method == "adalora")]["p_ttest_holm"].iloc[0]
+    assert p < 0.05 and seed[k] == plots._stars(p)
+    p_full = sig[(sig.task == "cola") & (sig.method == "full")]["p_ttest_holm"].iloc[0]
+    assert seed[("m", "cola", "0.2", "full")] == (plots._stars(p_full) or "n.s.")
+    # example level: example_significance.parquet, vs the figure's reference only
+    assert boot[k] == "n.s." and boot[("m", "cola", "0.2", "full")] == "**"
+    assert mcn[k] == "2/3" and ("m", "cola", "0.2", "full") not in mcn
+    assert aso[k] == "0.05" and aso[("m", "cola", "0.2", "full")] == "–"
+    out = tmp_path / "cola.pdf"
+    fig = plots.plot_task(runs, "cola", sig, OPTS, out=out, reference="lora", example_significance=ex)[0]
+    assert pdf_pages(out) == 1
+    check_png(out.with_suffix(".png"))
+    drawn = [t.get_text() for t in panels(fig)[0].texts]
+    for label in plots.MARK_ROWS.values():
+        assert label in drawn
+    assert {"n.s.", "**", "2/3", "0.05", seed[k]} <= set(drawn)
+    footer = " ".join(t.get_text() for t in fig.texts)
+    assert "significance.parquet" in footer and "example_significance.parquet" in footer
+    # seed-level row only without the example-level table
+    fig = plots.plot_task(runs, "cola", sig, OPTS, reference="lora")[0]
+    assert "examples: bootstrap" not in [t.get_text() for t in panels(fig)[0].texts]
+    with pytest.raises(ValueError, match=r"example_significance table: missing column\(s\) eps_min"):
+        plots.example_marks(ex.drop(columns="eps_min"))
+
+
+def make_ood_runs():
+    """RTE runs (lora, adalora; 3 seeds) scored on ANLI r1/r2, MNLI runs scored on HANS with its
+    heuristic breakdown; seed 2 of adalora has no anli_r2 row."""
+    rows = []
+    for method, shift in (("lora", 0.0), ("adalora", 0.05)):
+        rows += run_rows(method, "rte", {s: 0.70 + shift + 0.01 * s for s in range(3)})
+        rows += run_rows(method, "mnli", {s: 0.80 + shift + 0.01 * s for s in range(3)})
+    runs = pd.DataFrame(rows)
+    ood = []
+    for r in runs.itertuples(index=False):
+        key = dict(model=r.model, task=r.task, method=r.method, budget=str(r.budget), seed=r.seed)
+        sets = ["anli_r1", "anli_r2"] if r.task == "rte" else ["hans"]
+        for name in sets:
+            if (r.method, r.seed, name) == ("adalora", 2, "anli_r2"):
+                continue
+            acc = r.dev_main - 0.3
+            ood.append(dict(key, ood_set=name, breakdown="all", subset="all", gold_class="all", accuracy=acc))
+            if name == "hans":
+                for h in vocab.HANS_HEURISTICS:
+                    for g, a in (("entailment", 0.95), ("non-entailment", 0.1 + 0.01 * r.seed)):
+                        ood.append(dict(key, ood_set=name, breakdown="heuristic", subset=h, gold_class=g, accuracy=a))
+                ood.append(dict(key, ood_set=name, breakdown="subcase", subset="ln_x", gold_class="entailment",
+                                accuracy=0.9))
+    return runs, pd.DataFrame(ood)
+
+
+def test_ood_plot_in_domain_vs_each_set_and_hans_breakdown(tmp_path):
+    from peftbench.analysis.significance import compare_ood
+
+    runs, ood = make_ood_runs()
+    sig = compare_methods(runs, opts=OPTS)
+    osig = compare_ood(runs, ood, opts=OPTS)
+    wide, what = plots.ood_columns(runs, ood)
+    assert what["ood_anli_r1_accuracy"] == ("anli_r1", "all", "all", "all")
+    assert what["hans__heuristic__constituent__non-entailment"] == ("hans", "heuristic", "constituent", "non-entailment")
+    r = wide[(wide.task == "rte") & (wide.method == "adalora") & (wide.seed == 1)].iloc[0]
+    assert r["ood_anli_r1_accuracy"] == pytest.approx(r["dev_main"] - 0.3)
+    assert np.isnan(wide[(wide.task == "rte") & (wide.method == "adalora") & (wide.seed == 2)]["ood_anli_r2_accuracy"]).all()
+    out = tmp_path / "ood.pdf"
+    figs = plots.plot_ood(runs, ood, sig, osig, OPTS, out=out)
+    # GLUE order: mnli (dev + HANS page, then the HANS breakdown page), rte (dev, ANLI R1, ANLI R2)
+    assert len(figs) == 3 and pdf_pages(out) == 3
+    check_png(out.with_suffix(".png"))
+    titles = [[ax.get_title() for ax in panels(f)] for f in figs]
+    assert titles[0] == ["MNLI-m dev (in-domain)", "HANS (OOD)"]
+    assert titles[1] == [f"HANS {h.replace('_', ' ')}, gold {g}" for g in ("entailment", "non-entailment")
+                         for h in vocab.HANS_HEURISTICS]
+    assert titles[2] == ["RTE dev (in-domain)", "ANLI R1 (OOD)", "ANLI R2 (OOD)"]
+    figs = figs[2:] + figs[:2]  # rte first below
+    # the OOD panels' values are the OOD accuracies: adalora's ANLI R1 mean, and n=2 on ANLI R2
+    ada = 100 * np.mean([0.75 + 0.01 * s - 0.3 for s in range(3)])
+    r1 = panels(figs[0])[1]
+    p = osig[(osig.ood_set == "anli_r1") & (osig.method == "adalora")]["p_ttest_holm"].iloc[0]
+    assert f"{ada:.1f}{plots._stars(p)}" in [t.get_text() for t in r1.texts]
+    assert "adalora (n=2)†" in [t.get_text() for t in panels(figs[0])[2].get_xticklabels()]
+    hans_ne = panels(figs[2])[3]  # lexical overlap, gold non-entailment
+    assert f"{100 * np.mean([0.1, 0.11, 0.12]):.1f}" in [t.get_text() for t in hans_ne.texts]
+    assert len(plots.plot_ood(runs, ood.iloc[:0])) == 1  # placeholder

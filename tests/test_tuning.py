@@ -185,6 +185,7 @@ def test_trial_trains_on_fit_rows_and_scores_on_holdout_never_on_dev(tiny_model_
     m = pd.read_parquet(out / "trials" / "0000" / "metrics.parquet").iloc[0]
     assert (m["train_examples"], m["eval_examples"]) == (48, 16)  # 64 capped rows, 25 % held out
     assert not (out / "trials" / "0000" / "adapter.safetensors").exists()  # no weights kept per trial
+    assert not (out / "trials" / "0000" / "method_state.pt").exists()  # nor the method's state
     trial = pd.read_parquet(out / "trials.parquet").iloc[0]
     assert trial["value"] == m["dev_main"]
 

@@ -62,7 +62,8 @@ def aggregate(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, int]
 
 def aggregate_ood(files: list[str | Path], out: str | Path) -> int:
     """Concatenate the runs' ``ood.parquet`` (:func:`peftbench.ood.evaluate_ood`) into ``out``,
-    sorted by the run key and the OOD set. Returns the row count.
+    sorted by the run key and the OOD set (each set's rows in the order the run wrote them: the
+    headline row, then its breakdown). Returns the row count.
 
     Raises:
         FileNotFoundError: a listed file is missing.

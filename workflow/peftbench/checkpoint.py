@@ -1,10 +1,15 @@
-"""Checkpoint and resume of one run: bitwise on a CPU.
+"""Checkpoint and resume of one run (bitwise on a CPU), and reload of a finished run.
 
 A checkpoint (``checkpoint.pt`` in the run's checkpoint directory, written atomically) holds the
 trainable parameters (and any parameter that ever was trainable), optimizer and scheduler states,
 the RNG states (torch, CUDA, numpy, the data-order generator), the loop's :class:`Progress` and
 :meth:`Method.checkpoint_state`. It carries a :func:`fingerprint` of what defines the run, so a
 checkpoint of another configuration is never resumed.
+
+A finished run is reloaded (:func:`load_trained`, the OOD stage) along the same path: the method
+state the run wrote at its end (``method_state.pt``, :meth:`Method.checkpoint_state`) is restored
+first, so a method that changed its structure during training (GLoRA's re-allocated ranks, AdaLoRA's
+rank pattern, phased LoRA's frozen factors) rebuilds it, then ``adapter.safetensors`` is loaded.
 """
 from __future__ import annotations
 
@@ -142,3 +147,44 @@ class Checkpointer:
             self.dir.rmdir()
         except OSError:
             pass
+
+
+def load_trained(model, method, run_dir: str | Path) -> list[str]:
+    """Load a finished run's trained state into ``model``, freshly built by ``method`` for the run.
+
+    As the resume path of :meth:`Checkpointer.load`: :meth:`Method.restore_checkpoint_state` with
+    the run's ``method_state.pt`` (the method's :meth:`Method.checkpoint_state` at the end of
+    training) re-applies structural changes made during training (GLoRA resizes its LoRA factors to
+    the re-allocated ranks), then every tensor of ``adapter.safetensors``
+    (:meth:`Method.state_to_save`) is copied into the parameter of that name.
+
+    Returns:
+        The names of the loaded tensors.
+
+    Raises:
+        FileNotFoundError: ``adapter.safetensors`` or ``method_state.pt`` missing in ``run_dir``
+            (names the file; a run trained before ``method_state.pt`` existed must be retrained).
+        ValueError: an adapter tensor the model lacks, or whose shape differs (names it and both
+            shapes).
+    """
+    from safetensors.torch import load_file
+
+    from .vocab import RUN_FILES
+
+    run_dir = Path(run_dir)
+    adapter, state_file = run_dir / RUN_FILES["adapter"], run_dir / RUN_FILES["method_state"]
+    for f in (adapter, state_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found; (re)train the run (rule train) to write it")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    method.restore_checkpoint_state(model, state)
+    named = dict(model.named_parameters())
+    saved = load_file(adapter)
+    for n, t in saved.items():
+        if n not in named or tuple(named[n].shape) != tuple(t.shape):
+            raise ValueError(f"{adapter}: tensor {n} {tuple(t.shape)} does not fit the rebuilt {method.name} model "
+                             f"({None if n not in named else tuple(named[n].shape)}) after restoring "
+                             f"{state_file.name}")
+        with torch.no_grad():
+            named[n].copy_(t.to(named[n].device))
+    return list(saved)

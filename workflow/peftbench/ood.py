@@ -7,8 +7,10 @@ in the config (``ood.sets.<task>``). It rebuilds the run's model exactly as trai
 misshaped tensor is an error naming it), tokenises each OOD set with the model's tokenizer and
 scores it: the model's argmax class and the set's gold label are both mapped onto the scored
 classes of :data:`peftbench.vocab.OOD_MAPS` (the one table of label-space mappings) and accuracy
-is computed there. Output: ``ood.parquet`` in the run directory (:data:`OOD_COLUMNS`), collected
-into ``results/tables/ood.parquet`` by the ``aggregate_ood`` rule.
+is computed there, over the whole set (the headline row, :func:`headline`) and, for a set that
+declares a breakdown (HANS: heuristic × gold label, and subcase), per subset
+(:func:`breakdown_rows`). Output: ``ood.parquet`` in the run directory (:data:`OOD_COLUMNS`),
+collected into ``results/tables/ood.parquet`` by the ``aggregate_ood`` rule.
 
 Sets (:data:`peftbench.vocab.OOD_SETS`): ANLI rounds 1–3 dev (Nie et al. 2020, arXiv:1910.14599;
 CC BY-NC 4.0) from ``data.anli_dir`` (``{anli_dir}/dev_r{k}.parquet``, the ``facebook/anli``
@@ -16,12 +18,14 @@ schema) or the hub; HANS (McCoy et al. 2019, arXiv:1902.01007) from the hub only
 models on ANLI maps neutral and contradiction to not_entailment: a documented proxy (RTE has two
 classes, ANLI three).
 
-Only what :meth:`~peftbench.methods.base.Method.state_to_save` writes is restored; a method whose
-inference depends on other state (buffers it changes, masks outside parameters) would be scored
-as freshly built with the trained parameters. So the stage first re-scores the run's own main dev
-split with the reloaded model (``reload_dev_main``) and compares it with the logged ``dev_main``
-(``reload_matches``: within :data:`RELOAD_TOLERANCE`; a mismatch is logged as an error, and the
-OOD numbers of that row are not of the trained model).
+The reload (:func:`peftbench.checkpoint.load_trained`) follows the resume path: the method state
+the run wrote at its end (``method_state.pt``, :meth:`~peftbench.methods.base.Method.checkpoint_state`)
+is restored first, so a method whose structure changed during training (GLoRA and its controls
+re-allocate ranks and resize their LoRA factors; AdaLoRA's rank pattern) rebuilds it, then
+``adapter.safetensors`` (:meth:`~peftbench.methods.base.Method.state_to_save`) is loaded. The stage
+then re-scores the run's own main dev split with the reloaded model (``reload_dev_main``) and
+compares it with the logged ``dev_main`` (``reload_matches``: within :data:`RELOAD_TOLERANCE`; a
+mismatch is logged as an error, and the OOD numbers of that row are not of the trained model).
 """
 from __future__ import annotations
 
@@ -32,13 +36,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .vocab import OOD_MAPS, OOD_SETS, TASKS, OODMap, OODSet
+from .vocab import OOD_ALL, OOD_MAPS, OOD_SETS, TASKS, OODMap, OODSet
 
 log = logging.getLogger(__name__)
 
-#: Columns of ``ood.parquet`` after the run key's.
-OOD_COLUMNS = ["ood_set", "train_task", "n", "accuracy", "scored_classes", "mapping", "source",
-               "reload_dev_main", "reload_matches"]
+#: Columns of ``ood.parquet`` after the run key's. ``breakdown``, ``subset``, ``gold_class``:
+#: :data:`~peftbench.vocab.OOD_ALL` on the headline row over the whole set; on a breakdown row
+#: (:func:`breakdown_rows`) the set's column, its value and the gold class (the set's own label name).
+OOD_COLUMNS = ["ood_set", "breakdown", "subset", "gold_class", "train_task", "n", "accuracy", "scored_classes",
+               "mapping", "source", "reload_dev_main", "reload_matches"]
 #: ``reload_matches``: the reloaded model's main dev metric is within this of the logged ``dev_main``.
 RELOAD_TOLERANCE = 1e-4
 
@@ -107,15 +113,102 @@ def load_ood_set(spec: OODSet, anli_dir: str | Path | None = None) -> tuple[pd.D
     return df, source
 
 
-def score(logits: np.ndarray, gold: np.ndarray, mapping: OODMap) -> float:
-    """Accuracy in the scored classes: ``mean(pred[argmax(logits)] == gold_map[gold])``.
+def correct(logits: np.ndarray, gold: np.ndarray, mapping: OODMap) -> np.ndarray:
+    """Per example, whether the prediction is right in the scored classes:
+    ``pred_map[argmax(logits)] == gold_map[gold]``, ``(n,)`` bool.
 
     Args:
         logits: ``(n, num_labels)`` of the training task. gold: ``(n,)`` the set's class ids.
     """
-    pred = np.vectorize(mapping.pred.__getitem__)(np.asarray(logits).argmax(axis=1))
-    g = np.vectorize(mapping.gold.__getitem__)(np.asarray(gold).astype(int))
-    return float(np.mean(pred == g))
+    pred = np.vectorize(mapping.pred.__getitem__, otypes=[int])(np.asarray(logits).argmax(axis=1))
+    g = np.vectorize(mapping.gold.__getitem__, otypes=[int])(np.asarray(gold).astype(int))
+    return pred == g
+
+
+def score(logits: np.ndarray, gold: np.ndarray, mapping: OODMap) -> float:
+    """Accuracy in the scored classes: the mean of :func:`correct`."""
+    return float(np.mean(correct(logits, gold, mapping)))
+
+
+def breakdown_rows(df: pd.DataFrame, right: np.ndarray, spec: OODSet) -> list[dict]:
+    """Accuracy per value of each of ``spec.breakdown``'s columns, crossed with the gold class.
+
+    HANS (McCoy et al. 2019, arXiv:1902.01007, Table 1 and Fig. 1): per heuristic (lexical overlap,
+    subsequence, constituent) × gold label (entailment: the heuristic's prediction is right;
+    non-entailment: it is wrong, where a model relying on it fails), and per subcase (each within
+    one heuristic and one label).
+
+    Args:
+        df: the set (its ``label`` and breakdown columns), row order of ``right``.
+        right: ``(n,)`` bool, :func:`correct`.
+
+    Returns:
+        Rows ``{breakdown, subset, gold_class, n, accuracy}``, in the order of ``spec.breakdown``,
+        then of first appearance (subsets) and class id (gold classes); combinations without
+        examples are left out.
+
+    Raises:
+        ValueError: a breakdown column is missing from ``df``.
+    """
+    missing = [c for c in spec.breakdown if c not in df.columns]
+    if missing:
+        raise ValueError(f"OOD set {spec.name}: missing breakdown column(s) {missing}")
+    gold = np.asarray(df["label"]).astype(int)
+    rows = []
+    for col in spec.breakdown:
+        values = df[col].astype(str).to_numpy()
+        for v in dict.fromkeys(values):
+            for c, name in enumerate(spec.classes):
+                sel = (values == v) & (gold == c)
+                if sel.any():
+                    rows.append({"breakdown": col, "subset": v, "gold_class": name, "n": int(sel.sum()),
+                                 "accuracy": float(right[sel].mean())})
+    return rows
+
+
+def headline(ood: pd.DataFrame) -> pd.DataFrame:
+    """The rows of an ``ood.parquet`` table over whole sets (one per run and set); a table written
+    before the breakdown columns existed has only such rows."""
+    if "breakdown" not in ood.columns:
+        return ood
+    return ood[ood["breakdown"] == OOD_ALL]
+
+
+def reload_run(*, key, model_spec: str, run_dir: str | Path, recipe, device, svd_path: str | Path | None = None,
+               budget_denominator: str | None = None):
+    """The trained model of run ``key``, rebuilt and reloaded on ``device``, in eval mode.
+
+    The model is built as training built it (:func:`peftbench.train.build_model`: same key, recipe
+    and step counts, read from the run's ``metrics.parquet``; the torch seed is the run's), then
+    :func:`peftbench.checkpoint.load_trained` restores ``method_state.pt`` (re-allocated ranks …)
+    and loads ``adapter.safetensors``.
+
+    Returns:
+        ``(model, method, metrics_row)``: the metrics row a ``pandas.Series``.
+
+    Raises:
+        FileNotFoundError: ``adapter.safetensors``, ``method_state.pt`` or ``metrics.parquet``
+            missing in ``run_dir``.
+        ValueError: an adapter tensor that does not fit the rebuilt model (names it).
+    """
+    import torch
+
+    from .checkpoint import load_trained
+    from .train import build_model
+    from .vocab import RUN_FILES, get_task
+
+    run_dir = Path(run_dir)
+    for f in (RUN_FILES["adapter"], RUN_FILES["method_state"], RUN_FILES["metrics"]):
+        if not (run_dir / f).is_file():
+            raise FileNotFoundError(f"{run_dir / f} not found; train the run first (rule train)")
+    m = pd.read_parquet(run_dir / RUN_FILES["metrics"]).iloc[0]
+    total = int(m["steps"])
+    epochs = max(int(m["epochs"]), 1)
+    torch.manual_seed(key.seed)
+    model, method, _ = build_model(model_spec, get_task(key.task), key, recipe, max(total // epochs, 1), total,
+                                   torch.device(device), svd_path, budget_denominator)
+    load_trained(model, method, run_dir)
+    return model.to(device).eval(), method, m
 
 
 def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], out: str | Path,
@@ -129,52 +222,35 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
             ``reload_dev_main`` NaN, ``reload_matches`` None).
 
     Returns:
-        The ``ood.parquet`` table: run key columns, then :data:`OOD_COLUMNS` (one row per set;
-        ``accuracy`` a fraction in the scored classes).
+        The ``ood.parquet`` table: run key columns, then :data:`OOD_COLUMNS`: per set one headline
+        row (``breakdown == "all"``) and the :func:`breakdown_rows` of sets that declare a
+        breakdown (HANS); ``accuracy`` a fraction in the scored classes.
 
     Raises:
         ValueError: a set or mapping :func:`check_ood` rejects; an adapter tensor the rebuilt
             model lacks or whose shape differs (names it).
-        FileNotFoundError: no ``adapter.safetensors`` / ``metrics.parquet`` in ``run_dir``.
+        FileNotFoundError: no ``adapter.safetensors`` / ``method_state.pt`` / ``metrics.parquet`` in
+            ``run_dir``.
     """
     import pyarrow as pa
     import torch
 
     from .batches import TokenizedSplit
-    from safetensors.torch import load_file
-
     from .io import write_table
     from .models import load_tokenizer
     from .precision import resolve_precision
     from .recipe import Recipe, Runtime
     from .tokenization import encode_table
-    from .train import build_model, evaluate
-    from .vocab import RUN_FILES, get_task
+    from .train import evaluate
+    from .vocab import get_task
 
     task = get_task(key.task)
     maps = {name: check_ood(key.task, name) for name in sets}
     recipe = recipe or Recipe.from_dict({})
     runtime = runtime or Runtime.from_dict({})
-    run_dir = Path(run_dir)
-    for f in (RUN_FILES["adapter"], RUN_FILES["metrics"]):
-        if not (run_dir / f).is_file():
-            raise FileNotFoundError(f"{run_dir / f} not found; train the run first (rule train)")
-    m = pd.read_parquet(run_dir / RUN_FILES["metrics"]).iloc[0]
-    total = int(m["steps"])
-    epochs = max(int(m["epochs"]), 1)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(key.seed)
-    model, method, _ = build_model(model_spec, task, key, recipe, max(total // epochs, 1), total, dev, svd_path,
-                                   budget_denominator)
-    saved = load_file(run_dir / RUN_FILES["adapter"])
-    named = dict(model.named_parameters())
-    for n, t in saved.items():
-        if n not in named or tuple(named[n].shape) != tuple(t.shape):
-            raise ValueError(f"{run_dir / RUN_FILES['adapter']}: tensor {n} {tuple(t.shape)} does not fit the rebuilt "
-                             f"{key.method} model ({None if n not in named else tuple(named[n].shape)})")
-        with torch.no_grad():
-            named[n].copy_(t)
-    model = model.to(dev)
+    model, method, m = reload_run(key=key, model_spec=model_spec, run_dir=run_dir, recipe=recipe, device=dev,
+                                  svd_path=svd_path, budget_denominator=budget_denominator)
     reload_main, matches = float("nan"), None
     if dev_path is not None:
         split_name = task.eval_splits[0]
@@ -184,7 +260,8 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
         matches = bool(abs(reload_main - float(m["dev_main"])) <= RELOAD_TOLERANCE)
         if not matches:
             log.error("%s: the reloaded model scores %s %.6f on %s, the run logged %.6f; the OOD numbers below "
-                      "are not of the trained model (method state outside adapter.safetensors?)", key,
+                      "are not of the trained model (inference state outside method_state.pt and "
+                      "adapter.safetensors?)", key,
                       task.main_metric, reload_main, split_name, float(m["dev_main"]))
     tok = load_tokenizer(model_spec)
     rows = []
@@ -199,11 +276,14 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
             split = TokenizedSplit(path)
             _, logits = evaluate(model, method, task, {"validation": split}, dev, runtime.eval_batch_size,
                                  resolve_precision(recipe.precision, dev) == "bf16")
-            acc = score(logits["validation"], df["label"].to_numpy(), mapping)
+            right = correct(logits["validation"], df["label"].to_numpy(), mapping)
+            acc = float(right.mean())
             log.info("%s on %s (%s): accuracy %.4f over %d examples", key, name, source, acc, len(df))
-            rows.append({**key.columns(), "ood_set": name, "train_task": key.task, "n": len(df), "accuracy": acc,
-                         "scored_classes": ",".join(mapping.classes), "mapping": mapping.note, "source": source,
-                         "reload_dev_main": reload_main, "reload_matches": matches})
+            common = {"train_task": key.task, "scored_classes": ",".join(mapping.classes), "mapping": mapping.note,
+                      "source": source, "reload_dev_main": reload_main, "reload_matches": matches}
+            for r in [{"breakdown": OOD_ALL, "subset": OOD_ALL, "gold_class": OOD_ALL, "n": len(df), "accuracy": acc},
+                      *breakdown_rows(df, right, spec)]:
+                rows.append({**key.columns(), "ood_set": name, **r, **common})
     out_df = pd.DataFrame(rows, columns=[*key.columns(), *OOD_COLUMNS])
     write_table(out_df, out)
     return out_df

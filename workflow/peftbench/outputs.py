@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .io import save_tensors, write_table
+from .io import atomic_path, save_tensors, write_table
 from .runkey import RunKey
 from .vocab import PROVENANCE, RUN_FILES, VERSIONED_PACKAGES, TaskSpec
 
@@ -309,7 +309,7 @@ def _with_keys(df: pd.DataFrame, key: RunKey) -> pd.DataFrame:
 
 def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter: dict[str, torch.Tensor],
               curve: list[dict], ranks: pd.DataFrame | None, gradrows: list[tuple],
-              predictions: pd.DataFrame | None = None) -> dict[str, Any]:
+              predictions: pd.DataFrame | None = None, method_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write every run file into ``out_dir`` (``metrics.parquet`` last).
 
     Args:
@@ -318,6 +318,9 @@ def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter:
         curve: ``curve.parquet`` rows. ranks: the method's ``ranks`` table (``None``: zero rows).
         gradrows: ``(step, group, layer, grad_norm)`` tuples for ``gradnorms.parquet``.
         predictions: ``predictions.parquet`` rows (:func:`prediction_frame`; ``None``: zero rows).
+        method_state: the method's :meth:`~peftbench.methods.base.Method.checkpoint_state` at the
+            end of training, for ``method_state.pt`` (``None``: an empty dict); a reload restores it
+            before loading the adapter (:func:`peftbench.checkpoint.load_trained`).
 
     Returns:
         The row as written, without the key columns: ``row`` plus ``adapter_bytes`` (size of
@@ -327,6 +330,8 @@ def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter:
     meta = {k: str(v) for k, v in key.columns().items()}
     save_tensors(adapter, out_dir / RUN_FILES["adapter"], metadata=meta)
     row = {**row, "adapter_bytes": (out_dir / RUN_FILES["adapter"]).stat().st_size}
+    with atomic_path(out_dir / RUN_FILES["method_state"]) as tmp:
+        torch.save(method_state or {}, tmp)
     write_table(_with_keys(pd.DataFrame(curve), key), out_dir / RUN_FILES["curve"])
     write_table(_with_keys(ranks if ranks is not None else pd.DataFrame(columns=RANKS_COLUMNS), key),
                 out_dir / RUN_FILES["ranks"])

@@ -15,7 +15,9 @@ Outputs of one run (all written atomically) in ``out_dir``: :data:`peftbench.voc
 (``metrics.parquet``: one row, see :func:`run`; ``curve.parquet``: step, epoch, kind (train/eval),
 loss, lr, dev metrics per evaluation; ``adapter.safetensors``: the method's
 :meth:`~peftbench.methods.base.Method.state_to_save`; ``ranks.parquet``: per-module rank/gates
-where the method reports them; ``gradnorms.parquet``: per-group gradient norms when logging is on;
+where the method reports them; ``method_state.pt``: the method's
+:meth:`~peftbench.methods.base.Method.checkpoint_state` at the end (what a reload restores before the
+adapter: :func:`peftbench.checkpoint.load_trained`); ``gradnorms.parquet``: per-group gradient norms when logging is on;
 ``predictions.parquet``: every dev example's label, prediction and logits at the final and the best
 epoch, :func:`peftbench.outputs.prediction_frame`).
 """
@@ -181,7 +183,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     row.update(extra_columns or {})
     preds = prediction_table(task, devs, progress, error)
     row = write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
-                    ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows, predictions=preds)
+                    ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows, predictions=preds,
+                    method_state=method.checkpoint_state(model))
     mirror_finished_run(runtime.tracking, key, recipe, row, progress.curve, str(out_dir))
     if ckpt is not None and error is None and not runtime.keep_checkpoints:
         ckpt.remove()

@@ -414,8 +414,10 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
             study.tell(trial, state=TrialState.PRUNED)
         else:
             trial.set_user_attr("seconds", time.perf_counter() - t0)
-            # the trained weights are not needed (full fine-tuning's would be the whole model per trial)
-            (trial_dir / RUN_FILES["adapter"]).unlink(missing_ok=True)
+            # the trained weights and method state are not needed (full fine-tuning's would be the
+            # whole model per trial)
+            for f in ("adapter", "method_state"):
+                (trial_dir / RUN_FILES[f]).unlink(missing_ok=True)
             if row["status"] == "ok" and math.isfinite(row["dev_main"]):
                 trial.set_user_attr("outcome", "ok")
                 study.tell(trial, float(row["dev_main"]))

@@ -10,7 +10,8 @@ own list:
   ``dev_<metric>``), their display label, short name and scale (stored as fractions, shown ×100);
 - :data:`RUN_STATUSES`: what a row of ``runs.parquet`` can say about its run;
 - :data:`RUN_FILES`: the files of one run directory (``predictions.parquet``: every dev example's
-  label, prediction and logits; ``metrics.parquet`` last: the completion marker);
+  label, prediction and logits; ``method_state.pt``: what a reload needs besides the adapter
+  tensors; ``metrics.parquet`` last: the completion marker);
 - :data:`TABLES`: the aggregated tables under ``results/tables``;
 - :data:`OOD_SETS`, :data:`OOD_MAPS`: out-of-distribution sets and, per (training task, OOD
   set), how their label spaces are scored;
@@ -188,6 +189,8 @@ class OODSet:
         text_columns: the premise/hypothesis columns, tokenised as a pair.
         classes: the set's own gold label names, by class id.
         licence: the data licence.
+        breakdown: columns of the set that break the accuracy down (``ood.parquet`` rows per value
+            of each, crossed with the gold class; HANS: its heuristic and subcase).
     """
 
     name: str
@@ -199,7 +202,14 @@ class OODSet:
     text_columns: tuple[str, ...]
     classes: tuple[str, ...]
     licence: str
+    breakdown: tuple[str, ...] = ()
 
+
+#: ``breakdown`` / ``subset`` / ``gold_class`` of an ``ood.parquet`` row over the whole set (the
+#: headline row of each run and set; the other rows break it down).
+OOD_ALL = "all"
+#: HANS heuristics (McCoy et al. 2019, Table 1), in the paper's order.
+HANS_HEURISTICS: tuple[str, ...] = ("lexical_overlap", "subsequence", "constituent")
 
 _ANLI = ("entailment", "neutral", "contradiction")
 #: Every OOD set. ANLI: Nie et al. 2020, "Adversarial NLI", arXiv:1910.14599 (rounds r1–r3, dev);
@@ -208,7 +218,8 @@ OOD_SETS: dict[str, OODSet] = {o.name: o for o in (
     *(OODSet(f"anli_r{r}", f"ANLI R{r}", "facebook/anli", None, f"dev_r{r}", f"dev_r{r}.parquet",
              ("premise", "hypothesis"), _ANLI, "CC BY-NC 4.0") for r in (1, 2, 3)),
     OODSet("hans", "HANS", "jhu-cogsci/hans", None, "validation", None, ("premise", "hypothesis"),
-           ("entailment", "non-entailment"), "see the jhu-cogsci/hans dataset card"),
+           ("entailment", "non-entailment"), "see the jhu-cogsci/hans dataset card",
+           breakdown=("heuristic", "subcase")),
 )}
 
 
@@ -258,10 +269,13 @@ RUN_STATUSES: dict[str, str] = {
 }
 
 #: The files of one run directory (key -> file name). ``metrics`` is written last: its presence
-#: marks a finished run.
+#: marks a finished run. ``method_state``: the method's :meth:`Method.checkpoint_state` at the end
+#: of training (ranks a method re-allocated, masks, EMAs; ``torch.save`` of plain containers and
+#: tensors), which a reload restores before it loads ``adapter`` (:func:`peftbench.checkpoint.load_trained`).
 RUN_FILES: dict[str, str] = {
     "curve": "curve.parquet",
     "adapter": "adapter.safetensors",
+    "method_state": "method_state.pt",
     "ranks": "ranks.parquet",
     "gradnorms": "gradnorms.parquet",
     "predictions": "predictions.parquet",
@@ -270,7 +284,8 @@ RUN_FILES: dict[str, str] = {
 
 #: Aggregated tables under ``results/tables`` (key -> file name); the first five are concatenated
 #: run files (``runs`` from ``metrics``; :data:`TABLE_SOURCES`), ``significance``,
-#: ``method_stats`` and ``example_significance`` are written by the significance stage, ``ood`` by
+#: ``method_stats``, ``example_significance`` and (when OOD sets are configured)
+#: ``ood_significance`` are written by the significance stage, ``ood`` by
 #: the ``aggregate_ood`` rule (from every run's :data:`OOD_FILE`), and ``trials`` (every trial of
 #: every tuning study, :func:`peftbench.tuning.collect_trials`) by the ``tuning_table`` rule.
 TABLES: dict[str, str] = {
@@ -284,6 +299,7 @@ TABLES: dict[str, str] = {
     "trials": "trials.parquet",
     "example_significance": "example_significance.parquet",
     "ood": "ood.parquet",
+    "ood_significance": "ood_significance.parquet",
 }
 
 #: The ``evaluate_ood`` rule's file in a run directory (OOD accuracy per configured set).
@@ -354,7 +370,7 @@ class PlotKind:
 
 PLOTS: dict[str, PlotKind] = {p.name: p for p in (
     PlotKind("glue", ("runs", "significance")),
-    PlotKind("task", ("runs", "significance"), per_task=True),
+    PlotKind("task", ("runs", "significance", "example_significance"), per_task=True),
     PlotKind("pareto", ("runs",)),
     PlotKind("cost", ("runs",)),
     PlotKind("curves", ("curves",)),
@@ -362,6 +378,9 @@ PLOTS: dict[str, PlotKind] = {p.name: p for p in (
     PlotKind("spectrum", ("spectrum",)),
     PlotKind("gradnorms", ("gradnorms",)),
     PlotKind("evp", ("trials",)),
+    PlotKind("ood", ("runs", "ood", "significance", "ood_significance")),
 )}
 #: Plot kinds drawn only when the tuning stage runs (``tuning.enabled``): they read its tables.
 TUNING_PLOTS: tuple[str, ...] = tuple(k for k, p in PLOTS.items() if "trials" in p.inputs)
+#: Plot kinds drawn only when ``ood.sets`` names a set for a task of the grid: they read the OOD tables.
+OOD_PLOTS: tuple[str, ...] = tuple(k for k, p in PLOTS.items() if "ood" in p.inputs)

@@ -41,7 +41,10 @@ rule significance:
     input:
         runs=table_path("runs"),
         predictions=table_path("predictions"),
+        # OOD accuracies are tested like the dev metric when ood.sets names sets for a grid task
+        ood=[table_path("ood")] if ood_files() else [],
     output:
+        **({"ood": table_path("ood_significance")} if ood_files() else {}),
         table=table_path("significance"),
         stats=table_path("method_stats"),
         examples=table_path("example_significance"),
@@ -55,10 +58,13 @@ rule significance:
         reference=ANALYSIS["reference_method"],
         all_pairs="--all-pairs" if ANALYSIS["all_pairs"] else "--no-all-pairs",
         stats=ANALYSIS_STATS,
+        ood=lambda w, input, output: (
+            f"--ood {input.ood} --ood-out {output.ood}" if input.ood else ""
+        ),
     shell:
         "python -m peftbench significance --runs {input.runs} --out {output.table} "
         "--stats-out {output.stats} --predictions {input.predictions} --examples-out {output.examples} "
-        "--reference {params.reference} {params.all_pairs} "
+        "--reference {params.reference} {params.all_pairs} {params.ood} "
         "{params.stats} > {log} 2>&1"
 
 

@@ -19,7 +19,14 @@ from peftbench.methods import method_info
 from peftbench.runkey import RUN_PATTERN, RunKey
 from peftbench.analysis.cli import table_path
 from peftbench.tuning import Settings, space_for, space_json
-from peftbench.vocab import OOD_FILE, RUN_FILES, TABLE_SOURCES, TUNING_PLOTS, get_task
+from peftbench.vocab import (
+    OOD_FILE,
+    OOD_PLOTS,
+    RUN_FILES,
+    TABLE_SOURCES,
+    TUNING_PLOTS,
+    get_task,
+)
 
 # Snakemake 9 hands nested --config values over as strings; coerce them, validate against the
 # schema (the only place defaults live), check what a schema cannot (methods, tasks, options).
@@ -205,10 +212,11 @@ def ood_files():
 
 
 def ood_inputs(w):
-    """The trained run (adapter, metrics), plus the SVD factors for methods that use them."""
+    """The trained run (adapter, method state, metrics), plus the SVD factors for methods that use them."""
     run = wildcard_key(w).run_dir()
     inputs = {
         "adapter": f"{run}/{RUN_FILES['adapter']}",
+        "method_state": f"{run}/{RUN_FILES['method_state']}",
         "metrics": f"{run}/{RUN_FILES['metrics']}",
         # the main dev split: the stage re-scores it to check the reloaded model is the trained one
         "dev": f"results/data/{w.model}/{w.task}/{eval_splits(w.task)[0]}.parquet",

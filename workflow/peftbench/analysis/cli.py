@@ -169,6 +169,15 @@ def cmd_significance(args: argparse.Namespace) -> int:
         ex_out.parent.mkdir(parents=True, exist_ok=True)
         ex.to_parquet(ex_out, index=False)
         print(f"wrote {ex_out} ({len(ex)} example-level tests)")
+    if getattr(args, "ood", None) is not None:
+        from .significance import compare_ood, read_table
+
+        ood_out = Path(args.ood_out) if getattr(args, "ood_out", None) else out.with_name(TABLES["ood_significance"])
+        od = compare_ood(runs, read_table(args.ood, hint=_hint("ood")), reference=args.reference,
+                         all_pairs=args.all_pairs, opts=opts)
+        ood_out.parent.mkdir(parents=True, exist_ok=True)
+        od.to_parquet(ood_out, index=False)
+        print(f"wrote {ood_out} ({len(od)} OOD comparisons)")
     return 0
 
 
@@ -178,7 +187,7 @@ def _read_input(key: str, paths, opts):
 
     if key == "runs":
         return load_runs(paths, opts.value)
-    if key == "significance":
+    if key in ("significance", "ood_significance"):
         return read_table(paths, ("model", "task", "budget", "method", "baseline", "reference"),
                           hint=_hint(key))
     if key == SPECTRUM:
@@ -194,7 +203,8 @@ def _draw(kind: str, t: dict, task: str | None, opts, reference: str | None) -> 
 
     draw = {
         "glue": lambda: plots.plot_glue(t["runs"], t["significance"], opts, reference=reference),
-        "task": lambda: plots.plot_task(t["runs"], task, t["significance"], opts, reference=reference),
+        "task": lambda: plots.plot_task(t["runs"], task, t["significance"], opts, reference=reference,
+                                        example_significance=t["example_significance"]),
         "pareto": lambda: plots.plot_pareto(t["runs"], opts),
         "cost": lambda: plots.plot_cost(t["runs"]),
         "curves": lambda: plots.plot_curves(t["curves"], reference=reference),
@@ -202,6 +212,8 @@ def _draw(kind: str, t: dict, task: str | None, opts, reference: str | None) -> 
         "spectrum": lambda: plots.plot_spectrum(t["spectrum"]),
         "gradnorms": lambda: plots.plot_gradnorms(t["gradnorms"]),
         "evp": lambda: plots.plot_evp(t["trials"]),
+        "ood": lambda: plots.plot_ood(t["runs"], t["ood"], t["significance"], t["ood_significance"], opts,
+                                      reference=reference),
     }
     if set(draw) != set(PLOTS):  # pragma: no cover - a vocabulary invariant
         raise RuntimeError(f"plot kinds of vocab.PLOTS ({', '.join(PLOTS)}) and of analysis.cli "
@@ -288,6 +300,10 @@ def register(subparsers) -> None:
                         f"(hierarchical bootstrap, McNemar, ASO; peftbench.analysis.examples)")
     p.add_argument("--examples-out", type=Path, default=None,
                    help=f"output example-level tests (default: {TABLES['example_significance']} beside --out)")
+    p.add_argument("--ood", type=Path, default=None,
+                   help=f"{table_path('ood')}: also test each OOD set's accuracy like the dev metric")
+    p.add_argument("--ood-out", type=Path, default=None,
+                   help=f"output OOD tests (default: {TABLES['ood_significance']} beside --out)")
     p.add_argument("--reference", default=defaults["reference_method"],
                    help="reference method (default %(default)s)")
     p.add_argument("--all-pairs", action=argparse.BooleanOptionalAction, default=defaults["all_pairs"],

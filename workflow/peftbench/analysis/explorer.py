@@ -276,7 +276,7 @@ def render_page(data: dict[str, Any], plotly_js: str | None = None) -> str:
 
 def with_ood_columns(runs: pd.DataFrame, ood: pd.DataFrame | None) -> pd.DataFrame:
     """``runs`` with one ``ood_<set>_accuracy`` column per OOD set of ``tables/ood.parquet`` (the
-    ``evaluate_ood`` stage: one row per run and set), joined on the run key; runs without an OOD
+    ``evaluate_ood`` stage: its headline row per run and set), joined on the run key; runs without an OOD
     row get NaN. ``ood`` None or empty: ``runs`` unchanged.
 
     Raises:
@@ -284,6 +284,7 @@ def with_ood_columns(runs: pd.DataFrame, ood: pd.DataFrame | None) -> pd.DataFra
     """
     if ood is None or ood.empty:
         return runs
+    from ..ood import headline
     from ..runkey import KEY_COLUMNS
 
     need = [*KEY_COLUMNS, "ood_set", "accuracy"]
@@ -291,7 +292,7 @@ def with_ood_columns(runs: pd.DataFrame, ood: pd.DataFrame | None) -> pd.DataFra
     if missing:
         raise ValueError(f"OOD table: missing column(s) {missing}; it is written by the aggregate_ood rule")
     keys = list(KEY_COLUMNS)
-    o = ood.copy()
+    o = headline(ood).copy()  # whole sets only, not the HANS breakdown rows
     for k in keys:  # the same dtypes as the runs table (budget tokens, int seeds)
         o[k] = o[k].astype(runs[k].dtype) if k in runs.columns else o[k]
     wide = o.pivot_table(index=keys, columns="ood_set", values="accuracy", aggfunc="first")

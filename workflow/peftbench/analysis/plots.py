@@ -59,6 +59,9 @@ __all__ = [
     "save_figures",
     "method_colors",
     "significance_marks",
+    "example_marks",
+    "review_mark_rows",
+    "plot_ood",
     "plot_glue",
     "plot_task",
     "plot_pareto",
@@ -68,6 +71,11 @@ __all__ = [
     "plot_spectrum",
     "plot_gradnorms",
 ]
+
+#: Height of one row of significance marks, as a fraction of the panel's height.
+MARK_ROW_H = 0.055
+#: The significance threshold of the marks' words ("n.s.", McNemar's seed count).
+ALPHA = 0.05
 
 #: At most this many PDF pages are stacked into the PNG preview.
 PNG_MAX_PAGES = 8
@@ -131,11 +139,19 @@ def _stars(p: float) -> str:
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
 
 
+def _word(p: float) -> str:
+    """A mark row's word for a p-value: stars (:func:`_stars`), ``n.s.``, or ``–`` (no test)."""
+    if p is None or not np.isfinite(p):
+        return "–"
+    return _stars(p) or "n.s."
+
+
 def significance_marks(significance: pd.DataFrame | None, reference: str | None = None,
-                       p_column: str = "p_ttest_holm") -> dict:
+                       p_column: str = "p_ttest_holm", words: bool = False) -> dict:
     """Stars per ``(model, task, budget token, method)`` from the rows comparing a method with
     ``reference`` (default: the table's ``reference`` column): ``*`` p < 0.05, ``**`` p < 0.01,
-    ``***`` p < 0.001 on ``p_column`` (Holm-adjusted paired t-test by default).
+    ``***`` p < 0.001 on ``p_column`` (Holm-adjusted paired t-test by default); with ``words``
+    also ``n.s.`` (p ≥ 0.05) and ``–`` (no p-value: fewer than two paired seeds).
 
     Returns:
         ``{(model, task, budget, method): stars}`` (``budget``: the family token,
@@ -154,8 +170,79 @@ def significance_marks(significance: pd.DataFrame | None, reference: str | None 
                          "regenerate it with `snakemake results/tables/significance.parquet`")
     base = reference if reference is not None else significance["reference"]
     sig = significance[significance["baseline"] == base]
-    return {(r.model, r.task, family_token(r.budget), r.method): _stars(getattr(r, p_column))
+    mark = _word if words else _stars
+    return {(r.model, r.task, family_token(r.budget), r.method): mark(getattr(r, p_column))
             for r in sig.itertuples(index=False)}
+
+
+#: Row labels of the per-task figure's significance marks: the seed-level test
+#: (``significance.parquet``), then the example-level tests (``example_significance.parquet``).
+MARK_ROWS: dict[str, str] = {
+    "seed": "seeds: t-test",
+    "hier_bootstrap": "examples: bootstrap",
+    "mcnemar": "examples: McNemar",
+    "aso": "seeds: ASO ε_min",
+}
+
+
+def example_marks(example_significance: pd.DataFrame | None, reference: str | None = None) -> dict[str, dict]:
+    """Marks of the example-level tests (:mod:`peftbench.analysis.examples`) per test, each
+    ``{(model, task, budget token, method): mark}`` for the rows comparing a method with ``reference``
+    (default: the table's ``reference`` column):
+
+    * ``hier_bootstrap``: the paired hierarchical bootstrap's Holm-adjusted p (``p_holm``) as stars,
+      ``n.s.`` or ``–`` (:func:`_word`);
+    * ``mcnemar``: ``k/n``, the number ``k`` of the ``n`` seeds whose McNemar test rejects at
+      Holm-adjusted p < :data:`ALPHA` (``–`` without a test: not an accuracy task);
+    * ``aso``: ε_min of Almost Stochastic Order, two decimals (< 0.5: the method is almost
+      stochastically better; ``–``: not computed, e.g. without ``deepsig``).
+
+    Returns:
+        ``{"hier_bootstrap": {...}, "mcnemar": {...}, "aso": {...}}``; empty dicts when the table is
+        None or empty.
+
+    Raises:
+        ValueError: a needed column is missing from ``example_significance``.
+    """
+    out: dict[str, dict] = {t: {} for t in ("hier_bootstrap", "mcnemar", "aso")}
+    if example_significance is None or example_significance.empty:
+        return out
+    need = ["model", "task", "budget", "method", "reference", "test", "p_holm", "eps_min"]
+    missing = [c for c in need if c not in example_significance.columns]
+    if missing:
+        raise ValueError(f"example_significance table: missing column(s) {', '.join(missing)}; "
+                         "regenerate it with `snakemake results/tables/example_significance.parquet`")
+    ex = example_significance
+    ex = ex[ex["reference"] == (reference if reference is not None else ex["reference"])]
+    ex = ex.assign(mark_key=[(r.model, r.task, family_token(r.budget), r.method) for r in ex.itertuples(index=False)])
+    for r in ex[ex["test"] == "hier_bootstrap"].itertuples(index=False):
+        out["hier_bootstrap"][r.mark_key] = _word(float(r.p_holm))
+    for key, g in ex[ex["test"] == "mcnemar"].groupby("mark_key", sort=False):
+        p = g["p_holm"].astype(float).to_numpy()
+        p = p[np.isfinite(p)]
+        out["mcnemar"][key] = f"{int(np.sum(p < ALPHA))}/{len(p)}" if len(p) else "–"
+    for r in ex[ex["test"] == "aso"].itertuples(index=False):
+        eps = float(r.eps_min)
+        out["aso"][r.mark_key] = f"{eps:.2f}" if np.isfinite(eps) else "–"
+    return out
+
+
+def review_mark_rows(significance: pd.DataFrame | None, example_significance: pd.DataFrame | None,
+                     reference: str | None = None) -> list[tuple[str, dict]]:
+    """The per-task figure's rows of marks: ``[(row label, {(model, task, budget, method): mark})]``.
+
+    First the seed-level Holm-adjusted paired t-test (``significance.parquet``,
+    :func:`significance_marks` with words), then the example-level tests of
+    ``example_significance.parquet`` (:func:`example_marks`: hierarchical bootstrap, McNemar per
+    seed, ASO ε_min); labels from :data:`MARK_ROWS`. A table that is None gives no row.
+    """
+    rows = []
+    if significance is not None:
+        rows.append((MARK_ROWS["seed"], significance_marks(significance, reference, words=True)))
+    if example_significance is not None:
+        ex = example_marks(example_significance, reference)
+        rows += [(MARK_ROWS[t], ex[t]) for t in ("hier_bootstrap", "mcnemar", "aso")]
+    return rows
 
 
 def _reference(significance: pd.DataFrame | None, reference: str | None) -> str | None:
@@ -264,8 +351,14 @@ _TABLE_HINT = "regenerate it with `snakemake results/tables/{name}` (rule aggreg
 
 def _comparison_panel(ax, st: pd.DataFrame, seeds: pd.DataFrame, marks: dict, methods: list[str],
                       colors: dict, reference: str | None, title: str, ylabel: str, key: tuple,
-                      highlight: bool = False, ncols: int = 5) -> None:
-    """Draw one family: x = methods; mean (point) ± CI (bar), seeds (grey dots), value + stars."""
+                      highlight: bool = False, ncols: int = 5,
+                      mark_rows: Sequence[tuple[str, dict]] = ()) -> None:
+    """Draw one family: x = methods; mean (point) ± CI (bar), seeds (grey dots), value + stars.
+
+    ``mark_rows``: ``[(row label, {(model, task, budget, method): mark})]`` drawn as labelled rows
+    of text across the top of the panel, one per test (the per-task figure: seed-level and
+    example-level tests); the mean is then annotated without ``marks``' stars.
+    """
     st = st.set_index("method")
     trans = blended_transform_factory(ax.transData, ax.transAxes)
     lows, highs = [], []
@@ -295,17 +388,32 @@ def _comparison_panel(ax, st: pd.DataFrame, seeds: pd.DataFrame, marks: dict, me
         bottom = np.nanmin([mean, lo, *vals])
         lows.append(bottom)
         highs.append(top)
-        label = f"{mean:.1f}{marks.get((*key, m), '')}"
+        label = f"{mean:.1f}{'' if mark_rows else marks.get((*key, m), '')}"
         ax.annotate(label, (i, top), xytext=(0, 3), textcoords="offset points", ha="center",
                     va="bottom", fontsize=7, rotation=rotate)
     if reference is not None and reference in st.index and st.at[reference, "n_ok"] > 0:
         ax.axhline(100 * st.at[reference, "mean"], ls="--", lw=0.8, color=colors[reference], zorder=1)
+    # the mark rows take the top MARK_ROW_H of the axes each; the data stay below them
+    free = 1.0 - MARK_ROW_H * (len(mark_rows) + 0.5) if mark_rows else 1.0
     if lows:
         lo, hi = min(lows), max(highs)
         span = max(hi - lo, 1.0)
-        ax.set_ylim(lo - 0.08 * span, hi + (0.45 if rotate else 0.2) * span)
+        bottom, top = lo - 0.08 * span, hi + (0.45 if rotate else 0.2) * span
+        ax.set_ylim(bottom, bottom + (top - bottom) / free)
     else:
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 100 / free)
+    left = -0.6
+    if mark_rows:
+        left = -1.4  # a column for the row labels
+        for j, (row_label, row) in enumerate(mark_rows):
+            y = 1.0 - MARK_ROW_H * (j + 0.75)
+            ax.text(left + 0.05, y, row_label, transform=trans, ha="left", va="center", fontsize=6,
+                    color="0.3", style="italic")
+            for i, m in enumerate(methods):
+                mark = row.get((*key, m), "") if m != reference else ("reference" if j == 0 else "")
+                ax.text(i, y, mark, transform=trans, ha="center", va="center", fontsize=7,
+                        color="0.4" if m == reference else "black")
+        ax.axhline(ax.get_ylim()[0] + (ax.get_ylim()[1] - ax.get_ylim()[0]) * free, color="0.8", lw=0.6)
     labels = []
     for m in methods:
         if m in st.index:
@@ -317,7 +425,7 @@ def _comparison_panel(ax, st: pd.DataFrame, seeds: pd.DataFrame, marks: dict, me
     ax.set_xticks(np.arange(len(methods)), labels=labels, rotation=45, ha="right", fontsize=7)
     for tick, m in zip(ax.get_xticklabels(), methods):
         tick.set_color(colors[m])
-    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_xlim(left, len(methods) - 0.4)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title(title, fontsize=9, fontweight="bold" if highlight else "normal")
@@ -343,6 +451,27 @@ def _comparison_footer(fig: Figure, opts: StatsOptions, reference: str | None, h
         text += (f" * / ** / ***: Holm-adjusted paired t-test p < 0.05 / 0.01 / 0.001 vs {reference} "
                  "(significance.parquet).")
     else:
+        text += " No significance marks (no significance table given)."
+    _footer(fig, text)
+
+
+def _review_footer(fig: Figure, opts: StatsOptions, reference: str | None, have_seed: bool,
+                   have_examples: bool) -> None:
+    """The per-task figure's footer: what the points are and where each row of marks comes from."""
+    text = (f"Points: mean over seeds of the final-epoch main metric (×100); bars: {opts.confidence:.0%} "
+            f"bootstrap CI of the mean ({opts.ci_method}, {opts.resamples:,} resamples); grey dots: single seeds; "
+            "(n=k): seeds that finished; †: some seeds failed or are missing.")
+    vs = f" vs {reference}" if reference else ""
+    if have_seed:
+        text += (f" Row '{MARK_ROWS['seed']}' (significance.parquet): Holm-adjusted seed-paired t-test{vs}, "
+                 "* / ** / *** p < 0.05 / 0.01 / 0.001, n.s. otherwise, – untested (< 2 paired seeds).")
+    if have_examples:
+        text += (f" Example-level rows (example_significance.parquet){vs}: '{MARK_ROWS['hier_bootstrap']}': "
+                 "paired hierarchical bootstrap over seeds and dev examples, Holm-adjusted p as above; "
+                 f"'{MARK_ROWS['mcnemar']}': seeds whose McNemar test has Holm-adjusted p < {ALPHA:g} / seeds "
+                 f"tested (accuracy tasks); '{MARK_ROWS['aso']}': Almost Stochastic Order ε_min of the "
+                 "method over the reference on the seed scores (< 0.5: almost stochastically better).")
+    if not (have_seed or have_examples):
         text += " No significance marks (no significance table given)."
     _footer(fig, text)
 
@@ -420,8 +549,14 @@ def plot_glue(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
 
 def plot_task(runs: pd.DataFrame, task: str, significance: pd.DataFrame | None = None,
               opts: StatsOptions = StatsOptions(), out: str | Path | None = None,
-              reference: str | None = None) -> list[Figure]:
-    """One task's comparison: one page per model, one panel per budget (as in :func:`plot_glue`).
+              reference: str | None = None, example_significance: pd.DataFrame | None = None) -> list[Figure]:
+    """One task's comparison, the figure a reviewer reads at a glance: one page per model, one
+    panel per budget; per method its seeds (grey dots), mean and bootstrap CI (as in
+    :func:`plot_glue`), and above them labelled rows of significance marks vs the reference
+    (:func:`review_mark_rows`): the seed-level Holm-adjusted paired t-test (``significance``), and
+    the example-level tests (``example_significance``: paired hierarchical bootstrap over seeds
+    and dev examples, Bouthillier et al. 2021, arXiv:2103.03098; McNemar per seed, as "k/n seeds";
+    ASO ε_min, Dror et al. 2019). The footer says which table each row comes from.
 
     Raises:
         ValueError: ``task`` has no rows in ``runs`` (the message lists the tasks it has), or the
@@ -432,6 +567,7 @@ def plot_task(runs: pd.DataFrame, task: str, significance: pd.DataFrame | None =
                          f"{', '.join(order_tasks(runs['task'].unique())) or 'none'}")
     reference = _reference(significance, reference)
     marks = significance_marks(significance, reference)
+    rows = review_mark_rows(significance, example_significance, reference)
     stats_, seeds = _prepare(runs, opts)
     stats_ = stats_[stats_["task"] == task]
     seeds = seeds[seeds["task"] == task]
@@ -440,17 +576,170 @@ def plot_task(runs: pd.DataFrame, task: str, significance: pd.DataFrame | None =
     for model, sm in stats_.groupby("model", sort=False):
         budgets = order_budgets(sm["budget"].unique())
         nrows, ncols = _grid(len(budgets), 3)
-        fig, axes = _page(nrows, ncols, height_per_row=4.2)
+        fig, axes = _page(nrows, ncols, height_per_row=4.2, footer_lines=6 if rows else 2)
         for ax, b in zip(_drop_unused(axes, len(budgets)), budgets):
             st = sm[sm["budget"] == b]
             sd = seeds[(seeds["model"] == model) & (seeds["budget"] == b)]
             _comparison_panel(ax, st, sd, marks, _family_methods(sm, b, reference), colors, reference,
-                              _fmt_budget(b), _metric_label(st["metric"].iloc[0]), (model, task, b), ncols=ncols)
+                              _fmt_budget(b), _metric_label(st["metric"].iloc[0]), (model, task, b), ncols=ncols,
+                              mark_rows=rows)
         fig.suptitle(f"{model}: {task_label(task)} dev, per trainable-parameter budget", fontsize=11, x=0.01,
                      ha="left")
         _comparison_legend(fig, reference, colors)
-        _comparison_footer(fig, opts, reference, bool(marks))
+        _review_footer(fig, opts, reference, significance is not None, example_significance is not None)
         figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+# --------------------------------------------------------------------------------------------
+# In-domain vs out-of-distribution (ood.pdf)
+# --------------------------------------------------------------------------------------------
+
+def ood_columns(runs: pd.DataFrame, ood: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, tuple]]:
+    """``runs`` (validated) with one accuracy column per OOD quantity of ``ood`` (``tables/ood.parquet``),
+    joined on the run key: ``ood_<set>_accuracy`` for a whole set (its headline row), and
+    ``ood_<set>__<breakdown>__<subset>__<gold class>`` for each breakdown row (HANS heuristic ×
+    gold label, subcase).
+
+    Returns:
+        ``(wide runs, {column: (ood_set, breakdown, subset, gold_class)})``; a breakdown of ``all``
+        marks a whole set.
+
+    Raises:
+        ValueError: ``ood`` lacks the run key, ``ood_set`` or ``accuracy``; see
+            :func:`~peftbench.analysis.significance.validate_runs`.
+    """
+    from ..budget import Budget
+    from ..runkey import KEY_COLUMNS
+    from ..vocab import OOD_ALL
+    from .significance import ood_value_column, validate_runs
+
+    _require(ood, [*KEY_COLUMNS, "ood_set", "accuracy"], "OOD table", "it is written by the aggregate_ood rule")
+    runs = validate_runs(runs)
+    o = ood.copy()
+    for c in ("breakdown", "subset", "gold_class"):
+        o[c] = o[c].astype(str) if c in o.columns else OOD_ALL
+    o["budget"] = o["budget"].map(lambda b: Budget.parse(b).token).astype(object)
+    o["seed"] = o["seed"].astype(int)
+    whole = o["breakdown"] == OOD_ALL
+    o["ood_column"] = np.where(whole, [ood_value_column(x) for x in o["ood_set"]],
+                         o["ood_set"] + "__" + o["breakdown"] + "__" + o["subset"] + "__" + o["gold_class"])
+    what = {r.ood_column: (r.ood_set, r.breakdown, r.subset, r.gold_class)
+            for r in o.drop_duplicates("ood_column").itertuples(index=False)}
+    keys = list(KEY_COLUMNS)
+    wide = o.pivot_table(index=keys, columns="ood_column", values="accuracy", aggfunc="first").reset_index()
+    wide.columns.name = None
+    return runs.merge(wide, on=keys, how="left"), what
+
+
+def _value_stats(wide: pd.DataFrame, task: str, column: str, opts: StatsOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`_prepare` (method statistics and seed values) of ``column`` for ``task``'s runs; an
+    ok run without a value for it (no OOD row) counts as missing."""
+    from dataclasses import replace
+
+    sub = wide[wide["task"] == task].copy()
+    if column != opts.value:
+        sub.loc[(sub["status"] == "ok") & sub[column].isna(), "status"] = "missing"
+    st, sd = _prepare(sub, replace(opts, value=column))
+    return st[st["task"] == task], sd[sd["task"] == task]
+
+
+def plot_ood(runs: pd.DataFrame, ood: pd.DataFrame, significance: pd.DataFrame | None = None,
+             ood_significance: pd.DataFrame | None = None, opts: StatsOptions = StatsOptions(),
+             out: str | Path | None = None, reference: str | None = None) -> list[Figure]:
+    """In-domain vs out-of-distribution accuracy per method.
+
+    One page per ``(model, training task, budget)`` family that has OOD rows: the first panel is
+    the task's dev main metric (``opts.value``), then one panel per OOD set (its accuracy over the
+    whole set, in the scored classes of :data:`peftbench.vocab.OOD_MAPS`), each with per-seed
+    points, the mean and its bootstrap CI (:func:`~peftbench.analysis.significance.method_stats`)
+    and stars vs the reference: Holm-adjusted paired t-test from ``significance`` (dev panel) and
+    ``ood_significance`` (OOD panels, :func:`~peftbench.analysis.significance.compare_ood`).
+    Where HANS breakdown rows exist (McCoy et al. 2019, arXiv:1902.01007), a further page per
+    family shows each heuristic (lexical overlap, subsequence, constituent) × gold label
+    (entailment, non-entailment), same encoding, no tests.
+
+    Raises:
+        ValueError: the OOD table lacks the run key, ``ood_set`` or ``accuracy``; invalid runs table.
+    """
+    from ..vocab import HANS_HEURISTICS, OOD_SETS
+
+    if ood is None or ood.empty:
+        return [placeholder_figure("In-domain vs OOD", "no OOD rows (ood.sets names no set for a task of the grid)")]
+    reference = _reference(significance, reference)
+    wide, what = ood_columns(runs, ood)
+    dev_marks = significance_marks(significance, reference)
+    ood_marks = {}
+    if ood_significance is not None and not ood_significance.empty:
+        for name, g in ood_significance.groupby("ood_set", sort=False):
+            ood_marks[name] = significance_marks(g, reference)
+    rank = {n: i for i, n in enumerate(OOD_SETS)}
+    colors = method_colors(wide["method"].unique())
+    figs = []
+    tasks = order_tasks(ood["task"].unique())
+    for task in tasks:
+        dev_st, dev_sd = _value_stats(wide, task, opts.value, opts)
+        sets = sorted({w[0] for c, w in what.items() if w[1] == "all"} & set(ood.loc[ood["task"] == task, "ood_set"]),
+                      key=lambda n: (rank.get(n, len(rank)), n))
+        per_set = {n: _value_stats(wide, task, f"ood_{n}_accuracy", opts) for n in sets}
+        hans = [c for c, w in what.items() if w[0] == "hans" and w[1] == "heuristic"] if "hans" in sets else []
+        hans_st = {c: _value_stats(wide, task, c, opts) for c in hans}
+        for (model, budget), st_b in dev_st.groupby(["model", "budget"], sort=False):
+            methods = _family_methods(dev_st[dev_st["model"] == model], budget, reference)
+            key = (model, task, budget)
+            n = 1 + len(sets)
+            nrows, ncols = _grid(n, 4)
+            fig, axes = _page(nrows, ncols, height_per_row=4.0)
+            axs = _drop_unused(axes, n)
+            sd = dev_sd[(dev_sd["model"] == model) & (dev_sd["budget"] == budget)]
+            _comparison_panel(axs[0], st_b, sd, dev_marks, methods, colors, reference,
+                              f"{task_label(task)} dev (in-domain)", _metric_label(st_b["metric"].iloc[0]), key,
+                              highlight=True, ncols=ncols)
+            for ax, name in zip(axs[1:], sets):
+                st, sd = per_set[name]
+                sel = (st["model"] == model) & (st["budget"] == budget)
+                sd = sd[(sd["model"] == model) & (sd["budget"] == budget)]
+                _comparison_panel(ax, st[sel], sd, ood_marks.get(name, {}), methods, colors, reference,
+                                  f"{OOD_SETS[name].label if name in OOD_SETS else name} (OOD)", "accuracy (%)",
+                                  key, ncols=ncols)
+            fig.suptitle(f"{model}: trained on {task_label(task)}, {_fmt_budget(budget)}: in-domain vs "
+                         "out-of-distribution", fontsize=11, x=0.01, ha="left")
+            _comparison_legend(fig, reference, colors)
+            _footer(fig, f"Points: mean over seeds (×100); bars: {opts.confidence:.0%} bootstrap CI of the mean "
+                         f"({opts.ci_method}, {opts.resamples:,} resamples); grey dots: single seeds. First panel: "
+                         f"the dev main metric; OOD panels: accuracy in the scored classes of the (task, set) label "
+                         f"map (RTE on ANLI: neutral and contradiction scored as not_entailment, a proxy). Stars: "
+                         f"Holm-adjusted seed-paired t-test p < 0.05 / 0.01 / 0.001 vs {reference} "
+                         f"(significance.parquet for dev, ood_significance.parquet for OOD sets).")
+            figs.append(fig)
+            if hans:
+                cells = [(h, g) for g in OOD_SETS["hans"].classes for h in HANS_HEURISTICS]
+                fig, axes = _page(2, 3, height_per_row=3.8)
+                for ax, (h, g) in zip(axes.flat, cells):
+                    col = f"hans__heuristic__{h}__{g}"
+                    if col not in hans_st:
+                        ax.set_axis_off()
+                        ax.set_title(f"{h.replace('_', ' ')}, {g}: no examples", fontsize=9)
+                        continue
+                    st, sd = hans_st[col]
+                    sel = (st["model"] == model) & (st["budget"] == budget)
+                    sd = sd[(sd["model"] == model) & (sd["budget"] == budget)]
+                    _comparison_panel(ax, st[sel], sd, {}, methods, colors, reference,
+                                      f"HANS {h.replace('_', ' ')}, gold {g}", "accuracy (%)", key, ncols=3)
+                    ax.set_ylim(0, 108)  # one scale for the six cells: entailed vs not is the contrast
+                    ax.axhline(50, color="0.6", lw=0.6, ls=":")
+                fig.suptitle(f"{model}: trained on {task_label(task)}, {_fmt_budget(budget)}: HANS by heuristic "
+                             "and gold label", fontsize=11, x=0.01, ha="left")
+                _comparison_legend(fig, reference, colors)
+                _footer(fig, "HANS (McCoy et al. 2019): each heuristic's examples where it predicts right "
+                             "(gold entailment) and wrong (gold non-entailment; a model relying on the heuristic "
+                             "fails there). Points: mean over seeds (×100), bars: bootstrap CI, grey dots: seeds; "
+                             "dotted line: 50 %; no significance tests on subsets.")
+                figs.append(fig)
+    if not figs:
+        figs = [placeholder_figure("In-domain vs OOD", "no run with OOD rows has a dev result")]
     if out is not None:
         save_figures(figs, out)
     return figs

@@ -54,6 +54,8 @@ Statistics (all from :mod:`scipy.stats`; our code only pairs, groups and guards 
 * **Holm–Bonferroni.** :func:`holm` within each family (all comparisons of one
   ``(model, task, budget)``), separately for the t-test and the Wilcoxon p-values; NaN p-values
   are not counted as tests.
+* **OOD metrics.** :func:`compare_ood` runs the same tests on each out-of-distribution set's
+  accuracy (``tables/ood.parquet``), one family per ``(model, task, budget)`` and OOD set.
 """
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ __all__ = [
     "glue_average_runs",
     "method_stats",
     "compare_methods",
+    "compare_ood",
+    "ood_value_column",
     "order_methods",
     "order_tasks",
     "budget_free_methods",
@@ -836,3 +840,60 @@ def _sort(df: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
         key["_b"] = df["baseline"].map(m_rank)
         by.append("_b")
     return key.sort_values(by, kind="stable").drop(columns=[c for c in key.columns if c.startswith("_")]).reset_index(drop=True)
+
+
+#: Columns of the OOD significance table: :data:`SIGNIFICANCE_COLUMNS` with ``ood_set`` after ``task``.
+OOD_SIGNIFICANCE_COLUMNS = [*SIGNIFICANCE_COLUMNS[:2], "ood_set", *SIGNIFICANCE_COLUMNS[2:]]
+
+
+def ood_value_column(ood_set: str) -> str:
+    """The run-table column of an OOD set's accuracy (``ood_<set>_accuracy``, as the explorer's)."""
+    return f"ood_{ood_set}_accuracy"
+
+
+def compare_ood(runs: pd.DataFrame, ood: pd.DataFrame, reference: str = DEFAULT_REFERENCE, all_pairs: bool = False,
+                opts: StatsOptions = StatsOptions()) -> pd.DataFrame:
+    """The seed-paired tests of :func:`compare_methods`, on each OOD set's accuracy instead of the
+    dev metric: the same families, pairing, bootstrap CI, t-test, Wilcoxon, Cohen's d and Holm
+    (within each ``(model, task, budget)`` family of one OOD set).
+
+    ``ood`` is ``tables/ood.parquet`` (its headline rows, :func:`peftbench.ood.headline`: accuracy
+    over the whole set, a fraction in the scored classes). For OOD set ``s`` the compared value is
+    ``ood_<s>_accuracy`` (:func:`ood_value_column`) of the runs of the tasks that were scored on
+    ``s``; an ok run without a row for ``s`` counts as ``missing``. GLUE-average rows are not
+    formed (each set is scored after one training task).
+
+    Returns:
+        :data:`OOD_SIGNIFICANCE_COLUMNS`: per OOD set, :func:`compare_methods`' rows with
+        ``ood_set``, ``metric == "accuracy"`` and ``value_column == ood_<set>_accuracy``; empty
+        when ``ood`` has no rows.
+
+    Raises:
+        ValueError: see :func:`validate_runs`; an OOD table without the run key, ``ood_set`` or
+            ``accuracy``.
+    """
+    from dataclasses import replace
+
+    from ..ood import headline
+    from ..vocab import OOD_SETS
+    from .explorer import with_ood_columns
+
+    if ood is None or ood.empty:
+        return pd.DataFrame(columns=OOD_SIGNIFICANCE_COLUMNS)
+    runs = validate_runs(runs, value=opts.value)
+    wide = with_ood_columns(runs, ood)
+    head = headline(ood)
+    rank = {s: i for i, s in enumerate(OOD_SETS)}
+    frames = []
+    for name in sorted(head["ood_set"].unique(), key=lambda s: (rank.get(s, len(rank)), s)):
+        col = ood_value_column(name)
+        tasks = set(head.loc[head["ood_set"] == name, "task"])
+        sub = wide[wide["task"].isin(tasks)].copy()
+        no_row = (sub["status"] == "ok") & sub[col].isna()
+        sub.loc[no_row, "status"] = "missing"
+        res = compare_methods(sub, reference, all_pairs, replace(opts, value=col))
+        res = res[res["task"] != GLUE_AVG].copy()
+        res["metric"] = "accuracy"
+        res.insert(2, "ood_set", name)
+        frames.append(res)
+    return pd.concat(frames, ignore_index=True)[OOD_SIGNIFICANCE_COLUMNS]

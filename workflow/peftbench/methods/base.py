@@ -16,7 +16,8 @@ with :func:`peftbench.methods.register`. The loop (:mod:`peftbench.train`) calls
         method.after_optimizer_step(model, state)               # before zero_grad (AdaLoRA)
         optimizer.zero_grad(set_to_none=True)
     at each evaluation: method.on_eval_start / on_eval_end
-    at the end: method.param_counts, method.summary, method.tables, method.state_to_save
+    at the end: method.param_counts, method.summary, method.tables, method.state_to_save,
+                method.checkpoint_state (method_state.pt: what a reload restores first)
 
 A hook that changes the set or shapes of trainable parameters calls
 ``state.rebuild_optimizer(transfer)`` (see :class:`LoopState`).
@@ -249,12 +250,18 @@ class Method:
 
         Trainable parameters, optimizer and RNG states are saved by the loop; return here only
         what lives in the method (or in modules outside the parameters). Default: nothing.
+        The same state is written at the end of every run (``method_state.pt``, plain containers
+        and tensors for ``torch.load(weights_only=True)``) and restored by a reload of the finished
+        run (:func:`peftbench.checkpoint.load_trained`, the OOD stage) before ``adapter.safetensors``
+        is loaded: anything inference depends on beyond :meth:`state_to_save` (resized modules,
+        masks) belongs here.
         """
         return {}
 
     def restore_checkpoint_state(self, model: nn.Module, state: dict[str, Any]) -> None:
         """Restore :meth:`checkpoint_state` into a freshly built model, before its parameters are
-        loaded (a method that resized modules must resize them again here)."""
+        loaded (a method that resized modules must resize them again here); used by resume and by
+        the reload of a finished run."""
 
     def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors written to ``adapter.safetensors``: by default every trainable parameter."""
