@@ -61,6 +61,11 @@ def _key(method):
     return RunKey.of("tiny", TASK, method, "r4", 1)
 
 
+def m_precision(run) -> str:
+    """The precision the run trained and evaluated at (``precision: auto`` is bf16 on AMX CPUs)."""
+    return str(pd.read_parquet(run / RUN_FILES["metrics"]).iloc[0]["precision"])
+
+
 def _final_logits(run):
     m = pd.read_parquet(run / RUN_FILES["metrics"]).iloc[0]
     pred = pd.read_parquet(run / RUN_FILES["predictions"])
@@ -75,7 +80,8 @@ def test_every_method_reloads_to_its_logged_predictions(method, trained, tiny_mo
                                 device=torch.device("cpu"), svd_path=tiny_svd)
     assert m["status"] == "ok"
     split = TokenizedSplit(tiny_data[TASK]["validation"], recipe.max_eval_samples)
-    metrics, logits = evaluate(model, meth, get_task(TASK), {"validation": split}, torch.device("cpu"), 32, False)
+    metrics, logits = evaluate(model, meth, get_task(TASK), {"validation": split}, torch.device("cpu"), 32,
+                               m_precision(run) == "bf16")
     final, logged = _final_logits(run)
     order = np.argsort(split.idx)
     np.testing.assert_allclose(logits["validation"][order], logged, rtol=0, atol=1e-5)
@@ -116,7 +122,8 @@ def test_glora_reloads_after_reallocation_through_evaluate_ood(trained, tiny_mod
     for mod, r in zip(meth.modules, state["ranks"]):
         assert mod.lora_A["default"].weight.shape[0] == r
     split = TokenizedSplit(tiny_data[TASK]["validation"], recipe.max_eval_samples)
-    _, logits = evaluate(model, meth, get_task(TASK), {"validation": split}, torch.device("cpu"), 32, False)
+    _, logits = evaluate(model, meth, get_task(TASK), {"validation": split}, torch.device("cpu"), 32,
+                               m_precision(run) == "bf16")
     final, logged = _final_logits(run)
     pred = logits["validation"][np.argsort(split.idx)].argmax(axis=1)
     assert np.array_equal(pred, final["prediction"].to_numpy())
