@@ -5,7 +5,7 @@ Builds the test suite's tiny random BERT (2 layers, width 32, MiniLM's tokenizer
 trains each method for 3 steps (48 rows, batch 16, fp32) through :func:`peftbench.train.run` with
 ``{"compile": true, "compile_mode": "default", "length_buckets": 1}`` (one static shape)::
 
-    PYTHONPATH=workflow python workflow/scripts/compile_probe.py --methods lora,adalora,spectral_a
+    PYTHONPATH=workflow python workflow/scripts/compile_probe.py --methods lora,adalora,spectral_a [--backend aot_eager]
 
 Prints JSON lines: method, ok, compiled, compile_s (seconds of compilation and warm-up), the
 loop's compile note, or the error. A probe that prints, not a test (compiling takes minutes on a
@@ -38,6 +38,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="all", help="comma-separated method keys, or all")
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: the same graphs "
+                                                         "without inductor's code generation)")
     a = p.parse_args()
     methods = list(METHODS) if a.methods == "all" else a.methods.split(",")
     work = Path(tempfile.mkdtemp(prefix="peftbench-compile-probe-"))
@@ -56,8 +58,8 @@ def main() -> None:
     for m in methods:
         recipe = Recipe.from_dict({"lr": 1e-3, "epochs": 1, "batch_size": 16, "max_train_samples": 48,
                                    "max_eval_samples": 32, "precision": a.precision})
-        runtime = Runtime.from_dict({"compile": True, "compile_mode": "default", "length_buckets": 1, "log_every": 1,
-                                     "checkpoint_every": 0})
+        runtime = Runtime.from_dict({"compile": True, "compile_mode": "default", "compile_backend": a.backend,
+                                     "length_buckets": 1, "log_every": 1, "checkpoint_every": 0})
         t0 = time.perf_counter()
         try:
             r = run(key=RunKey.of("tiny", "sst2", m, 2.0, 1), model_spec=str(model_dir),
