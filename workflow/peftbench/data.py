@@ -2,9 +2,9 @@
 
 The hub path is ``datasets.load_dataset("nyu-mll/glue", task, split=split)``. A local mirror is a
 directory ``{glue_dir}/{task}/{split}.parquet`` in the same schema (e.g. ``../shared/data/glue``);
-it is read by the same ``datasets`` library (``load_dataset("parquet", ...)``), so both sources
-give identical columns. Where ``datasets`` is not installed (e.g. a bare GPU node) a local mirror
-is read with pyarrow instead.
+it is read with pyarrow (``pyarrow.parquet.read_table``: the hub's Parquet columns as stored,
+class labels as their int ids, which is what ``datasets`` gives too), without importing
+``datasets`` or writing its Arrow cache: a tokenize job spends its time tokenising (issue 17).
 """
 from __future__ import annotations
 
@@ -53,23 +53,12 @@ def load_split(task: TaskSpec, split: str, glue_dir: str | Path | None = None) -
                 f"GLUE split {task.name}/{split} not found at {path}. Fix: put {split}.parquet "
                 f"(nyu-mll/glue schema) under {path.parent}, or set data.glue_dir to null to read "
                 f"{HUB_ID} from the hub, or drop task {task.name!r} from grid.tasks.")
-        try:
-            from datasets import load_dataset
-        except ImportError:
-            df = pd.read_parquet(path)
-        else:
-            try:
-                df = load_dataset("parquet", data_files={split: str(path)}, split=split).to_pandas()
-            except Exception as exc:  # datasets cannot read an empty or corrupt file
-                import pyarrow.parquet as pq
+        import pyarrow.parquet as pq
 
-                try:
-                    empty = pq.ParquetFile(path).metadata.num_rows == 0
-                except Exception:
-                    empty = False
-                if empty:
-                    raise DataError(f"{path}: split {split} of {task.name} is empty") from exc
-                raise DataError(f"{path}: cannot be read as Parquet ({exc}); re-create the file") from exc
+        try:
+            df = pq.read_table(path).to_pandas()
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a corrupt file
+            raise DataError(f"{path}: cannot be read as Parquet ({exc}); re-create the file") from exc
         source = str(path)
     else:
         try:

@@ -190,6 +190,23 @@ def peak_mem_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def process_age_s() -> float:
+    """Wall-clock seconds since this process started (Linux ``/proc``; NaN elsewhere).
+
+    Resolution: one clock tick (usually 10 ms). The ``import_s`` phase of a run
+    (:data:`peftbench.vocab.RUN_PHASES`).
+    """
+    import os
+
+    try:
+        # field 22 of /proc/self/stat: start time in clock ticks after boot (the name may hold spaces)
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - start / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or ``cpu (<machine>)``."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
@@ -309,7 +326,8 @@ def _with_keys(df: pd.DataFrame, key: RunKey) -> pd.DataFrame:
 
 def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter: dict[str, torch.Tensor],
               curve: list[dict], ranks: pd.DataFrame | None, gradrows: list[tuple],
-              predictions: pd.DataFrame | None = None, method_state: dict[str, Any] | None = None) -> dict[str, Any]:
+              predictions: pd.DataFrame | None = None, method_state: dict[str, Any] | None = None,
+              write_started: float | None = None) -> dict[str, Any]:
     """Write every run file into ``out_dir`` (``metrics.parquet`` last).
 
     Args:
@@ -321,11 +339,16 @@ def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter:
         method_state: the method's :meth:`~peftbench.methods.base.Method.checkpoint_state` at the
             end of training, for ``method_state.pt`` (``None``: an empty dict); a reload restores it
             before loading the adapter (:func:`peftbench.checkpoint.load_trained`).
+        write_started: ``time.perf_counter()`` when the caller began its outputs; the row then gets
+            ``write_s``, the seconds from then until ``metrics.parquet`` is written (the
+            ``write_s`` phase of :data:`peftbench.vocab.RUN_PHASES`). ``None``: no ``write_s``.
 
     Returns:
         The row as written, without the key columns: ``row`` plus ``adapter_bytes`` (size of
-        ``adapter.safetensors`` in bytes).
+        ``adapter.safetensors`` in bytes) and, with ``write_started``, ``write_s``.
     """
+    import time
+
     out_dir = Path(out_dir)
     meta = {k: str(v) for k, v in key.columns().items()}
     save_tensors(adapter, out_dir / RUN_FILES["adapter"], metadata=meta)
@@ -338,5 +361,7 @@ def write_run(out_dir: str | Path, key: RunKey, row: dict[str, Any], *, adapter:
     write_table(_with_keys(pd.DataFrame(gradrows, columns=GRADNORM_COLUMNS), key), out_dir / RUN_FILES["gradnorms"])
     write_table(_with_keys(predictions if predictions is not None else pd.DataFrame(columns=PREDICTION_COLUMNS), key),
                 out_dir / RUN_FILES["predictions"])
+    if write_started is not None:
+        row["write_s"] = time.perf_counter() - write_started
     write_table(pd.DataFrame([{**key.columns(), **row}]), out_dir / RUN_FILES["metrics"])
     return row

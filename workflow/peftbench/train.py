@@ -64,7 +64,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         out_dir: str | Path, recipe: Recipe, runtime: Runtime | None = None, svd_path: str | Path | None = None,
         device: str | None = None, checkpoint_dir: str | Path | None = None,
         budget_denominator: str | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
-        extra_columns: dict[str, Any] | None = None) -> dict[str, Any]:
+        extra_columns: dict[str, Any] | None = None, import_s: float | None = None) -> dict[str, Any]:
     """Train one (model, task, method, budget, seed) and write its outputs to ``out_dir``.
 
     With ``checkpoint_dir``, the run saves a checkpoint every ``runtime.checkpoint_every`` steps
@@ -91,6 +91,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
             without outputs (the tuning stage's pruner, :mod:`peftbench.tuning`).
         extra_columns: added to the ``metrics.parquet`` row (the tuning cost ``tuning_trials``,
             ``tuning_s`` of a tuned run).
+        import_s: seconds from process start to this call (the CLI measures it,
+            :func:`peftbench.outputs.process_age_s`); ``None`` (an in-process caller): NaN.
 
     With ``runtime.tracking.backend`` other than ``none`` the finished run is also mirrored to the
     tracker (:mod:`peftbench.tracking`; a tracker failure is logged, the outputs stay).
@@ -104,7 +106,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         budget_pct (budget_params in % of denominator_params), budget_used_params (adapter
         parameters the method counts against the budget: AdaLoRA's final allocation, all adapter
         parameters otherwise),
-        train_s, samples_per_s, eval_s, compile_s, compiled, compile_note, precision (resolved: fp32/bf16), length_buckets,
+        the phase timings of :data:`peftbench.vocab.RUN_PHASES` (import_s, load_data_s,
+        load_model_s, compile_s, train_s, eval_s, write_s; seconds), samples_per_s, compiled, compile_note, precision (resolved: fp32/bf16), length_buckets,
         peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr, protocol,
         method columns (e.g. rank), the provenance columns of :data:`peftbench.vocab.PROVENANCE`
         (commit, dirty flag, model and data sha256, package versions, device, host; see
@@ -126,6 +129,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     np.random.seed(key.seed)
 
     # data: the capped training subset (optionally length-bucketed) and every dev split
+    t_data = time.perf_counter()
     train = TokenizedSplit(train_path, recipe.max_train_samples, subset_seed=train_subset_seed(recipe, key.seed))
     if runtime.length_buckets:
         train.set_buckets(train.bucket_widths(runtime.length_buckets))
@@ -133,6 +137,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     devs = {s: TokenizedSplit(p, recipe.max_eval_samples) for s, p in dev_paths.items()}
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
+    t_model = time.perf_counter()
 
     # model: backbone wrapped by the method, the module the training steps call
     model, method, backbone = build_model(model_spec, task, key, recipe, steps_per_epoch, total_steps, dev,
@@ -140,6 +145,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     model = model.to(dev)
     model.train()
     forward, compile_note = compile_for_training(model, type(method), dev, runtime)
+    phases = {"import_s": float("nan") if import_s is None else float(import_s),
+              "load_data_s": t_model - t_data, "load_model_s": time.perf_counter() - t_model}
 
     # optimizer and schedule, built in one place (and rebuilt there when a method resizes)
     warmup = warmup_steps(recipe.warmup_ratio, total_steps)
@@ -177,14 +184,16 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         log.error("%s", exc)
 
     # outputs (metrics.parquet last)
+    t_write = time.perf_counter()
     row = run_row(key, task, method, model, backbone, recipe, progress, error, train, devs, dev,
                   compiled=forward is not model, compile_note=compile_note, precision=precision)
+    row.update(phases)
     row.update(provenance(model_spec, train_path, dev_paths, dev))
     row.update(extra_columns or {})
     preds = prediction_table(task, devs, progress, error)
     row = write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
                     ranks=method.tables(model).get("ranks"), gradrows=progress.gradrows, predictions=preds,
-                    method_state=method.checkpoint_state(model))
+                    method_state=method.checkpoint_state(model), write_started=t_write)
     mirror_finished_run(runtime.tracking, key, recipe, row, progress.curve, str(out_dir))
     if ckpt is not None and error is None and not runtime.keep_checkpoints:
         ckpt.remove()

@@ -17,6 +17,7 @@ own list:
   set), how their label spaces are scored;
 - :data:`PROVENANCE`: the columns of a run row that say what code, model, data, software and
   machine produced it;
+- :data:`RUN_PHASES`: the columns of a run row that time the phases of its job (seconds);
 - :data:`GRAD_GROUPS`, :data:`GRAD_TOTAL`: the parameter groups of the gradient-norm logs and their union;
 - :data:`TARGET_KINDS`: the kinds of adapted weight matrix, in layer order;
 - :data:`PLOTS`: every figure of the ``plot`` rule with the tables it reads.
@@ -323,6 +324,21 @@ PROVENANCE: dict[str, str] = {
     "cuda_version": "CUDA version PyTorch was built with ('none' for a CPU build)",
     "device": "GPU name, or 'cpu (<machine>)'",
     "host": "host name of the machine that trained the run",
+}
+
+#: Phase timings of every run row (``metrics.parquet``, hence ``runs.parquet``), wall-clock seconds
+#: in the order a train job goes through them; column -> meaning. They do not overlap. A job's
+#: wall-clock minus their sum is time outside them (optimizer set-up, interpreter exit, the
+#: scheduler's own work): ``peftbench grid-overhead`` reports it.
+RUN_PHASES: dict[str, str] = {
+    "import_s": "process start to the training function (interpreter, torch/transformers imports); "
+                "NaN when the run is not a process of its own (bench, tuning trials)",
+    "load_data_s": "reading the tokenised train and dev splits into padded tensors",
+    "load_model_s": "loading the pretrained weights, wrapping them with the method, moving them to the device",
+    "compile_s": "torch.compile compilation and warm-up steps (kept out of train_s)",
+    "train_s": "optimizer steps (compilation excluded, evaluation excluded)",
+    "eval_s": "dev-set evaluations, all epochs",
+    "write_s": "provenance hashes and writing every run file before metrics.parquet",
 }
 
 #: Which run file each concatenated table collects.
