@@ -201,6 +201,7 @@ def _draw(kind: str, t: dict, task: str | None, opts, reference: str | None) -> 
         "ranks": lambda: plots.plot_ranks(t["ranks"]),
         "spectrum": lambda: plots.plot_spectrum(t["spectrum"]),
         "gradnorms": lambda: plots.plot_gradnorms(t["gradnorms"]),
+        "gradheatmap": lambda: plots.plot_gradheatmap(t["gradnorms"]),
         "evp": lambda: plots.plot_evp(t["trials"]),
     }
     if set(draw) != set(PLOTS):  # pragma: no cover - a vocabulary invariant
