@@ -23,13 +23,23 @@ from peftbench.vocab import ATTENTION_KINDS, MLP_KINDS, TARGET_KINDS, TASKS, get
 
 
 @pytest.fixture(scope="module")
-def llama_data(tiny_llama_dir, glue_dir, tmp_path_factory):
-    """sst2_gen (SST-2 as generation, from the shipped sample) tokenised for the tiny LLaMA."""
+def small_glue(glue_dir, tmp_path_factory):
+    """The first 64 train / 32 validation rows of the shipped SST-2 sample, as a GLUE mirror."""
+    out = tmp_path_factory.mktemp("small-glue")
+    (out / "sst2").mkdir()
+    for split, n in (("train", 64), ("validation", 32)):
+        pd.read_parquet(glue_dir / "sst2" / f"{split}.parquet").head(n).to_parquet(out / "sst2" / f"{split}.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_data(tiny_llama_dir, small_glue, tmp_path_factory):
+    """sst2_gen (SST-2 as generation) tokenised for the tiny LLaMA."""
     out = tmp_path_factory.mktemp("causal-data")
     paths = {}
     for split in ("train", "validation"):
         paths[split] = out / f"{split}.parquet"
-        tokenize_split(str(tiny_llama_dir), "sst2_gen", split, paths[split], max_length=48, glue_dir=str(glue_dir))
+        tokenize_split(str(tiny_llama_dir), "sst2_gen", split, paths[split], max_length=48, glue_dir=str(small_glue))
     return paths
 
 
@@ -290,3 +300,53 @@ def test_causal_cli_run_writes_generations_and_gradient_analysis(tiny_llama_dir,
     assert row["gradnorm_ratio_attention_mlp_p1"] == 0.0 and np.isnan(row["gradnorm_ratio_attention_mlp_p2"])
     assert row["gradnorm_ratio_attention_mlp_p0"] > 0 and row["gradnorm_max_total"] >= row["gradnorm_mean_total"]
     assert json.loads(row["phase_boundary_steps"]) == [1, 2]
+
+
+def test_causal_track_through_real_snakemake(tmp_path, tiny_llama_dir, small_glue):
+    """The same rules, on a tiny random LLaMA: tokenize -> train (phased) -> aggregate -> the gradient
+    heatmap. Checks the run row, the generations and the per-layer gradient table."""
+    import yaml
+    from conftest import ROOT, snakemake_run
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["models"] = {"tinyllama": str(tiny_llama_dir)}
+    cfg["data"].update(glue_dir=str(small_glue), max_train_samples=12, max_eval_samples=8)
+    cfg["grid"].update(models=["tinyllama"], tasks=["sst2_gen"], methods=["phased"], budgets=["r2"], seeds=[1])
+    cfg["training"]["defaults"].update(epochs=1, batch_size=4, max_length=48, log_every=1)
+    cfg["method_options"] = {"phased": {"strategy": "attn->mlp->both"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake_run(tmp_path, "results/tables/runs.parquet", "results/comparison/gradheatmap.pdf")
+    runs = pd.read_parquet(tmp_path / "results/tables/runs.parquet").set_index("method")
+    assert list(runs.index) == ["phased"] and (runs["status"] == "ok").all() and runs["task"].tolist() == ["sst2_gen"]
+    assert runs.loc["phased", "phase_boundary_steps"] == "[1, 2]" and runs["steps"].tolist() == [3]
+    assert runs["gradnorm_ratio_attention_mlp"].notna().all() and runs["metric"].tolist() == ["accuracy"]
+    pred = pd.read_parquet(tmp_path / "results/tables/predictions.parquet")
+    assert len(pred) == 8 and pred["generated"].map(type).eq(str).all()
+    g = pd.read_parquet(tmp_path / "results/tables/gradnorms.parquet")
+    assert set(g.loc[g["layer"] >= 0, "layer"]) == {0, 1} and set(g["step"]) == {0, 1, 2}
+    # attn->mlp->both: the MLP is frozen (norm 0) at step 0, attention at step 1
+    at = g[g["layer"] == -1].set_index(["step", "group"])["grad_norm"]
+    assert at[(0, "mlp")] == 0.0 and at[(0, "attention")] > 0 and at[(1, "attention")] == 0.0 and at[(1, "mlp")] > 0
+    assert (tmp_path / "results/comparison/gradheatmap.png").stat().st_size > 0
+
+
+def test_layer_step_heatmap_grid_and_pages(tmp_path):
+    from peftbench.analysis.plots import layer_step_grid, plot_gradheatmap
+
+    rows = []
+    for seed, scale in ((1, 1.0), (2, 3.0)):
+        for step in (0, 5):
+            for layer in (0, 1, 2):
+                rows.append(("m", "sst2_gen", "phased", "r4", seed, step, "attention", layer,
+                             0.0 if step == 5 else scale * (layer + 1)))
+                rows.append(("m", "sst2_gen", "phased", "r4", seed, step, "mlp", layer, scale))
+            rows.append(("m", "sst2_gen", "phased", "r4", seed, step, "total", -1, 9.0))
+    g = pd.DataFrame(rows, columns=["model", "task", "method", "budget", "seed", "step", "group", "layer", "grad_norm"])
+    layers, steps, grid = layer_step_grid(g, "attention")
+    assert layers.tolist() == [0, 1, 2] and steps.tolist() == [0, 5]
+    assert grid[:, 0].tolist() == [2.0, 4.0, 6.0] and grid[:, 1].tolist() == [0.0, 0.0, 0.0]  # mean over seeds; frozen
+    figs = plot_gradheatmap(pd.concat([g, g.assign(method="lora")]), tmp_path / "h.pdf")
+    assert len(figs) == 1 and sorted(a.get_title() for a in figs[0].axes if a.get_title()) == [
+        "lora: attention (n=2 seeds)", "lora: mlp (n=2 seeds)", "phased: attention (n=2 seeds)", "phased: mlp (n=2 seeds)"]
+    assert (tmp_path / "h.pdf").stat().st_size > 0 and (tmp_path / "h.png").is_file()
+    assert len(plot_gradheatmap(g[g["layer"] < 0])) == 1  # no per-layer rows: one page saying so

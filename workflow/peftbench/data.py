@@ -5,6 +5,10 @@ directory ``{glue_dir}/{task}/{split}.parquet`` in the same schema (e.g. ``../sh
 it is read by the same ``datasets`` library (``load_dataset("parquet", ...)``), so both sources
 give identical columns. Where ``datasets`` is not installed (e.g. a bare GPU node) a local mirror
 is read with pyarrow instead.
+
+Causal-LM tasks (seed 003) turn rows into prompt/target examples (:func:`causal_frame`): the
+GLUE-sourced ones (RTE, SST-2, MNLI as generation) through :func:`load_split`, the others (E2E NLG,
+SAMSum, WikiSQL) through ``datasets.load_dataset`` from the hub (:func:`load_causal_split`).
 """
 from __future__ import annotations
 

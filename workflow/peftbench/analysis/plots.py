@@ -1018,6 +1018,7 @@ def plot_gradheatmap(gradnorms: pd.DataFrame, out: str | Path | None = None) -> 
         ValueError: missing columns in a non-empty table.
     """
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     if not gradnorms.empty:
         _require(gradnorms, ["model", "task", "method", "budget", "seed", "step", "group", "layer", "grad_norm"],
@@ -1052,6 +1053,8 @@ def plot_gradheatmap(gradnorms: pd.DataFrame, out: str | Path | None = None) -> 
                                           shading="flat")
                     ax.set_xlabel("training step", fontsize=8)
                     ax.set_ylabel("layer", fontsize=8)
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
                     ax.tick_params(labelsize=7)
             if image is not None:
                 fig.colorbar(image, ax=axes, shrink=0.8, label="gradient L2 norm (log scale)")
