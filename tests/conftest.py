@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random BERT (real MiniLM tokenizer) and tiny real GLUE subsets.
+"""Shared fixtures: a tiny random BERT and a tiny random LLaMA (real MiniLM tokenizer), tiny real GLUE subsets.
 
 The GLUE data is the sample shipped in the repository (workflow/data/glue-sample: stsb, cola, sst2;
 full validation splits, 2000 training rows, 200 cola test rows), so the tests need no ../shared
@@ -55,6 +55,32 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(src / f, out / f)
     return out
+
+
+def save_tiny_llama(out: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random LlamaForCausalLM (q/k/v/o and gate/up/down projections) saved with
+    save_pretrained, with MiniLM's real tokenizer ([SEP] as its end-of-sequence token)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from peftbench.models import resolve_model
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(resolve_model(MINILM))
+    tok.eos_token = "[SEP]"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA (:func:`save_tiny_llama`) for the causal-LM track."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -195,7 +195,7 @@ def test_caption_has_a_section_per_kind():
         sm = SimpleNamespace(wildcards=SimpleNamespace(kind=name), params=SimpleNamespace(reference="lora"),
                              config=cfg)
         rendered[name] = env.from_string(text).render(snakemake=sm)
-        assert "95%" in rendered[name] or name in ("cost", "curves", "ranks", "spectrum", "gradnorms", "evp")
+        assert "95%" in rendered[name] or name in ("cost", "curves", "ranks", "spectrum", "gradnorms", "gradheatmap", "evp")
         publish_parts(rendered[name], writer="html", settings_overrides={"halt_level": 2})
     kinds = [k for k, p in vocab.PLOTS.items() if not p.per_task]
     assert len({rendered[k] for k in kinds} | {rendered["cola"]}) == len(kinds) + 1

@@ -9,12 +9,16 @@ from peftbench.vocab import TASKS, get_task
 
 
 def test_task_table_covers_glue():
-    assert set(TASKS) == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+    from peftbench.vocab import TRACK_TASKS
+
+    assert set(TRACK_TASKS["encoder"]) == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+    assert set(TRACK_TASKS["causal"]) == {"rte_gen", "sst2_gen", "mnli_gen", "e2e_nlg", "samsum", "wikisql"}
+    assert set(TASKS) == set(TRACK_TASKS["encoder"]) | set(TRACK_TASKS["causal"])
     assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
     assert get_task("mnli").num_labels == 3
     assert get_task("mnli").metric_names() == ["accuracy_matched", "accuracy_mismatched"]
     assert get_task("cola").main_metric == "matthews_correlation"
-    with pytest.raises(KeyError, match="unknown GLUE task 'foo'"):
+    with pytest.raises(KeyError, match="unknown task 'foo'"):
         get_task("foo")
 
 

@@ -3,6 +3,11 @@
 Reads the ``tokenize`` stage's Parquet cache (:mod:`peftbench.tokenization`) once into
 ``(n, L)`` int64 matrices; a batch is a row selection trimmed to its longest example (or to the
 smallest length bucket that holds it).
+
+Causal-LM splits (a ``prompt_length`` column) give causal-LM batches: ``labels`` are the input
+ids with every prompt and padding position set to ``-100``, so the model's shifted cross-entropy
+(``LlamaForCausalLM``'s loss ignores ``-100``) is computed on the target tokens only; and
+:meth:`TokenizedSplit.prompt_batch` gives the prompts **left**-padded for batched generation.
 """
 from __future__ import annotations
 
@@ -67,6 +72,16 @@ class TokenizedSplit:
         self.idx = (table.column("idx").to_numpy().astype(np.int64) if "idx" in table.column_names
                     else rows.astype(np.int64))
         self.buckets: list[int] = []
+        # causal-LM track: where each target starts, and what generations are scored against
+        self.prompt_lengths = (torch.from_numpy(table.column("prompt_length").to_numpy().astype(np.int64))
+                               if "prompt_length" in table.column_names else None)
+        self.references = (table.column("references").to_pylist() if "references" in table.column_names else None)
+        self.eos_token_id = int(meta["eos_token_id"]) if "eos_token_id" in meta else None
+
+    @property
+    def is_causal(self) -> bool:
+        """A causal-LM split (prompt + target token sequences)."""
+        return self.prompt_lengths is not None
 
     def bucket_widths(self, n: int, multiple: int = 8) -> list[int]:
         """``n`` padded sequence lengths covering this split: the ``i/n`` quantiles of the example
@@ -129,5 +144,32 @@ class TokenizedSplit:
         b = {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width]}
         if self.token_type_ids is not None:
             b["token_type_ids"] = self.token_type_ids[idx, :width]
-        b["labels"] = self.labels[idx]
+        b["labels"] = self.lm_labels(idx, width) if self.is_causal else self.labels[idx]
         return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+    def lm_labels(self, idx: torch.Tensor, width: int) -> torch.Tensor:
+        """Causal-LM targets ``(len(idx), width)``: the input ids at target positions
+        ``prompt_length ≤ t < length`` and ``-100`` (ignored by the loss) at every prompt and padding
+        position. The model shifts them by one itself (position ``t`` predicts token ``t``)."""
+        pos = torch.arange(width)[None, :]
+        keep = (pos >= self.prompt_lengths[idx, None]) & (pos < self.lengths[idx, None])
+        return torch.where(keep, self.input_ids[idx, :width], torch.full_like(self.input_ids[idx, :width], -100))
+
+    def prompt_batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The prompts of examples ``idx`` **left**-padded to their longest prompt, for batched
+        generation: ``input_ids`` / ``attention_mask`` ``(len(idx), P)`` with ``pad_token_id`` / 0 on
+        the left, so every prompt ends at the last column and generated tokens follow it.
+
+        Raises:
+            ValueError: not a causal-LM split.
+        """
+        if not self.is_causal:
+            raise ValueError(f"{self.path} is not a causal-LM split (no prompt_length column)")
+        plen = self.prompt_lengths[idx]
+        width = int(plen.max())
+        ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.int64)
+        mask = torch.zeros((len(idx), width), dtype=torch.int64)
+        for i, (row, n) in enumerate(zip(idx.tolist(), plen.tolist())):
+            ids[i, width - n:] = self.input_ids[row, :n]
+            mask[i, width - n:] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}

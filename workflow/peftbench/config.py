@@ -177,7 +177,8 @@ def check(cfg: dict) -> None:
     ``grid.budget_denominator`` (:data:`peftbench.budget.DENOMINATORS`).
 
     Raises:
-        ConfigError: unknown method or task, a grid model missing from ``models:``, a bad or
+        ConfigError: unknown method or task, an encoder-only method paired with a causal-LM task
+            (:func:`check_tracks`), a grid model missing from ``models:``, a bad or
             duplicated budget, an unknown budget denominator, a per-method block for a method
             that does not exist, an unknown option or a bad option value, or a bad ``tuning:``
             search space (:func:`peftbench.tuning.check_tuning`).
@@ -200,6 +201,7 @@ def check(cfg: dict) -> None:
         known("task", "grid.tasks", t, TASKS)
     for m in grid["methods"]:
         known("method", "grid.methods", m, METHODS)
+    check_tracks(grid["tasks"], grid["methods"])
     grid["budgets"] = check_budgets(grid["budgets"])
     if grid["budget_denominator"] not in DENOMINATORS:
         raise ConfigError(f"config key grid.budget_denominator: {grid['budget_denominator']!r} is not allowed; "
@@ -236,6 +238,26 @@ def check(cfg: dict) -> None:
                 check_ood(t, name)
             except ValueError as exc:
                 raise ConfigError(f"config key ood.sets.{t}: {exc}") from None
+
+
+def check_tracks(tasks: list[str], methods: list[str]) -> None:
+    """Every method of the grid can run on every task's track: a causal-LM task (decoder,
+    generation) takes only methods whose table line has no ``encoder_only`` reason.
+
+    Raises:
+        ConfigError: names the method, the causal task, the reason and the fix.
+    """
+    from .methods import METHODS
+    from .vocab import TASKS
+
+    causal = [t for t in tasks if TASKS[t].is_causal]
+    for m in methods:
+        why = METHODS[m].encoder_only
+        if causal and why:
+            ok = [n for n, i in METHODS.items() if not i.encoder_only]
+            raise ConfigError(f"config key grid.methods: method {m!r} cannot run on the causal-LM task(s) "
+                              f"{causal}: {why}. Fix: drop it from grid.methods (methods of the causal track: "
+                              f"{ok}), or run it in a grid of encoder-track tasks")
 
 
 #: Runtime keys that must be the same for every method compared on a task (a comparison of

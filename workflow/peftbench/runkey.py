@@ -55,7 +55,7 @@ class RunKey:
 
     Attributes:
         model: a key of ``models:`` in the config.
-        task: a GLUE task (:data:`peftbench.vocab.TASKS`).
+        task: a task of the task table (:data:`peftbench.vocab.TASKS`: GLUE or causal-LM).
         method: a method key (:data:`peftbench.methods.METHODS`).
         budget: the trainable-parameter budget (a percentage or a LoRA-rank equivalent);
             :meth:`Budget.full` for budget-free methods (use :meth:`of` to get that right).

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from .io import save_tensors, write_table
-from .models import find_targets, load_classifier
+from .models import find_targets, load_causal_lm, load_classifier, model_source
 from .vocab import get_task
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ def compute_svd(model_spec: str, model_name: str, top_k: int, factors_out: str |
         ``{"matrices": n, "seconds": t, "device": str}``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_classifier(model_spec, get_task("sst2"))  # the head is irrelevant here
+    # the head is irrelevant here; a GGUF decoder (SmolLM2) has no config.json for a classifier
+    model = (load_causal_lm(model_spec) if model_source(model_spec)[1] is not None
+             else load_classifier(model_spec, get_task("sst2")))
     modules = dict(model.named_modules())
     tensors, rows = {}, []
     t0 = time.perf_counter()

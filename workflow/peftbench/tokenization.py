@@ -5,6 +5,12 @@ Columns: ``input_ids`` (list<int32>), ``attention_mask`` (list<int8>), ``token_t
 (int64). The schema metadata records the tokenizer, ``max_length`` and ``pad_token_id`` so a
 later stage can check it reads what it expects. Sequences are truncated to ``max_length`` and not
 padded (the training loop pads per batch).
+
+Causal-LM tasks (:func:`encode_causal`): ``input_ids`` is the prompt's tokens followed by the
+target's and the end-of-sequence token; ``prompt_length`` (int32) says where the target starts
+(the loss is computed on the tokens from there on only, :class:`peftbench.batches.TokenizedSplit`),
+``references`` (list<string>) holds what a generation is scored against, ``label`` the class id of
+a verbaliser task (-1 otherwise); the metadata adds ``eos_token_id`` and ``track: causal``.
 """
 from __future__ import annotations
 
@@ -15,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .data import load_split
+from .data import load_causal_split, load_split
 from .io import write_table
-from .models import load_tokenizer, resolve_model
-from .vocab import get_task
+from .models import eos_token_id, load_tokenizer, resolve_model
+from .vocab import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,45 @@ def encode_table(tok, df, text_columns, max_length: int, labels: pa.Array, batch
     return pa.table(cols), lengths
 
 
+def encode_causal(tok, frame, task: TaskSpec, max_length: int):
+    """Tokenise prompt/target rows (:func:`peftbench.data.causal_frame`) for a decoder.
+
+    Each example is ``prompt_ids + target_ids + [eos]``: the prompt with the tokenizer's special
+    tokens (a LLaMA ``<s>``), the target as ``" " + target`` without them, cut to
+    ``task.max_target_tokens`` tokens (eos included). When the example is longer than ``max_length``
+    the prompt loses tokens from its **left** (the instruction and answer cue at its end stay), and
+    the target is cut only if even one prompt token would not fit.
+
+    Returns:
+        ``(table, lengths)``: ``input_ids`` (list<int32>), ``attention_mask`` (list<int8>),
+        ``prompt_length`` (int32), ``label`` (int64), ``references`` (list<string>); ``lengths``
+        ``(n,)`` int64 tokens per example.
+
+    Raises:
+        ValueError: ``max_length < 2`` (no room for a prompt token and a target token).
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length {max_length}: a causal example needs at least one prompt and one target token")
+    eos = eos_token_id(tok)
+    prompts = tok(frame["prompt"].tolist(), add_special_tokens=True)["input_ids"]
+    targets = tok([" " + t for t in frame["target"].tolist()], add_special_tokens=False)["input_ids"]
+    ids, plen = [], []
+    for p, t in zip(prompts, targets):
+        t = list(t)[:max(task.max_target_tokens - 1, 1)] + [eos]
+        t = t[:max_length - 1]
+        p = list(p)[-(max_length - len(t)):]
+        ids.append(p + t)
+        plen.append(len(p))
+    table = pa.table({
+        "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+        "attention_mask": pa.array([[1] * len(x) for x in ids], type=pa.list_(pa.int8())),
+        "prompt_length": pa.array(plen, type=pa.int32()),
+        "label": pa.array(frame["label"].to_numpy().astype(np.int64)),
+        "references": pa.array([list(map(str, r)) for r in frame["references"]], type=pa.list_(pa.string())),
+    })
+    return table, np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
+
 def tokenize_split(model_spec: str, task_name: str, split: str, out: str | Path, max_length: int,
                    glue_dir: str | None = None, batch_size: int = 32768) -> dict:
     """Tokenise one GLUE split with the model's fast tokenizer and write it to ``out``.
@@ -120,17 +165,22 @@ def tokenize_split(model_spec: str, task_name: str, split: str, out: str | Path,
     """
     task = get_task(task_name)
     t_read = time.perf_counter()
-    df = load_split(task, split, glue_dir)
+    df = load_causal_split(task, split, glue_dir) if task.is_causal else load_split(task, split, glue_dir)
     read_s = time.perf_counter() - t_read
     tok = load_tokenizer(model_spec)
     t0, c0 = time.perf_counter(), time.process_time()
-    label_type = pa.float32() if task.is_regression else pa.int64()
-    table, lengths = encode_table(tok, df, task.text_columns, max_length,
-                                  pa.array(df["label"].to_numpy(), type=label_type), batch_size)
+    if task.is_causal:
+        table, lengths = encode_causal(tok, df, task, max_length)
+    else:
+        label_type = pa.float32() if task.is_regression else pa.int64()
+        table, lengths = encode_table(tok, df, task.text_columns, max_length,
+                                      pa.array(df["label"].to_numpy(), type=label_type), batch_size)
     table = table.append_column("idx", pa.array(df["idx"].to_numpy().astype(np.int64)))
     seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     meta = {"model": model_spec, "tokenizer": resolve_model(model_spec), "task": task_name, "split": split,
-            "max_length": max_length, "pad_token_id": int(tok.pad_token_id or 0)}
+            "max_length": max_length, "pad_token_id": int(tok.pad_token_id or 0), "track": task.track}
+    if task.is_causal:
+        meta["eos_token_id"] = eos_token_id(tok)
     write_table(table, out, metadata=meta)
     stats = {"rows": len(df), "read_s": read_s, "seconds": seconds, "cpu_s": cpu_s,
              "examples_per_s": len(df) / max(seconds, 1e-9), "examples_per_cpu_s": len(df) / max(cpu_s, 1e-9),

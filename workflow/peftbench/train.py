@@ -7,6 +7,14 @@ followed by :func:`evaluate` on every dev split — and write the outputs
 (:mod:`peftbench.outputs`). Methods plug in through the hooks of
 :class:`peftbench.methods.base.Method`, which :func:`train_step` calls in the documented order.
 
+Causal-LM track (seed 003; :attr:`peftbench.vocab.TaskSpec.is_causal`): the backbone is a
+decoder (:func:`peftbench.models.load_causal_lm`) without a head, the loss is the model's shifted
+cross-entropy on the target tokens only (prompt and padding labels are ``-100``,
+:meth:`peftbench.batches.TokenizedSplit.lm_labels`), and :func:`evaluate` generates every dev
+answer greedily from left-padded prompts (:mod:`peftbench.generation`) and scores the texts
+(:func:`peftbench.metrics.compute_generation_metrics`); ``predictions.parquet`` then holds the
+generated text of every dev example (:func:`peftbench.outputs.generation_frame`).
+
 Precision: the recipe's ``precision`` (:mod:`peftbench.precision`; ``auto``: bf16 autocast on a GPU and on
 a CPU with native bf16 matmul, fp32 otherwise), resolved once per run and recorded. Batches come from the tokenised Parquet cache
 (:mod:`peftbench.batches`), shuffled by the run's seed and padded per batch (or to length buckets).
@@ -37,13 +45,14 @@ import torch
 from .batches import TokenizedSplit
 from .checkpoint import Checkpointer, Progress, fingerprint
 from .methods import BuildContext, LoopState, get_method, method_info
-from .metrics import compute_metrics
+from .generation import greedy_generate
+from .metrics import compute_generation_metrics, compute_metrics, require_metric_data
 from .models import (backbone_param_count, embedding_param_count, find_targets, head_module_names, is_head_param,
-                     load_classifier)
+                     load_causal_lm, load_classifier, load_tokenizer)
 from .optim import optimizer_factory, rebuild_optimizer, warmup_steps
 from .precision import resolve_precision
-from .outputs import (PROTOCOL, gradnorm_columns, metric_columns, peak_mem_mib, prediction_frame, provenance,
-                      write_run)
+from .outputs import (PROTOCOL, generation_frame, gradnorm_columns, metric_columns, peak_mem_mib, prediction_frame,
+                      provenance, write_run)
 from .recipe import Recipe, Runtime
 from .runkey import RunKey
 from .tracking import mirror_finished_run
@@ -123,6 +132,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     task = get_task(key.task)
     if method_info(key.method).uses_svd and svd_path is None:
         raise ValueError(f"method {key.method} needs the SVD factors (--svd results/svd/{key.model}/factors.safetensors)")
+    require_metric_data(task)  # before training: METEOR's WordNet corpus
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(recipe.precision, dev)
     torch.manual_seed(key.seed)
@@ -173,9 +183,10 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
              dev, precision)
 
     # the epochs
+    tokenizer = load_tokenizer(model_spec) if task.is_causal else None  # decodes the generated answers
     loop = Loop(model=model, forward=forward, method=method, task=task, train=train, devs=devs, recipe=recipe,
                 runtime=runtime, state=state, gen=gen, device=dev, ckpt=ckpt, label=str(key), on_eval=on_eval,
-                precision=precision)
+                precision=precision, tokenizer=tokenizer)
     error = None
     try:
         loop.run(progress)
@@ -216,6 +227,8 @@ def prediction_table(task: TaskSpec, devs: dict[str, TokenizedSplit], p: Progres
         epochs.append(p.logits_last[:2])
         if p.logits_best is not None and p.logits_best[0] != p.logits_last[0]:
             epochs.append(p.logits_best[:2])
+    if task.is_causal:
+        return generation_frame(task, {s: (d.idx, d.labels.numpy(), d.references) for s, d in devs.items()}, epochs)
     return prediction_frame(task, {s: (d.idx, d.labels.numpy()) for s, d in devs.items()}, epochs)
 
 
@@ -246,7 +259,8 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
 def build_model(model_spec: str, task: TaskSpec, key: RunKey, recipe: Recipe, steps_per_epoch: int,
                 total_steps: int, dev: torch.device, svd_path: str | Path | None = None,
                 budget_denominator: str | None = None):
-    """Load the pretrained classifier and wrap it with the run's method (still on the CPU).
+    """Load the pretrained classifier (a causal task: the decoder, no head) and wrap it with the
+    run's method (still on the CPU).
 
     The method is sized by the budget's parameter count (:attr:`BuildContext.budget_params`:
     ``key.budget`` on this model, a percentage of ``budget_denominator``, default the schema's).
@@ -257,10 +271,13 @@ def build_model(model_spec: str, task: TaskSpec, key: RunKey, recipe: Recipe, st
     Raises:
         OptionsError, ValueError: bad method options, budget or denominator.
     """
-    model = load_classifier(model_spec, task)
+    why = method_info(key.method).encoder_only
+    if task.is_causal and why:
+        raise ValueError(f"method {key.method} cannot run on the causal-LM task {task.name}: {why}")
+    model = load_causal_lm(model_spec) if task.is_causal else load_classifier(model_spec, task)
     backbone = backbone_param_count(model)
     ctx = BuildContext(task=task, budget=key.budget, backbone_params=backbone, targets=find_targets(model),
-                       head_modules=head_module_names(model), total_steps=total_steps,
+                       head_modules=[] if task.is_causal else head_module_names(model), total_steps=total_steps,
                        steps_per_epoch=steps_per_epoch, options=dict(recipe.method_options), seed=key.seed,
                        device=dev, svd_path=Path(svd_path) if svd_path else None,
                        budget_denominator=budget_denominator, embedding_params=embedding_param_count(model))
@@ -335,6 +352,7 @@ class Loop:
     ckpt: Checkpointer | None
     label: str
     on_eval: Callable[[int, dict[str, float]], None] | None = None
+    tokenizer: Any = None  # causal-LM track: decodes generated answers
     clock: "ProgressClock" = field(default_factory=lambda: ProgressClock())
     precision: str = "fp32"
 
@@ -345,7 +363,11 @@ class Loop:
 
     @property
     def log_gradnorms(self) -> bool:
-        return self.method.log_gradnorms if self.recipe.log_gradnorms is None else bool(self.recipe.log_gradnorms)
+        """The recipe's ``log_gradnorms``; unset: the method's default, and always on for a causal-LM
+        task (seed 003's gradient analysis covers every causal run)."""
+        if self.recipe.log_gradnorms is not None:
+            return bool(self.recipe.log_gradnorms)
+        return self.method.log_gradnorms or self.task.is_causal
 
     def run(self, p: Progress) -> None:
         """Run the epochs from ``p``'s position (a fresh :class:`Progress` or a resumed one).
@@ -440,7 +462,7 @@ class Loop:
     def _evaluate(self, p: Progress, epoch: int) -> None:
         t1 = time.perf_counter()
         m, logits = evaluate(self.model, self.method, self.task, self.devs, self.device,
-                             self.runtime.eval_batch_size, self.autocast)
+                             self.runtime.eval_batch_size, self.autocast, tokenizer=self.tokenizer)
         t2 = time.perf_counter()
         p.eval_s += t2 - t1
         self.clock.evaluated(t2 - t1, p.seen)
@@ -512,16 +534,19 @@ class ProgressClock:
 
 @torch.no_grad()
 def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], device: torch.device,
-             batch_size: int, autocast: bool) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+             batch_size: int, autocast: bool, tokenizer=None) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics on every dev split (see :func:`peftbench.metrics.compute_metrics`) and the logits
-    they were computed from.
+    they were computed from; for a causal task :func:`evaluate_generation`.
 
     Logits stay on the device until the split is done; metrics are computed once per split.
 
     Returns:
         ``(metrics, logits)``: ``{metric_name: value}`` over all splits, and ``{split: (n, C)
-        float32 array}`` (``C = num_labels``; STS-B ``(n, 1)`` scores) in the split's row order.
+        float32 array}`` (``C = num_labels``; STS-B ``(n, 1)`` scores) in the split's row order
+        (causal: ``{split: list of n generated texts}``).
     """
+    if task.is_causal:
+        return evaluate_generation(model, method, task, splits, device, batch_size, autocast, tokenizer)
     model.eval()
     method.on_eval_start(model)
     out: dict[str, float] = {}
@@ -542,22 +567,65 @@ def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], d
     return out, logits_by_split
 
 
+@torch.no_grad()
+def evaluate_generation(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], device: torch.device,
+                        batch_size: int, autocast: bool, tokenizer) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Causal-LM evaluation: greedy generation of at most ``task.max_new_tokens`` tokens from every
+    dev prompt, left-padded in batches of ``batch_size`` (:func:`peftbench.generation.greedy_generate`),
+    decoded without special tokens and scored by :func:`peftbench.metrics.compute_generation_metrics`
+    against the split's references.
+
+    Returns:
+        ``(metrics, texts)``: ``{metric_name: value}`` over all splits and ``{split: [n generated
+        texts]}`` in the split's row order.
+
+    Raises:
+        ValueError: no tokenizer (needed to decode).
+    """
+    if tokenizer is None:
+        raise ValueError(f"{task.name}: evaluating a causal-LM task needs the model's tokenizer to decode answers")
+    model.eval()
+    method.on_eval_start(model)
+    out: dict[str, float] = {}
+    texts: dict[str, list[str]] = {}
+    for name, split in splits.items():
+        eos = split.eos_token_id if split.eos_token_id is not None else tokenizer.eos_token_id
+        gen: list[str] = []
+        for start in range(0, len(split), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(split)))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                ids = greedy_generate(model, split.prompt_batch(idx, device), task.max_new_tokens, eos,
+                                      split.pad_token_id)
+            gen.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+        texts[name] = [t.strip() for t in gen]
+        out.update(compute_generation_metrics(task, texts[name], split.references, split.labels.numpy(), name))
+    method.on_eval_end(model)
+    model.train()
+    return out, texts
+
+
 def _grad_group(name: str) -> tuple[str, int]:
     """(group, layer) of parameter ``name`` for gradient-norm logging; layer −1 where not per layer.
 
     Groups (:data:`peftbench.vocab.GRAD_GROUPS`): ``head`` (classifier, pooler), ``embeddings``
-    (any name with ``embeddings``), ``attention`` / ``mlp`` (inside encoder layer ``N``:
-    ``….layer.N.attention.…`` / the rest of the layer), ``other`` (everything else, e.g. DeBERTa's
-    ``encoder.LayerNorm`` or a hypernetwork outside the layers).
+    (any name with ``embeddings``; a decoder's ``embed_tokens``), ``lm_head`` (a decoder's output
+    projection, when untied and trainable), ``attention`` / ``mlp`` (inside layer ``N``: an
+    encoder's ``….layer.N.attention.…`` / the rest of the layer; a LLaMA-style decoder's
+    ``….layers.N.self_attn.…`` and ``input_layernorm`` / ``mlp`` and ``post_attention_layernorm``),
+    ``other`` (everything else, e.g. DeBERTa's ``encoder.LayerNorm``, a decoder's final ``norm`` or a
+    hypernetwork outside the layers).
     """
     if is_head_param(name):
         return "head", -1
-    if "embeddings" in name:
+    if "embeddings" in name or "embed_tokens" in name:
         return "embeddings", -1
-    m = re.search(r"\.layer\.(\d+)\.", name)
+    if re.search(r"(^|\.)lm_head\.", name):
+        return "lm_head", -1
+    m = re.search(r"\.layers?\.(\d+)\.", name)
     if m is None:
         return "other", -1
-    return ("attention" if ".attention." in name else "mlp"), int(m.group(1))
+    attention = ".attention." in name or ".self_attn." in name or ".input_layernorm." in name
+    return ("attention" if attention else "mlp"), int(m.group(1))
 
 
 def gradient_norms(model, params=None) -> list[tuple[str, int, float]]:

@@ -4,8 +4,9 @@ Torch-free and import-cheap, so the Snakefile, the config check and the analysis
 without loading a deep-learning stack. Everything else asks this module instead of keeping its
 own list:
 
-- :data:`TASKS`: the GLUE tasks (what each reads, predicts and scores, its display label), in
-  the GLUE paper's order, which is also the display order of every table and figure;
+- :data:`TASKS`: the GLUE tasks of the encoder track and the generation tasks of the causal-LM
+  track (what each reads, predicts and scores, its prompt, target and verbaliser, where its rows
+  come from, its display label), in display order of every table and figure; :data:`TRACKS`;
 - :data:`METRICS`: metric names (the field's standard ones, used unchanged as column names
   ``dev_<metric>``), their display label, short name and scale (stored as fractions, shown ×100);
 - :data:`RUN_STATUSES`: what a row of ``runs.parquet`` can say about its run;
@@ -58,7 +59,22 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("f1", "F1", "F1"),
     Metric("pearson", "Pearson r", "Pearson"),
     Metric("spearman", "Spearman ρ", "Spearman"),
+    # generation metrics (causal-LM track): sacrebleu BLEU of n-gram order 1-4 (Papineni et al. 2002;
+    # Post 2018, arXiv:1804.08771), rouge-score F-measures (Lin 2004), nltk METEOR (Banerjee & Lavie
+    # 2005), exact match after lower-casing and whitespace normalisation (WikiSQL, Zhong et al. 2017,
+    # arXiv:1709.00103)
+    *(Metric(f"bleu{n}", f"BLEU-{n}", f"B{n}") for n in (1, 2, 3, 4)),
+    Metric("rouge1", "ROUGE-1 F", "R1"),
+    Metric("rouge2", "ROUGE-2 F", "R2"),
+    Metric("rougeL", "ROUGE-L F", "RL"),
+    Metric("rougeLsum", "ROUGE-Lsum F", "RLsum"),
+    Metric("meteor", "METEOR", "MET"),
+    Metric("exact_match", "exact match", "EM"),
 )}
+
+#: The metrics of a generation task scored on text (BLEU, ROUGE, METEOR): E2E NLG and SAMSum.
+TEXT_METRICS: tuple[str, ...] = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "rougeLsum",
+                                 "meteor")
 
 #: Short names of the eval-split suffixes of multi-split tasks (MNLI matched / mismatched).
 _SPLIT_SHORT = {"matched": "m", "mismatched": "mm"}
@@ -85,9 +101,20 @@ def metric(name: str) -> Metric:
 # ------------------------------------------------------------------------------------------------
 
 
+#: Tracks of the benchmark: ``encoder`` (GLUE classification with an encoder and a classifier
+#: head) and ``causal`` (seed 003: generation with a decoder-only language model, loss on the target
+#: tokens only, left-padded greedy decoding at evaluation).
+TRACKS: tuple[str, ...] = ("encoder", "causal")
+
+#: Where a task's rows come from: ``glue`` (``nyu-mll/glue`` or the local mirror ``data.glue_dir``,
+#: :func:`peftbench.data.load_split`) or ``hub`` (``datasets.load_dataset(hub_id, hub_config)``;
+#: needs a network).
+LOADERS: tuple[str, ...] = ("glue", "hub")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """One GLUE task.
+    """One task: a GLUE task of the encoder track, or a generation task of the causal-LM track.
 
     Attributes:
         name: GLUE config name (``cola``, ``sst2`` …), as in ``nyu-mll/glue``.
@@ -98,6 +125,26 @@ class TaskSpec:
         main_metric: the metric the GLUE average and the significance tests use.
         eval_splits: dev splits; the first is the one the main metric is read from. MNLI has two
             (matched, mismatched) and its metrics carry the suffix ``_matched``/``_mismatched``.
+        track: :data:`TRACKS` (``encoder``: a classifier head; ``causal``: a decoder that
+            generates the answer).
+        loader: :data:`LOADERS`; ``glue`` tasks read ``source`` (a GLUE config name) from the GLUE
+            mirror or hub, ``hub`` tasks ``hub_id`` / ``hub_config`` through ``datasets``.
+        source: the GLUE config the rows come from (causal tasks built on GLUE: ``rte_gen`` reads
+            ``rte``); default: ``name``.
+        hub_id, hub_config: ``datasets.load_dataset`` arguments of a ``hub`` task.
+        train_split: the split trained on.
+        prompt: causal track: the prompt, a ``str.format`` template over the row's columns; the
+            model continues it with the target.
+        target: causal track: the column holding the target text, or ``None`` when the target is
+            the verbaliser word of ``label``.
+        verbaliser: causal classification: the answer word of each class id (the target text, and
+            how a generated answer is scored: its first word, lower-cased, stripped of punctuation,
+            must equal the class's word).
+        group_by: causal text tasks with several references per input (E2E NLG): dev rows with the
+            same value of this column are one example scored against all their targets.
+        max_new_tokens: causal track: the cap on generated tokens at evaluation.
+        max_target_tokens: causal track: target tokens kept when an example is longer than
+            ``max_length`` (the prompt is cut from the left first).
     """
 
     name: str
@@ -107,11 +154,39 @@ class TaskSpec:
     metrics: tuple[str, ...]
     main_metric: str
     eval_splits: tuple[str, ...] = ("validation",)
+    track: str = "encoder"
+    loader: str = "glue"
+    source: str | None = None
+    hub_id: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    prompt: str | None = None
+    target: str | None = None
+    verbaliser: tuple[str, ...] | None = None
+    group_by: str | None = None
+    max_new_tokens: int = 8
+    max_target_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.track not in TRACKS or self.loader not in LOADERS:
+            raise ValueError(f"task {self.name}: track {self.track!r} / loader {self.loader!r}; allowed {TRACKS} / {LOADERS}")
+        if self.is_causal and (self.prompt is None or (self.target is None) == (self.verbaliser is None)):
+            raise ValueError(f"causal task {self.name}: needs a prompt and exactly one of target / verbaliser")
+
+    @property
+    def is_causal(self) -> bool:
+        """A generation task of the causal-LM track."""
+        return self.track == "causal"
+
+    @property
+    def glue_name(self) -> str:
+        """The GLUE config the rows are read from (``source``, default the task's own name)."""
+        return self.source or self.name
 
     @property
     def is_regression(self) -> bool:
-        """True for STS-B: one output, MSE loss, Pearson/Spearman metrics."""
-        return self.num_labels == 1
+        """True for STS-B: one output, MSE loss, Pearson/Spearman metrics (never a causal task)."""
+        return self.num_labels == 1 and not self.is_causal
 
     def metric_names(self) -> list[str]:
         """All metric column names for this task (without the ``dev_`` prefix).
@@ -141,7 +216,39 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("qnli", "QNLI", ("question", "sentence"), 2, ("accuracy",), "accuracy"),
     TaskSpec("rte", "RTE", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy"),
     TaskSpec("wnli", "WNLI", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy"),
+    # -- causal-LM track (seed 003): generation with a decoder, loss on the target tokens only.
+    # Offline, from the GLUE mirror: RTE and SST-2 as instruction-style generation, scored by
+    # verbaliser accuracy (Wang et al. 2019, arXiv:1804.07461).
+    TaskSpec("rte_gen", "RTE (gen)", ("sentence1", "sentence2"), 2, ("accuracy",), "accuracy", track="causal",
+             source="rte", prompt="Premise: {sentence1}\nHypothesis: {sentence2}\nDoes the premise entail the "
+                                  "hypothesis? Answer yes or no.\nAnswer:", verbaliser=("yes", "no"), max_new_tokens=3),
+    TaskSpec("sst2_gen", "SST-2 (gen)", ("sentence",), 2, ("accuracy",), "accuracy", track="causal",
+             source="sst2", prompt="Review: {sentence}\nIs the sentiment of this review positive or negative?"
+                                   "\nAnswer:", verbaliser=("negative", "positive"), max_new_tokens=3),
+    # From the hub (need a network). MNLI as generation with a verbaliser (Williams et al. 2018,
+    # arXiv:1704.05426; GLUE labels 0 entailment, 1 neutral, 2 contradiction).
+    TaskSpec("mnli_gen", "MNLI-m (gen)", ("premise", "hypothesis"), 3, ("accuracy",), "accuracy_matched",
+             ("validation_matched", "validation_mismatched"), track="causal", source="mnli",
+             prompt="Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? "
+                    "Answer yes, maybe or no.\nAnswer:", verbaliser=("yes", "maybe", "no"), max_new_tokens=3),
+    # E2E NLG (Novikova et al. 2017, arXiv:1706.09254): meaning representation -> restaurant
+    # description; several human references per MR (the dev rows are grouped by MR).
+    TaskSpec("e2e_nlg", "E2E NLG", ("meaning_representation",), 0, TEXT_METRICS, "bleu4", track="causal",
+             loader="hub", hub_id="tuetschek/e2e_nlg", prompt="Meaning representation: {meaning_representation}"
+                                                               "\nDescription:",
+             target="human_reference", group_by="meaning_representation", max_new_tokens=64),
+    # SAMSum (Gliwa et al. 2019, arXiv:1911.12237): dialogue summarisation.
+    TaskSpec("samsum", "SAMSum", ("dialogue",), 0, TEXT_METRICS, "rougeL", track="causal", loader="hub",
+             hub_id="knkarthick/samsum", prompt="Dialogue:\n{dialogue}\nSummary:", target="summary",
+             max_new_tokens=96, max_target_tokens=128),
+    # WikiSQL (Zhong et al. 2017, arXiv:1709.00103): question + table header -> SQL, exact match.
+    TaskSpec("wikisql", "WikiSQL", ("question", "columns"), 0, ("exact_match",), "exact_match", track="causal",
+             loader="hub", hub_id="Salesforce/wikisql", prompt="Table columns: {columns}\nQuestion: {question}\nSQL:",
+             target="sql", max_new_tokens=64),
 )}
+
+#: Tasks of each track, in :data:`TASKS` order.
+TRACK_TASKS: dict[str, tuple[str, ...]] = {tr: tuple(n for n, t in TASKS.items() if t.track == tr) for tr in TRACKS}
 
 #: ``task`` value of the GLUE-average rows (significance and per-method statistics tables).
 GLUE_AVG = "glue_avg"
@@ -157,7 +264,7 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown GLUE task {name!r}; known tasks: {', '.join(TASKS)}") from None
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
 def task_label(name: str) -> str:
@@ -346,20 +453,26 @@ TABLE_SOURCES: dict[str, str] = {"runs": "metrics", "curves": "curve", "ranks": 
                                  "predictions": "predictions"}
 
 #: Parameter groups of the gradient-norm logs, in display order: embeddings (word, position, type
-#: and relative-position embeddings, their LayerNorm), attention and mlp (everything inside an encoder
-#: layer: adapters, and in full fine-tuning the layer's own weights and LayerNorms), head (classifier,
-#: pooler), other (trainable parameters outside the layers that are none of these, e.g. DeBERTa's
-#: encoder-level LayerNorm or a shared hypernetwork). The groups are disjoint.
-GRAD_GROUPS: tuple[str, ...] = ("embeddings", "attention", "mlp", "head", "other")
+#: and relative-position embeddings, their LayerNorm; a decoder's ``embed_tokens``), attention and mlp
+#: (everything inside a layer: adapters, and in full fine-tuning the layer's own weights and norms;
+#: in a LLaMA-style decoder layer ``self_attn`` and ``input_layernorm`` are attention, ``mlp`` and
+#: ``post_attention_layernorm`` mlp), head (classifier, pooler), lm_head (a decoder's output
+#: projection when it is not tied to the embeddings), other (trainable parameters outside the
+#: layers that are none of these, e.g. DeBERTa's encoder-level LayerNorm, a decoder's final norm or a
+#: shared hypernetwork). The groups are disjoint.
+GRAD_GROUPS: tuple[str, ...] = ("embeddings", "attention", "mlp", "head", "lm_head", "other")
 #: Group name of the overall gradient norm of the logs: every trainable parameter (the union of
 #: :data:`GRAD_GROUPS`, the norm gradient clipping sees), logged with layer −1.
 GRAD_TOTAL = "total"
 
-#: Kinds of adapted weight matrix, in the order they appear in a transformer layer.
-TARGET_KINDS: tuple[str, ...] = ("query", "key", "value", "attention_output", "intermediate", "output")
+#: Kinds of adapted weight matrix, in the order they appear in a transformer layer. Encoders
+#: (BERT/DeBERTa): query/key/value, attention output, intermediate and output dense; LLaMA-style
+#: decoders: q/k/v/o_proj, then ``gate`` (gate_proj), ``intermediate`` (up_proj) and ``output``
+#: (down_proj) of the gated MLP.
+TARGET_KINDS: tuple[str, ...] = ("query", "key", "value", "attention_output", "gate", "intermediate", "output")
 #: Target kinds of the attention block and of the feed-forward (MLP) block.
 ATTENTION_KINDS: tuple[str, ...] = ("query", "key", "value", "attention_output")
-MLP_KINDS: tuple[str, ...] = ("intermediate", "output")
+MLP_KINDS: tuple[str, ...] = ("gate", "intermediate", "output")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,6 +506,7 @@ PLOTS: dict[str, PlotKind] = {p.name: p for p in (
     PlotKind("ranks", ("ranks",)),
     PlotKind("spectrum", ("spectrum",)),
     PlotKind("gradnorms", ("gradnorms",)),
+    PlotKind("gradheatmap", ("gradnorms",)),
     PlotKind("evp", ("trials",)),
     PlotKind("ood", ("runs", "ood", "significance", "ood_significance")),
 )}

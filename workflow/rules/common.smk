@@ -44,7 +44,7 @@ TUNE_DIR = "results/tuning/{model}/{task}/{method}/b{budget}"
 
 wildcard_constraints:
     model="[^/]+",
-    task="[a-z0-9]+",
+    task="[a-z0-9_]+",
     method="[a-z0-9_]+",
     budget=TOKEN_REGEX,
     seed="[0-9]+",

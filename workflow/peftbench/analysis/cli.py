@@ -211,6 +211,7 @@ def _draw(kind: str, t: dict, task: str | None, opts, reference: str | None) -> 
         "ranks": lambda: plots.plot_ranks(t["ranks"]),
         "spectrum": lambda: plots.plot_spectrum(t["spectrum"]),
         "gradnorms": lambda: plots.plot_gradnorms(t["gradnorms"]),
+        "gradheatmap": lambda: plots.plot_gradheatmap(t["gradnorms"]),
         "evp": lambda: plots.plot_evp(t["trials"]),
         "ood": lambda: plots.plot_ood(t["runs"], t["ood"], t["significance"], t["ood_significance"], opts,
                                       reference=reference),

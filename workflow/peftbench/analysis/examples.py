@@ -69,6 +69,9 @@ EXAMPLE_COLUMNS = [
     "bootstrap_seed", "note",
 ]
 
+#: Metrics :func:`metric_rows` computes per example (the others are left out of the table).
+EXAMPLE_METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearman")
+
 #: Columns the predictions table needs.
 PREDICTIONS_REQUIRED = ("model", "task", "method", "budget", "seed", "epoch", "split", "idx", "label")
 
@@ -254,7 +257,9 @@ def example_significance(runs: pd.DataFrame, predictions: pd.DataFrame, referenc
     pred = predictions.assign(budget=predictions["budget"].astype(str), seed=predictions["seed"].astype(int))
     pred = {k: g for k, g in pred.groupby(["model", "task", "method", "budget", "seed"], sort=False)}
     fam = family_runs(runs, opts)
-    fam = fam[fam["task"].isin(TASKS)]
+    # tasks whose main metric has an example-level form (not the corpus-level BLEU/ROUGE/METEOR of
+    # the causal-LM text tasks, whose predictions hold generated text, not classes)
+    fam = fam[fam["task"].map(lambda t: t in TASKS and _base_metric(t, TASKS[t].main_metric)[0] in EXAMPLE_METRICS)]
     rows = []
     common_cols = dict(value_column=opts.value, reference=reference, confidence=opts.confidence,
                        resamples=opts.resamples, bootstrap_seed=opts.seed)

@@ -70,6 +70,7 @@ __all__ = [
     "plot_ranks",
     "plot_spectrum",
     "plot_gradnorms",
+    "plot_gradheatmap",
 ]
 
 #: Height of one row of significance marks, as a fraction of the panel's height.
@@ -1271,6 +1272,98 @@ def plot_gradnorms(gradnorms: pd.DataFrame, out: str | Path | None = None) -> li
     if out is not None:
         save_figures(figs, out)
     return figs
+
+
+#: Blocks of the layer × step heatmap (the per-layer groups of the gradient-norm log).
+HEATMAP_BLOCKS = ("attention", "mlp")
+
+
+def layer_step_grid(gradnorms: pd.DataFrame, block: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-layer norms of ``block`` as a ``(layers, steps)`` grid, mean over the seeds.
+
+    Args:
+        gradnorms: rows of one method (any seeds) with ``step``, ``group``, ``layer`` (≥ 0 rows
+            are used), ``grad_norm``.
+        block: ``attention`` or ``mlp``.
+
+    Returns:
+        ``(layers, steps, grid)``: sorted layer indices ``(L,)``, sorted logged steps ``(S,)`` and
+        ``(L, S)`` float64 mean norms (NaN where a cell was not logged; 0 where the block was frozen).
+    """
+    sub = gradnorms[(gradnorms["group"] == block) & (gradnorms["layer"].astype(int) >= 0)]
+    piv = sub.pivot_table(index="layer", columns="step", values="grad_norm", aggfunc="mean").sort_index()
+    piv = piv.reindex(sorted(piv.columns), axis=1)
+    return piv.index.to_numpy(), piv.columns.to_numpy(), piv.to_numpy(dtype=np.float64)
+
+
+def plot_gradheatmap(gradnorms: pd.DataFrame, out: str | Path | None = None) -> list[Figure]:
+    """Seed 003's layer × step heatmap of gradient norms: one page per ``(model, task, budget)``,
+    one row of panels per method, one panel per block (attention, mlp; :func:`layer_step_grid`):
+    colour = log10 of the per-layer gradient L2 norm (mean over seeds), x = training step, y = layer.
+    Frozen cells (norm exactly 0, e.g. a phase that trains the other block) are drawn grey. An
+    empty table, or one without per-layer rows, gives one page saying so.
+
+    Raises:
+        ValueError: missing columns in a non-empty table.
+    """
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
+
+    if not gradnorms.empty:
+        _require(gradnorms, ["model", "task", "method", "budget", "seed", "step", "group", "layer", "grad_norm"],
+                 "gradnorms table", _TABLE_HINT.format(name="gradnorms.parquet"))
+    per_layer = gradnorms[gradnorms["layer"].astype(int) >= 0] if not gradnorms.empty else gradnorms
+    if per_layer.empty:
+        figs = [placeholder_figure("Gradient norms per layer and step",
+                                   "no per-layer gradient norms were logged in this run")]
+    else:
+        figs = []
+        for (model, task, budget), g in per_layer.groupby(["model", "task", "budget"], sort=False):
+            methods = order_methods(g["method"].unique())
+            fig, axes = _page(len(methods), len(HEATMAP_BLOCKS), height_per_row=2.6)
+            vals = g["grad_norm"].astype(float)
+            pos = vals[vals > 0]
+            norm = LogNorm(vmin=float(pos.min()), vmax=float(pos.max())) if len(pos) else None
+            image = None
+            for row, m in zip(axes, methods):
+                gm = g[g["method"] == m]
+                for ax, block in zip(row, HEATMAP_BLOCKS):
+                    layers, steps, grid = layer_step_grid(gm, block)
+                    ax.set_title(f"{m}: {block} (n={gm['seed'].nunique()} seeds)", fontsize=9)
+                    if grid.size == 0:
+                        ax.text(0.5, 0.5, f"no {block} adapter", ha="center", va="center", fontsize=9,
+                                transform=ax.transAxes)
+                        ax.set_xticks([])
+                        ax.set_yticks([])
+                        continue
+                    ax.set_facecolor("0.85")  # frozen (0) and unlogged cells
+                    masked = np.ma.masked_where(~(grid > 0), grid)
+                    image = ax.pcolormesh(_edges(steps), _edges(layers), masked, norm=norm, cmap="viridis",
+                                          shading="flat")
+                    ax.set_xlabel("training step", fontsize=8)
+                    ax.set_ylabel("layer", fontsize=8)
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+                    ax.tick_params(labelsize=7)
+            if image is not None:
+                fig.colorbar(image, ax=axes, shrink=0.8, label="gradient L2 norm (log scale)")
+            fig.suptitle(f"{model}: {task_label(task)} gradient norm per layer and step, {_fmt_budget(budget)}",
+                         fontsize=11, x=0.01, ha="left")
+            _footer(fig, "Cell: the L2 norm of the gradient of one layer's attention or MLP parameters at a logged "
+                         "step, mean over seeds (gradnorms.parquet, layer ≥ 0). Grey: frozen (norm 0) or not logged.")
+            figs.append(fig)
+    if out is not None:
+        save_figures(figs, out)
+    return figs
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges around sorted cell centres (midpoints; half a step beyond each end)."""
+    c = np.asarray(centres, dtype=np.float64)
+    if len(c) == 1:
+        return np.array([c[0] - 0.5, c[0] + 0.5])
+    mid = (c[1:] + c[:-1]) / 2
+    return np.concatenate([[c[0] - (mid[0] - c[0])], mid, [c[-1] + (c[-1] - mid[-1])]])
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from torch import nn
 from ..budget import rank_for_params
 from . import register
 from .base import LoopState, Method, ranks_frame
-from .lora import LORA_ALPHA, LoRAOptions, peft_targets
+from .lora import LORA_ALPHA, LoRAOptions, peft_targets, peft_task_type
 from .options import option
 
 
@@ -115,11 +115,11 @@ class AdaLoRA(Method):
                 "deltaT": delta_t, "total_step": total}
 
     def build(self, model: nn.Module) -> nn.Module:
-        from peft import AdaLoraConfig, TaskType, get_peft_model
+        from peft import AdaLoraConfig, get_peft_model
 
         s = self.schedule()
-        cfg = AdaLoraConfig(task_type=TaskType.SEQ_CLS, target_modules=peft_targets(self.ctx.targets),
-                            modules_to_save=self.ctx.head_modules, lora_alpha=self.options.alpha,
+        cfg = AdaLoraConfig(task_type=peft_task_type(self.ctx.task), target_modules=peft_targets(self.ctx.targets),
+                            modules_to_save=self.ctx.head_modules or None, lora_alpha=self.options.alpha,
                             lora_dropout=self.options.dropout, beta1=self.options.beta1, beta2=self.options.beta2,
                             orth_reg_weight=self.options.orth_reg_weight, **s)
         return get_peft_model(model, cfg)

@@ -47,6 +47,14 @@ from .options import MethodOptions, option
 LORA_ALPHA = 16.0
 
 
+def peft_task_type(task):
+    """peft's ``TaskType`` of a task: ``CAUSAL_LM`` on the causal-LM track (no head to save; the
+    wrapped model keeps ``generate``), ``SEQ_CLS`` on the encoder track."""
+    from peft import TaskType
+
+    return TaskType.CAUSAL_LM if task.is_causal else TaskType.SEQ_CLS
+
+
 def peft_targets(targets) -> list[str]:
     """Target names for peft: the full module names (matched exactly / as suffixes by peft)."""
     return [t.name for t in targets]
@@ -109,11 +117,11 @@ class LoRA(Method):
         return bool(wanted > cap and lora_params(targets, self.rank()) < 0.9 * self.ctx.budget_params)
 
     def build(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=self.rank(), lora_alpha=self.options.alpha,
+        cfg = LoraConfig(task_type=peft_task_type(self.ctx.task), r=self.rank(), lora_alpha=self.options.alpha,
                          lora_dropout=self.options.dropout, target_modules=peft_targets(self.adapted_targets()),
-                         modules_to_save=self.ctx.head_modules)
+                         modules_to_save=self.ctx.head_modules or None)
         return get_peft_model(model, cfg)
 
     def summary(self, model: nn.Module) -> dict:

@@ -1,8 +1,9 @@
 """LoRA on the feed-forward (MLP) matrices only: a static baseline of phased LoRA (peftbench seed 003).
 
 The adapter is LoRA (Hu et al. 2021, arXiv:2106.09685, Eq. 3: ``h = W0 x + (α / r) B A x``, peft
-``LoraConfig``) on both feed-forward matrices of every layer (:data:`peftbench.vocab.MLP_KINDS`:
-the intermediate up-projection and the output down-projection), trained for the whole run; the
+``LoraConfig``) on the feed-forward matrices of every layer (:data:`peftbench.vocab.MLP_KINDS`:
+the intermediate up-projection and the output down-projection of an encoder; gate_proj, up_proj and
+down_proj of a LLaMA-style decoder's gated MLP), trained for the whole run; the
 attention matrices are left frozen and unadapted. It is the control for phased LoRA's MLP-only
 phase (``both->mlp->attn``): the same module set, without switching.
 
@@ -23,7 +24,7 @@ from .lora import LoRA
 
 @register
 class LoRAMLP(LoRA):
-    """Uniform-rank LoRA on both feed-forward matrices only (see module docstring)."""
+    """Uniform-rank LoRA on the feed-forward matrices only (see module docstring)."""
 
     name = "lora_mlp"
     target_kinds = MLP_KINDS
