@@ -147,7 +147,7 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
     from .models import load_tokenizer
     from .recipe import Recipe, Runtime
     from .tokenization import encode_table
-    from .train import build_model, evaluate
+    from .train import build_model, evaluate, load_adapter
     from .vocab import RUN_FILES, get_task
 
     task = get_task(key.task)
@@ -165,14 +165,7 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
     torch.manual_seed(key.seed)
     model, method, _ = build_model(model_spec, task, key, recipe, max(total // epochs, 1), total, dev, svd_path,
                                    budget_denominator)
-    saved = load_file(run_dir / RUN_FILES["adapter"])
-    named = dict(model.named_parameters())
-    for n, t in saved.items():
-        if n not in named or tuple(named[n].shape) != tuple(t.shape):
-            raise ValueError(f"{run_dir / RUN_FILES['adapter']}: tensor {n} {tuple(t.shape)} does not fit the rebuilt "
-                             f"{key.method} model ({None if n not in named else tuple(named[n].shape)})")
-        with torch.no_grad():
-            named[n].copy_(t)
+    load_adapter(model, load_file(run_dir / RUN_FILES["adapter"]), f"{run_dir / RUN_FILES['adapter']} ({key.method})")
     model = model.to(dev)
     reload_main, matches = float("nan"), None
     if dev_path is not None:
