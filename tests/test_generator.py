@@ -232,3 +232,58 @@ def test_zero_shot_split_never_sees_the_held_out_task(generated):
         assert set(val.task) == {held} and len(val) == 1         # the held-out task's final checkpoint
     man = pd.read_parquet(generated / "in_task" / "manifest.parquet")
     assert len(man[man.role == "train"]) == 6 and set(man.task) == {"cola", "sst2"}
+
+
+def test_too_small_prompt_set_names_the_file():
+    from peftbench.generator.dataset import prompt_sets
+    from peftbench.generator.settings import GeneratorSettings
+
+    s = GeneratorSettings.from_json(json.dumps({
+        "name": "t", "model": "m", "method": "lora", "budget": "r2", "tasks": ["cola"], "seeds": [1], "encoder": "e",
+        "encoder_max_length": 32, "token_width": 8, "max_tokens": 8, "max_checkpoints": 5, "samples_per_prompt": 4,
+        "train_prompts": 2, "validation_prompts": 1, "prompt_seed": 0, "zero_shot": False, "latent": [1, 1, 1],
+        "blocks": [[[1, 8, 1], 1]], "epochs": 1, "batch_size": 1, "lr": 1e-3, "weight_decay": 0.0, "mse_weight": 1.0,
+        "l1_weight": 0.1, "seed": 0, "checkpoint_every": 0}))
+    texts = [f"sentence {i}" for i in range(12)]
+    p = prompt_sets({"cola": (texts, "glue/cola/train.parquet")}, s)
+    assert len(p) == 3 and (p.role == "validation").sum() == 1
+    rows = [r for rs in p.rows for r in rs]
+    assert len(rows) == len(set(rows)) == 12                     # non-overlapping prompts
+    with pytest.raises(ValueError, match=r"glue/cola/train\.parquet: 11 training sentences of cola, the prompt set needs 12"):
+        prompt_sets({"cola": (texts[:11], "glue/cola/train.parquet")}, s)
+
+
+def test_generator_training_resumes_after_a_kill(generated, tmp_path, monkeypatch):
+    """A job killed after its first checkpoint continues from it and ends with the curve and weights
+    of an uninterrupted job."""
+    import dataclasses
+
+    from peftbench.generator import fit
+    from peftbench.generator.fit import train_generator
+    from safetensors.torch import load_file
+
+    s = fit.load_generator(generated / "in_task" / "generator.safetensors")[1]
+    s = dataclasses.replace(s, epochs=3, checkpoint_every=1)
+    data = generated / "data"
+    train_generator(data_dir=data, split="in_task", settings=s, out_dir=tmp_path / "a", device="cpu")
+    real, calls = fit.validate, []
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit, "validate", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(data_dir=data, split="in_task", settings=s, out_dir=tmp_path / "b",
+                        checkpoint_dir=tmp_path / "ckpt", device="cpu")
+    assert (tmp_path / "ckpt" / "generator.pt").is_file() and not (tmp_path / "b").exists()
+    monkeypatch.setattr(fit, "validate", real)
+    train_generator(data_dir=data, split="in_task", settings=s, out_dir=tmp_path / "b",
+                    checkpoint_dir=tmp_path / "ckpt", device="cpu")
+    a, b = (pd.read_parquet(tmp_path / d / "curve.parquet") for d in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)
+    wa, wb = (load_file(tmp_path / d / "generator.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not (tmp_path / "ckpt" / "generator.pt").exists()

@@ -146,7 +146,7 @@ def build_dataset(*, run_dirs: list[str | Path], settings: GeneratorSettings, ou
         ids = splits[(splits.split == split) & (splits.role == "train")].ckpt_id.to_numpy()
         if len(ids) == 0:
             raise ValueError(f"generator split {split}: no training checkpoints")
-        tensors[f"mean.{split}"], tensors[f"std.{split}"] = token_stats(stacked[torch.as_tensor(ids)], mask)
+        tensors[f"mean.{split}"], tensors[f"std.{split}"] = token_stats(stacked[torch.tensor(ids.tolist())], mask)
     texts = {t: sentences(t, glue_dir) for t in settings.tasks}
     prompts = prompt_sets(texts, settings)
     save_tensors(tensors, out_dir / DATASET_FILES["params"], metadata={"layout": layout.to_json()})

@@ -107,7 +107,7 @@ def evaluate_generator(*, data_dir: str | Path, generator_path: str | Path, mode
         target = data["tokens"][ckpt_id]                                                   # (T, D)
         same = train[train.task == key.task].ckpt_id.to_numpy()
         pool = same if len(same) else train.ckpt_id.to_numpy()
-        mean_tokens = data["tokens"][torch.as_tensor(pool)].mean(0)                       # (T, D)
+        mean_tokens = data["tokens"][torch.tensor(pool.tolist())].mean(0)                       # (T, D)
         pids = [p for cc, _, p in val if cc == ckpt_id]
         with torch.no_grad():
             x = torch.stack([emb[(key.task, p)] for p in pids]).to(dev)                   # (P, S, E)

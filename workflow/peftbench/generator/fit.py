@@ -175,7 +175,7 @@ def train_generator(*, data_dir: str | Path, split: str, settings: GeneratorSett
             pids = [prompts[("train", t)][int(torch.randint(len(prompts[("train", t)]), (1,), generator=gen))]
                     for t in rows.task]
             x = torch.stack([emb[(t, p)] for t, p in zip(rows.task, pids)]).to(dev)   # (B, S, E)
-            y = target[torch.as_tensor(rows.ckpt_id.to_numpy())].to(dev)             # (B, T, D)
+            y = target[torch.tensor(rows.ckpt_id.tolist())].to(dev)             # (B, T, D)
             mse, l1 = masked_losses(model(x), y, mask)
             loss = s.mse_weight * mse + s.l1_weight * l1
             opt.zero_grad(set_to_none=True)
