@@ -25,6 +25,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/ood.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/generator.smk"
 
 
 rule all:
@@ -46,3 +47,5 @@ rule all:
         "results/comparison/explorer.html",
         # OOD accuracies, when ood.sets names sets for a task of the grid
         [table_path("ood")] if ood_files() else [],
+        # the parameter generator's summary and figures, with generator.enabled
+        generator_targets(),

@@ -149,6 +149,22 @@ class Checkpointer:
             pass
 
 
+def load_adapter(model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy saved tensors (``adapter.safetensors``: :meth:`Method.state_to_save`) into ``model``'s
+    parameters of the same names, in place.
+
+    Raises:
+        ValueError: a tensor the model lacks or whose shape differs (names it and ``source``).
+    """
+    named = dict(model.named_parameters())
+    for n, t in tensors.items():
+        if n not in named or tuple(named[n].shape) != tuple(t.shape):
+            raise ValueError(f"{source}: tensor {n} {tuple(t.shape)} does not fit the rebuilt model "
+                             f"({None if n not in named else tuple(named[n].shape)})")
+        with torch.no_grad():
+            named[n].copy_(t.to(named[n].device))
+
+
 def load_trained(model, method, run_dir: str | Path) -> list[str]:
     """Load a finished run's trained state into ``model``, freshly built by ``method`` for the run.
 
@@ -178,13 +194,6 @@ def load_trained(model, method, run_dir: str | Path) -> list[str]:
             raise FileNotFoundError(f"{f} not found; (re)train the run (rule train) to write it")
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     method.restore_checkpoint_state(model, state)
-    named = dict(model.named_parameters())
     saved = load_file(adapter)
-    for n, t in saved.items():
-        if n not in named or tuple(named[n].shape) != tuple(t.shape):
-            raise ValueError(f"{adapter}: tensor {n} {tuple(t.shape)} does not fit the rebuilt {method.name} model "
-                             f"({None if n not in named else tuple(named[n].shape)}) after restoring "
-                             f"{state_file.name}")
-        with torch.no_grad():
-            named[n].copy_(t.to(named[n].device))
+    load_adapter(model, saved, f"{adapter} ({method.name} model, after restoring {state_file.name})")
     return list(saved)

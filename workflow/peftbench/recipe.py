@@ -138,6 +138,12 @@ class Runtime:
         checkpoint_every: optimizer steps between checkpoints (also one after every epoch's
             evaluation); 0 turns checkpoints off. Needs a checkpoint directory.
         keep_checkpoints: keep the last checkpoint after the run's outputs are complete.
+        snapshots: save this many adapter snapshots along training, at evenly spaced optimizer
+            steps (:func:`peftbench.train.snapshot_steps`; the last at the final step), as
+            ``snapshots/step<NNNNNN>.safetensors`` in the run directory (the method's
+            :meth:`~peftbench.methods.base.Method.state_to_save`); 0: none. The training data of
+            the parameter generator (:mod:`peftbench.generator`). Saving copies tensors and draws
+            no random numbers, so it does not change the run's result (untracked).
         length_buckets: pad every batch up to one of this many fixed sequence lengths (quantiles of
             the training lengths, multiples of 8) instead of its own longest example, so the model
             sees few distinct shapes (what CUDA graphs / ``torch.compile`` need); 0 = pad each batch
@@ -159,6 +165,7 @@ class Runtime:
     log_every: int
     checkpoint_every: int
     keep_checkpoints: bool
+    snapshots: int
     length_buckets: int
     compile: bool
     compile_mode: str

@@ -56,7 +56,7 @@ from .outputs import (PROTOCOL, generation_frame, gradnorm_columns, metric_colum
 from .recipe import Recipe, Runtime
 from .runkey import RunKey
 from .tracking import mirror_finished_run
-from .vocab import GRAD_TOTAL, TaskSpec, get_task
+from .vocab import GRAD_TOTAL, SNAPSHOT_DIR, TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,10 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     tokenizer = load_tokenizer(model_spec) if task.is_causal else None  # decodes the generated answers
     loop = Loop(model=model, forward=forward, method=method, task=task, train=train, devs=devs, recipe=recipe,
                 runtime=runtime, state=state, gen=gen, device=dev, ckpt=ckpt, label=str(key), on_eval=on_eval,
-                precision=precision, tokenizer=tokenizer)
+                precision=precision, tokenizer=tokenizer,
+                snapshots=Snapshots(Path(out_dir) / SNAPSHOT_DIR, snapshot_steps(total_steps, runtime.snapshots),
+                                    {k: str(v) for k, v in key.columns().items()}))
+    loop.snapshots.prune(after=state.step)
     error = None
     try:
         loop.run(progress)
@@ -209,6 +212,47 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     if ckpt is not None and error is None and not runtime.keep_checkpoints:
         ckpt.remove()
     return {**key.columns(), **row}
+
+
+def snapshot_steps(total_steps: int, n: int) -> tuple[int, ...]:
+    """The optimizer steps after which an adapter snapshot is saved: ``n`` evenly spaced steps
+    ``round(k · total_steps / n)`` for ``k = 1 … n`` (the last is the final step), duplicates
+    dropped (fewer than ``n`` when ``n > total_steps``); ``()`` for ``n = 0``."""
+    if n <= 0 or total_steps <= 0:
+        return ()
+    return tuple(sorted({max(1, round(k * total_steps / n)) for k in range(1, n + 1)}))
+
+
+@dataclass
+class Snapshots:
+    """Adapter snapshots along training (``runtime.snapshots``): after each optimizer step of
+    ``steps`` the method's :meth:`~peftbench.methods.base.Method.state_to_save` goes to
+    ``directory/step<NNNNNN>.safetensors`` (atomic; safetensors metadata: the run key and the
+    ``step``). The parameter generator's training data (:mod:`peftbench.generator`)."""
+
+    directory: Path
+    steps: tuple[int, ...]
+    metadata: dict[str, str]
+
+    def prune(self, after: int) -> None:
+        """Delete the snapshots of steps after ``after`` (a fresh run: ``after = 0``, every stale
+        file of an earlier run of this directory; a resumed run: those past its checkpoint)."""
+        for f in self.directory.glob("step*.safetensors"):
+            if int(f.stem[4:]) > after:
+                f.unlink()
+
+    def maybe_save(self, model, method, step: int) -> None:
+        """Save a snapshot if ``step`` is one of :attr:`steps`."""
+        if step in self.steps:
+            from .io import save_tensors
+
+            save_tensors(method.state_to_save(model), self.directory / snapshot_name(step),
+                         metadata={**self.metadata, "step": str(step)})
+
+
+def snapshot_name(step: int) -> str:
+    """File name of the snapshot after optimizer step ``step`` (``step000040.safetensors``)."""
+    return f"step{step:06d}.safetensors"
 
 
 def train_subset_seed(recipe: Recipe, seed: int) -> int:
@@ -353,6 +397,7 @@ class Loop:
     label: str
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     tokenizer: Any = None  # causal-LM track: decodes generated answers
+    snapshots: Snapshots | None = None
     clock: "ProgressClock" = field(default_factory=lambda: ProgressClock())
     precision: str = "fp32"
 
@@ -401,6 +446,8 @@ class Loop:
                                          forward=self.forward, autocast=self.autocast,
                                          record_gradnorms=self.log_gradnorms and (state.step % rt.log_every == 0))
                 p.gradrows.extend((state.step - 1, g, layer, v) for g, layer, v in grads)
+                if self.snapshots is not None:
+                    self.snapshots.maybe_save(self.model, self.method, state.step)
                 loss_acc += loss
                 p.n_acc += 1
                 p.seen += len(idx)

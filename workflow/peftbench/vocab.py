@@ -21,7 +21,9 @@ own list:
 - :data:`RUN_PHASES`: the columns of a run row that time the phases of its job (seconds);
 - :data:`GRAD_GROUPS`, :data:`GRAD_TOTAL`: the parameter groups of the gradient-norm logs and their union;
 - :data:`TARGET_KINDS`: the kinds of adapted weight matrix, in layer order;
-- :data:`PLOTS`: every figure of the ``plot`` rule with the tables it reads.
+- :data:`PLOTS`: every figure of the ``plot`` rule with the tables it reads;
+- :data:`SNAPSHOT_DIR`, :data:`GENERATOR_PLOTS`: the parameter generator's (seed 004) run snapshots
+  and figures.
 
 The GLUE task table follows Wang et al. 2019, "GLUE: A Multi-Task Benchmark and Analysis
 Platform for Natural Language Understanding" (arXiv:1804.07461), Table 1, and the Hugging Face
@@ -410,6 +412,10 @@ TABLES: dict[str, str] = {
     "ood_significance": "ood_significance.parquet",
 }
 
+#: Directory of a run's adapter snapshots (``runtime.snapshots``; ``step<NNNNNN>.safetensors``, not
+#: Snakemake outputs: the ``tokenize_params`` rule lists them after the run's ``metrics.parquet``).
+SNAPSHOT_DIR = "snapshots"
+
 #: The ``evaluate_ood`` rule's file in a run directory (OOD accuracy per configured set).
 OOD_FILE = "ood.parquet"
 
@@ -510,6 +516,34 @@ PLOTS: dict[str, PlotKind] = {p.name: p for p in (
     PlotKind("evp", ("trials",)),
     PlotKind("ood", ("runs", "ood", "significance", "ood_significance")),
 )}
+#: The parameter generator's (seed 004) directory, one per ``generator.name``: ``data/`` (rule
+#: ``tokenize_params``: :data:`GENERATOR_DATA_FILES`), ``{split}/`` (``train_generator`` and
+#: ``evaluate_generator``: :data:`GENERATOR_SPLIT_FILES`), the summary (:data:`GENERATOR_SUMMARY`)
+#: and the figures (:data:`GENERATOR_PLOTS`).
+GENERATOR_DIR = "results/generator/{name}"
+#: Files of the generator dataset (``{GENERATOR_DIR}/data/``, :mod:`peftbench.generator.dataset`).
+GENERATOR_DATA_FILES: dict[str, str] = {"params": "params.safetensors", "checkpoints": "checkpoints.parquet",
+                                        "layout": "layout.parquet", "prompts": "prompts.parquet",
+                                        "splits": "splits.parquet"}
+#: Files of one split (``{GENERATOR_DIR}/{split}/``): the trained generator, its curve and manifest
+#: (:mod:`peftbench.generator.fit`), the evaluation tables and generated peft adapters
+#: (:mod:`peftbench.generator.evaluate`).
+GENERATOR_SPLIT_FILES: dict[str, str] = {"weights": "generator.safetensors", "curve": "curve.parquet",
+                                         "manifest": "manifest.parquet", "evaluation": "evaluation.parquet",
+                                         "reconstruction": "reconstruction.parquet",
+                                         "errors_by_matrix": "errors_by_matrix.parquet", "adapters": "adapters"}
+#: The generator summary (``{GENERATOR_DIR}/``): one row per (split, task).
+GENERATOR_SUMMARY: dict[str, str] = {"table": "summary.parquet", "markdown": "summary.md"}
+
+#: Figures of the parameter generator (seed 004; ``results/generator/{name}/{kind}.pdf`` + ``.png``,
+#: rule ``generator_report``, :func:`peftbench.generator.report.plot`) -> the file each reads from
+#: every split (a key of :data:`GENERATOR_SPLIT_FILES`; ``summary``: the :data:`GENERATOR_SUMMARY` table).
+GENERATOR_PLOTS: dict[str, str] = {
+    "generator_curves": "curve",
+    "generator_metric": "summary",
+    "generator_errors": "errors_by_matrix",
+}
+
 #: Plot kinds drawn only when the tuning stage runs (``tuning.enabled``): they read its tables.
 TUNING_PLOTS: tuple[str, ...] = tuple(k for k, p in PLOTS.items() if "trials" in p.inputs)
 #: Plot kinds drawn only when ``ood.sets`` names a set for a task of the grid: they read the OOD tables.

@@ -20,6 +20,11 @@ from peftbench.runkey import RUN_PATTERN, RunKey
 from peftbench.analysis.cli import table_path
 from peftbench.tuning import Settings, space_for, space_json
 from peftbench.vocab import (
+    GENERATOR_DATA_FILES,
+    GENERATOR_DIR,
+    GENERATOR_PLOTS,
+    GENERATOR_SPLIT_FILES,
+    GENERATOR_SUMMARY,
     OOD_FILE,
     OOD_PLOTS,
     RUN_FILES,
@@ -235,3 +240,101 @@ def ood_args(w, input):
     if wildcard_key(w).budget.is_pct:
         args += f" --budget-denominator {GRID['budget_denominator']}"
     return args
+
+
+# -- parameter generator, seed 004 (rules/generator.smk) ---------------------------------------
+
+
+GENERATOR_LOGS = os.path.join("results/logs/generator", config["generator"]["name"])
+GENERATOR_BENCHMARKS = os.path.join(
+    "results/benchmarks/generator", config["generator"]["name"]
+)
+
+
+def generator_settings():
+    """The resolved generator: section (peftbench.generator.settings.resolve; checked at planning)."""
+    from peftbench.generator.settings import resolve
+
+    if not config["generator"]["enabled"]:
+        raise WorkflowError(
+            "a generator target was requested but generator.enabled is false; set generator: {enabled: true} "
+            "(see workflow/configs/generator.yaml)"
+        )
+    return resolve(config)
+
+
+def generator_dir():
+    """results/generator/{name} of the configured generator."""
+    return GENERATOR_DIR.format(name=config["generator"]["name"])
+
+
+def generator_runs():
+    """The run directories whose snapshots the generator collects."""
+    s = generator_settings()
+    return [
+        RunKey.of(s.model, t, s.method, s.budget, seed).run_dir()
+        for t in s.tasks
+        for seed in s.seeds
+    ]
+
+
+def generator_run_files(name):
+    """One run file (a key of RUN_FILES) of every collected run."""
+    return [os.path.join(d, RUN_FILES[name]) for d in generator_runs()]
+
+
+def generator_data_files():
+    """The dataset files (rule tokenize_params)."""
+    return {
+        k: os.path.join(generator_dir(), "data", f)
+        for k, f in GENERATOR_DATA_FILES.items()
+    }
+
+
+def generator_eval_inputs(w):
+    """A split's evaluation inputs: dataset, generator, the runs' adapters and metrics, dev splits."""
+    s = generator_settings()
+    return {
+        **generator_data_files(),
+        "generator": os.path.join(
+            generator_dir(), w.split, GENERATOR_SPLIT_FILES["weights"]
+        ),
+        "adapters": generator_run_files("adapter"),
+        "metrics": generator_run_files("metrics"),
+        "dev": [
+            f"results/data/{s.model}/{t}/{sp}.parquet"
+            for t in s.tasks
+            for sp in eval_splits(t)
+        ],
+    }
+
+
+def generator_eval_args(w):
+    """--model, --dev-dir, --recipes (tracked: each task's training recipe) and the denominator."""
+    s = generator_settings()
+    recipes = {
+        t: json.loads(pbconfig.recipe_for(config, t, s.method).to_json())
+        for t in s.tasks
+    }
+    args = f"--model {shlex.quote(config['models'][s.model])} --dev-dir results/data/{s.model}"
+    args += f" --recipes {shlex.quote(json.dumps(recipes, sort_keys=True))}"
+    if RunKey.of(s.model, s.tasks[0], s.method, s.budget, 0).budget.is_pct:
+        args += f" --budget-denominator {GRID['budget_denominator']}"
+    return args
+
+
+def generator_split_files(name):
+    """One file (a key of GENERATOR_SPLIT_FILES) of every split."""
+    return [
+        os.path.join(generator_dir(), sp, GENERATOR_SPLIT_FILES[name])
+        for sp in generator_settings().splits()
+    ]
+
+
+def generator_targets():
+    """The generator's summary and figures (none when generator.enabled is false)."""
+    if not config["generator"]["enabled"]:
+        return []
+    return [os.path.join(generator_dir(), GENERATOR_SUMMARY["markdown"])] + [
+        os.path.join(generator_dir(), f"{k}.pdf") for k in GENERATOR_PLOTS
+    ]
