@@ -105,7 +105,7 @@ def test_glora_reloads_after_reallocation_through_evaluate_ood(trained, tiny_mod
     for f in ("adapter", "metrics"):
         (tmp_path / "no_state" / RUN_FILES[f]).write_bytes((run / RUN_FILES[f]).read_bytes())
     torch.save({}, tmp_path / "no_state" / RUN_FILES["method_state"])
-    with pytest.raises(ValueError, match=r"tensor .*lora_[AB].* does not fit the rebuilt glora model"):
+    with pytest.raises(ValueError, match=r"glora model.*tensor .*lora_[AB].* does not fit the rebuilt model"):
         load_trained(fresh, meth, tmp_path / "no_state")
     (tmp_path / "no_state" / RUN_FILES["method_state"]).unlink()
     with pytest.raises(FileNotFoundError, match="method_state.pt not found"):
