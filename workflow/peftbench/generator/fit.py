@@ -182,7 +182,7 @@ def train_generator(*, data_dir: str | Path, split: str, settings: GeneratorSett
             loss.backward()
             opt.step()
             sched.step()
-            sums += [float(mse), float(l1), float(loss)]
+            sums += [float(mse.detach()), float(l1.detach()), float(loss.detach())]
         step = (epoch + 1) * steps_per_epoch
         lr = sched.get_last_lr()[0]
         curve.append({"split": split, "epoch": epoch + 1, "step": step, "role": "train",
