@@ -98,6 +98,17 @@ def tiny_data(tmp_path_factory, tiny_model_dir, glue_dir) -> dict:
     return paths
 
 
+@pytest.fixture(scope="module")
+def tiny_svd(tiny_model_dir, tmp_path_factory) -> Path:
+    """Truncated SVD factors (top 32) of the tiny model, for the spectral methods' unit tests."""
+    from peftbench.cli import main
+
+    out = tmp_path_factory.mktemp("svd")
+    main(["svd", "--model-name", "tiny", "--model", str(tiny_model_dir), "--top-k", "32",
+          "--factors", str(out / "factors.safetensors"), "--spectrum", str(out / "spectrum.parquet")])
+    return out / "factors.safetensors"
+
+
 def recipe_args(recipe: dict) -> list[str]:
     """``--recipe JSON --runtime JSON`` of ``peftbench train`` from one flat dict of recipe and
     runtime keys (split by peftbench.recipe.split_recipe)."""

@@ -112,14 +112,6 @@ def test_schema_default_denominator_is_documented():
 # BuildContext: methods see one parameter count
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_svd(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("svd")
-    main(["svd", "--model-name", "tiny", "--model", str(tiny_model_dir), "--top-k", "32",
-          "--factors", str(out / "factors.safetensors"), "--spectrum", str(out / "spectrum.parquet")])
-    return out / "factors.safetensors"
-
-
 def build(name, budget, tiny_model_dir, tiny_svd, denominator=None):
     task = get_task("sst2")
     torch.manual_seed(0)

@@ -21,14 +21,6 @@ from peftbench.vocab import get_task
 BUDGETS = [1.0, 3.0]
 
 
-@pytest.fixture(scope="module")
-def tiny_svd(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("svd")
-    main(["svd", "--model-name", "tiny", "--model", str(tiny_model_dir), "--top-k", "32",
-          "--factors", str(out / "factors.safetensors"), "--spectrum", str(out / "spectrum.parquet")])
-    return out / "factors.safetensors"
-
-
 def build(name, budget, tiny_model_dir, tiny_svd, total_steps=20):
     task = get_task("sst2")
     torch.manual_seed(0)

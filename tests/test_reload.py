@@ -28,14 +28,6 @@ RECIPE = {"lr": 2e-2, "epochs": 2, "batch_size": 16, "max_train_samples": 48, "m
 
 
 @pytest.fixture(scope="module")
-def tiny_svd(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("svd")
-    main(["svd", "--model-name", "tiny", "--model", str(tiny_model_dir), "--top-k", "32",
-          "--factors", str(out / "factors.safetensors"), "--spectrum", str(out / "spectrum.parquet")])
-    return out / "factors.safetensors"
-
-
-@pytest.fixture(scope="module")
 def trained(tiny_model_dir, tiny_data, tiny_svd, tmp_path_factory):
     """``trained(method) -> (run_dir, recipe)``: each method trained once per module."""
     root, runs = tmp_path_factory.mktemp("runs"), {}
