@@ -212,3 +212,16 @@ def test_ood_accuracies_are_tested_like_dev_metrics():
     for col in ("mean_diff", "ci_low", "ci_high", "p_ttest", "cohens_d"):
         assert r1[col] == pytest.approx(dev[col]), col
     assert compare_ood(runs, ood.iloc[:0], reference="lora").empty
+
+
+def test_anli_dev_and_test_rounds_are_declared_for_rte_and_mnli():
+    """Issue 14: MNLI-trained models are scored on HANS and ANLI r1-r3 dev and test; RTE-trained
+    models on the ANLI proxy (dev offline, test from the hub)."""
+    for r in (1, 2, 3):
+        dev, test = OOD_SETS[f"anli_r{r}"], OOD_SETS[f"anli_r{r}_test"]
+        assert (dev.split, test.split) == (f"dev_r{r}", f"test_r{r}") and dev.hub_id == test.hub_id == "facebook/anli"
+        for name in (dev.name, test.name):
+            assert check_ood("rte", name).gold == {0: 0, 1: 1, 2: 1}
+            m = check_ood("mnli", name)
+            assert m.classes == ("entailment", "neutral", "contradiction") and m.pred == {0: 0, 1: 1, 2: 2}
+    assert check_ood("mnli", "hans").pred == {0: 0, 1: 1, 2: 1}

@@ -325,7 +325,11 @@ _ANLI = ("entailment", "neutral", "contradiction")
 #: Every OOD set. ANLI: Nie et al. 2020, "Adversarial NLI", arXiv:1910.14599 (rounds r1–r3, dev);
 #: HANS: McCoy et al. 2019, "Right for the Wrong Reasons", arXiv:1902.01007 (hub only).
 OOD_SETS: dict[str, OODSet] = {o.name: o for o in (
+    # ANLI (Nie et al. 2020, arXiv:1910.14599): dev and test of each round; the offline copy
+    # (data.anli_dir, e.g. ../shared/data/anli) holds the dev rounds only
     *(OODSet(f"anli_r{r}", f"ANLI R{r}", "facebook/anli", None, f"dev_r{r}", f"dev_r{r}.parquet",
+             ("premise", "hypothesis"), _ANLI, "CC BY-NC 4.0") for r in (1, 2, 3)),
+    *(OODSet(f"anli_r{r}_test", f"ANLI R{r} test", "facebook/anli", None, f"test_r{r}", f"test_r{r}.parquet",
              ("premise", "hypothesis"), _ANLI, "CC BY-NC 4.0") for r in (1, 2, 3)),
     OODSet("hans", "HANS", "jhu-cogsci/hans", None, "validation", None, ("premise", "hypothesis"),
            ("entailment", "non-entailment"), "see the jhu-cogsci/hans dataset card",
@@ -359,8 +363,12 @@ class OODMap:
 #: are not-entailment: a documented proxy); MNLI: 0 entailment, 1 neutral, 2 contradiction;
 #: HANS: 0 entailment, 1 non-entailment (McCoy et al. 2019 score MNLI models the same way).
 OOD_MAPS: dict[tuple[str, str], OODMap] = {(m.train_task, m.ood_set): m for m in (
-    *(OODMap("rte", f"anli_r{r}", ("entailment", "not_entailment"), {0: 0, 1: 1, 2: 1}, {0: 0, 1: 1},
-             "proxy: ANLI neutral and contradiction scored as RTE not_entailment") for r in (1, 2, 3)),
+    *(OODMap("rte", f"anli_r{r}{part}", ("entailment", "not_entailment"), {0: 0, 1: 1, 2: 1}, {0: 0, 1: 1},
+             "proxy: ANLI neutral and contradiction scored as RTE not_entailment")
+      for r in (1, 2, 3) for part in ("", "_test")),
+    *(OODMap("mnli", f"anli_r{r}{part}", ("entailment", "neutral", "contradiction"), {0: 0, 1: 1, 2: 2},
+             {0: 0, 1: 1, 2: 2}, "the same three NLI classes (ANLI follows MNLI's label ids)")
+      for r in (1, 2, 3) for part in ("", "_test")),
     OODMap("mnli", "hans", ("entailment", "non-entailment"), {0: 0, 1: 1}, {0: 0, 1: 1, 2: 1},
            "MNLI neutral and contradiction predictions scored as HANS non-entailment"),
 )}
