@@ -355,3 +355,30 @@ def test_summary_lists_tuning_cost_only_for_tuned_runs():
     row = [ln for ln in lines if ln.startswith("| lora |")]
     assert row == ["| lora | 2 | 1 | 4 | 10 |"]  # the seeds share one study
     assert _tuning_table(runs.drop(columns=["tuning_trials", "tuning_s"])) == []
+
+
+def test_best_record_flags_a_study_whose_trials_all_tie(caplog):
+    """A held-out slice on which every trial scores the same (e.g. MCC 0: all at chance) selects
+    nothing; best.yaml says so (tied_trials) and the job warns."""
+    import logging
+
+    import optuna
+
+    from peftbench.recipe import Recipe
+    from peftbench.tuning import best_record
+
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}
+    tied = optuna.create_study(study_name="tied", direction="maximize")
+    for lr in (1e-4, 1e-3, 3e-3):
+        tied.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=dist, value=0.0))
+    with caplog.at_level(logging.WARNING, logger="peftbench.tuning"):
+        rec = best_record(tied, Recipe.from_dict({}), "lora", "matthews_correlation", {})
+    assert rec["tied_trials"] == 3 and rec["best_trial"] == 0
+    assert "cannot tell the settings apart" in caplog.text
+    caplog.clear()
+    apart = optuna.create_study(study_name="apart", direction="maximize")
+    for lr, v in ((1e-4, 0.1), (1e-3, 0.3), (3e-3, 0.2)):
+        apart.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=dist, value=v))
+    with caplog.at_level(logging.WARNING, logger="peftbench.tuning"):
+        rec = best_record(apart, Recipe.from_dict({}), "lora", "matthews_correlation", {})
+    assert rec["tied_trials"] == 1 and rec["lr"] == 1e-3 and "cannot tell" not in caplog.text

@@ -463,7 +463,9 @@ def write_trials(study, path: str | Path, metric: str) -> None:
 
 def best_record(study, recipe, method: str, metric: str, space: dict[str, Param]) -> dict[str, Any]:
     """The ``best.yaml`` mapping: the best complete trial's ``lr`` and full ``method_options``
-    (the recipe's, with the tuned ones replaced), its held-out score, and the study's cost.
+    (the recipe's, with the tuned ones replaced), its held-out score, how many complete trials tie
+    with it (``tied_trials``; a warning when all do: the held-out slice selected nothing), and the
+    study's cost.
 
     Raises:
         RuntimeError: no trial of the study completed (all pruned or diverged).
@@ -474,6 +476,12 @@ def best_record(study, recipe, method: str, metric: str, space: dict[str, Param]
                            f"narrow tuning.spaces.{method}.lr or raise tuning.trials")
     t = study.best_trial
     counted = [x for x in study.trials if counts_as_finished(x)]
+    tied = sum(1 for x in done if x.value == t.value)
+    if len(done) > 1 and tied == len(done):
+        log.warning("study %s: all %d complete trials scored %s %.4f on the held-out slice, so it cannot tell "
+                    "the settings apart (too few held-out examples, or every trial at chance); best.yaml takes "
+                    "trial %d's. Fix: a larger held-out slice (tuning.holdout_fraction, data.max_train_samples) "
+                    "or more epochs", study.study_name, len(done), metric, t.value, t.number)
     return {
         "method": method,
         "lr": float(t.params.get(LR, recipe.lr)),
@@ -481,6 +489,8 @@ def best_record(study, recipe, method: str, metric: str, space: dict[str, Param]
         "holdout_metric": metric,
         "holdout_value": float(t.value),
         "best_trial": int(t.number),
+        # complete trials with the best held-out value; == trials: the selection was a tie
+        "tied_trials": int(tied),
         "tuning_trials": len(counted),
         "tuning_s": float(sum(x.user_attrs.get("seconds", 0.0) for x in study.trials)),
         "space": {n: p.to_dict() for n, p in space.items()},
