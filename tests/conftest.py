@@ -111,12 +111,15 @@ def tiny_svd(tiny_model_dir, tmp_path_factory) -> Path:
 
 def recipe_args(recipe: dict) -> list[str]:
     """``--recipe JSON --runtime JSON`` of ``peftbench train`` from one flat dict of recipe and
-    runtime keys (split by peftbench.recipe.split_recipe)."""
+    runtime keys (split by peftbench.recipe.split_recipe); ``precision`` defaults to fp32."""
     import json
 
     from peftbench.recipe import split_recipe
 
     rec, rt = split_recipe(recipe)
+    # fp32 unless a test asks otherwise: ``precision: auto`` would make unit-test numbers depend on
+    # whether the machine has native bf16 (AMX / AVX512_BF16)
+    rec = {"precision": "fp32", **rec}
     return ["--recipe", json.dumps(rec), "--runtime", json.dumps(rt)]
 
 

@@ -211,6 +211,17 @@ def reload_run(*, key, model_spec: str, run_dir: str | Path, recipe, device, svd
     return model.to(device).eval(), method, m
 
 
+def run_precision(metrics_row, recipe, device) -> str:
+    """The precision (``fp32`` / ``bf16``) a finished run used: its ``precision`` column, or (runs
+    written before the column existed) the recipe's ``precision`` resolved on ``device``."""
+    from .precision import resolve_precision
+
+    value = metrics_row.get("precision") if hasattr(metrics_row, "get") else None
+    if isinstance(value, str) and value in ("fp32", "bf16"):
+        return value
+    return resolve_precision(recipe.precision, device)
+
+
 def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], out: str | Path,
                  max_length: int, dev_path: str | Path | None = None, anli_dir: str | Path | None = None, recipe=None, runtime=None,
                  svd_path: str | Path | None = None, budget_denominator: str | None = None,
@@ -238,7 +249,6 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
     from .batches import TokenizedSplit
     from .io import write_table
     from .models import load_tokenizer
-    from .precision import resolve_precision
     from .recipe import Recipe, Runtime
     from .tokenization import encode_table
     from .train import evaluate
@@ -251,11 +261,14 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, method, m = reload_run(key=key, model_spec=model_spec, run_dir=run_dir, recipe=recipe, device=dev,
                                   svd_path=svd_path, budget_denominator=budget_denominator)
+    # evaluate at the precision the run trained and was scored at (its metrics row), not at what
+    # ``precision: auto`` would resolve to on this machine
+    autocast = run_precision(m, recipe, dev) == "bf16"
     reload_main, matches = float("nan"), None
     if dev_path is not None:
         split_name = task.eval_splits[0]
         metrics, _ = evaluate(model, method, task, {split_name: TokenizedSplit(dev_path, recipe.max_eval_samples)},
-                              dev, runtime.eval_batch_size, resolve_precision(recipe.precision, dev) == "bf16")
+                              dev, runtime.eval_batch_size, autocast)
         reload_main = float(metrics[task.main_metric])
         matches = bool(abs(reload_main - float(m["dev_main"])) <= RELOAD_TOLERANCE)
         if not matches:
@@ -275,7 +288,7 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
             write_table(table, path, metadata={"pad_token_id": int(tok.pad_token_id or 0)})
             split = TokenizedSplit(path)
             _, logits = evaluate(model, method, task, {"validation": split}, dev, runtime.eval_batch_size,
-                                 resolve_precision(recipe.precision, dev) == "bf16")
+                                 autocast)
             right = correct(logits["validation"], df["label"].to_numpy(), mapping)
             acc = float(right.mean())
             log.info("%s on %s (%s): accuracy %.4f over %d examples", key, name, source, acc, len(df))
