@@ -523,6 +523,7 @@ def test_cli_plot_and_summary(tmp_path, runs, sig):
         "ranks": ["--ranks", paths["ranks"]],
         "spectrum": ["--spectrum", *spec],
         "gradnorms": ["--gradnorms", paths["gradnorms"]],
+        "gradheatmap": ["--gradnorms", paths["gradnorms"]],
         "evp": ["--trials", paths["trials"]],
         "ood": ["--runs", paths["runs"], "--ood", paths["ood"], "--significance", paths["significance"],
                 "--ood_significance", paths["ood_significance"]],
