@@ -1,6 +1,6 @@
 """The optimizer and learning-rate schedule of every run, built in one place.
 
-AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101; fused on CUDA) over the method's parameter
+AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101; the fused kernel on CUDA and on the CPU) over the method's parameter
 groups (decay on weights, none on biases/LayerNorm), with linear warm-up then linear decay to 0
 (``transformers.get_linear_schedule_with_warmup``, the schedule of the LoRA and AdaLoRA GLUE
 recipes). A method that changes its trainable parameters mid-run (GLoRA's re-allocation) rebuilds
@@ -24,8 +24,14 @@ def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
 
 def make_optimizer(method, model: nn.Module, lr: float, weight_decay: float,
                    device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over ``method.parameter_groups(model, weight_decay)`` at peak ``lr`` (fused on CUDA)."""
-    return torch.optim.AdamW(method.parameter_groups(model, weight_decay), lr=lr, fused=device.type == "cuda")
+    """AdamW over ``method.parameter_groups(model, weight_decay)`` at peak ``lr``.
+
+    The fused kernel (one pass over all parameters) on CUDA and on the CPU: on the 2-core CPU
+    machine an AdamW step over MiniLM's 22.3M parameters takes 16 ms fused against 80 ms with the
+    default multi-tensor path (the same update to ~4e-9). Other devices use the default.
+    """
+    return torch.optim.AdamW(method.parameter_groups(model, weight_decay), lr=lr,
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total_steps: int, last_epoch: int = -1):
