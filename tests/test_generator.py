@@ -186,9 +186,10 @@ def generated(tmp_path_factory, tiny_model_dir, glue_dir):
     """The tiny generator grid run through real Snakemake up to its summary and figures."""
     work = tmp_path_factory.mktemp("generator")
     _config(work, tiny_model_dir, glue_dir)
-    # one thread per job: two small jobs at a time on the test machine's two cores
-    smk(work, "results/generator/tiny/summary.md", "--set-threads", "train=1", "train_generator=1",
-        "evaluate_generator=1")
+    # one thread per job: two small jobs at a time on the test machine's two cores (gpu=2: the
+    # default profile's gpu=1 would run the train and generator jobs one at a time)
+    smk(work, "results/generator/tiny/summary.md", "--resources", "gpu=2", "--set-threads", "train=1",
+        "train_generator=1", "evaluate_generator=1")
     return work / "results" / "generator" / "tiny"
 
 

@@ -63,8 +63,9 @@ def tuned(tmp_path_factory, tiny_model_dir, glue_dir):
     _config(work, tiny_model_dir, glue_dir, ["lora", "fwlora"],
             tuning={"enabled": True, "trials": 2, "sampler": "random", "pruner": "none", "holdout_fraction": 0.25})
     targets = [f"results/runs/tiny/stsb/{m}/b2/s1/metrics.parquet" for m in ("lora", "fwlora")]
-    # one thread per job: the two studies (then the two final runs) side by side on two cores
-    smk(work, *targets, "--set-threads", "tune=1", "train=1")
+    # two one-thread GPU-rule jobs at a time (the default profile's gpu=1 would serialise them): the
+    # two studies, then the two final runs, side by side on the test machine's two cores
+    smk(work, *targets, "--resources", "gpu=2", "--set-threads", "tune=1", "train=1")
     return work, targets
 
 
