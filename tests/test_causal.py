@@ -302,6 +302,7 @@ def test_causal_cli_run_writes_generations_and_gradient_analysis(tiny_llama_dir,
     assert json.loads(row["phase_boundary_steps"]) == [1, 2]
 
 
+@pytest.mark.snakemake
 def test_causal_track_through_real_snakemake(tmp_path, tiny_llama_dir, small_glue):
     """The same rules, on a tiny random LLaMA: tokenize -> train (phased) -> aggregate -> the gradient
     heatmap. Checks the run row, the generations and the per-layer gradient table."""

@@ -186,12 +186,14 @@ def generated(tmp_path_factory, tiny_model_dir, glue_dir):
     """The tiny generator grid run through real Snakemake up to its summary and figures."""
     work = tmp_path_factory.mktemp("generator")
     _config(work, tiny_model_dir, glue_dir)
-    # one thread per job: two small jobs at a time on the test machine's two cores
-    smk(work, "results/generator/tiny/summary.md", "--set-threads", "train=1", "train_generator=1",
-        "evaluate_generator=1")
+    # one thread per job: two small jobs at a time on the test machine's two cores (gpu=2: the
+    # default profile's gpu=1 would run the train and generator jobs one at a time)
+    smk(work, "results/generator/tiny/summary.md", "--resources", "gpu=2", "--set-threads", "train=1",
+        "train_generator=1", "evaluate_generator=1")
     return work / "results" / "generator" / "tiny"
 
 
+@pytest.mark.snakemake
 def test_generator_grid_produces_the_evaluation_table(generated):
     ev = pd.read_parquet(generated / "in_task" / "evaluation.parquet")
     # per (task, seed): trained, checkpoint_mean, head_only once, generated once per held-out prompt
@@ -221,6 +223,7 @@ def test_generator_grid_produces_the_evaluation_table(generated):
     assert set(curve.columns) >= {"mse", "l1", "total", "mae", "rmse", "rel_error", "lr"}
 
 
+@pytest.mark.snakemake
 def test_zero_shot_split_never_sees_the_held_out_task(generated):
     ckpts = pd.read_parquet(generated / "data" / "checkpoints.parquet")
     assert len(ckpts) == 2 * 1 * 3                               # tasks x seeds x snapshots
@@ -253,6 +256,7 @@ def test_too_small_prompt_set_names_the_file():
         prompt_sets({"cola": (texts[:11], "glue/cola/train.parquet")}, s)
 
 
+@pytest.mark.snakemake
 def test_generator_training_resumes_after_a_kill(generated, tmp_path, monkeypatch):
     """A job killed after its first checkpoint continues from it and ends with the curve and weights
     of an uninterrupted job."""

@@ -71,6 +71,7 @@ def _rte_from_anli(frame: pd.DataFrame) -> pd.DataFrame:
                          "idx": np.arange(len(frame), dtype=np.int32)})
 
 
+@pytest.mark.snakemake
 def test_anli_proxy_stage_through_snakemake(tmp_path, tiny_model_dir):
     # RTE-shaped data made of the ANLI sample: train on r2 + r3, validate on r1, so the OOD score
     # on anli_r1 must equal the run's own dev accuracy (the reloaded adapter is the trained model)
@@ -91,8 +92,12 @@ def test_anli_proxy_stage_through_snakemake(tmp_path, tiny_model_dir):
     cfg["training"]["adapters"] = {"lr": 5e-3}
     cfg["ood"] = {"sets": {"rte": ["anli_r1", "anli_r2", "anli_r3"]}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # two one-thread GPU-rule jobs at a time (the default profile's gpu=1 would serialise them): the
+    # two runs and their OOD evaluations side by side on the test machine's two cores; train and
+    # evaluate_ood at the same thread count, so the re-scored dev split is exact
     proc = snakemake_run(work, "results/tables/ood.parquet", "results/tables/ood_significance.parquet",
-                         "results/comparison/ood.pdf")
+                         "results/comparison/ood.pdf", "--resources", "gpu=2",
+                         "--set-threads", "train=1", "evaluate_ood=1")
     assert "rule evaluate_ood:" in proc.stdout + proc.stderr
     ood = pd.read_parquet(work / "results" / "tables" / "ood.parquet")
     assert list(ood["ood_set"]) == ["anli_r1", "anli_r2", "anli_r3"] * 2  # no breakdown: headline rows only

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.snakemake
 PROFILE = ROOT / "workflow" / "profiles" / "slurm"
 CLUSTER_NAME = "peftbench-ci"  # .ci/slurm-setup.sh
 PROLOG_LOG = Path("/var/log/slurm/prolog.log")

@@ -15,6 +15,7 @@ from conftest import snakemake_run as smk
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.snakemake
 TARGET = "results/runs/tiny/stsb/lora/b2/s1/metrics.parquet"
 
 

@@ -13,6 +13,7 @@ from conftest import snakemake_run as smk
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.snakemake
 
 
 def job_counts(proc: subprocess.CompletedProcess) -> dict[str, int]:
@@ -62,7 +63,9 @@ def tuned(tmp_path_factory, tiny_model_dir, glue_dir):
     _config(work, tiny_model_dir, glue_dir, ["lora", "fwlora"],
             tuning={"enabled": True, "trials": 2, "sampler": "random", "pruner": "none", "holdout_fraction": 0.25})
     targets = [f"results/runs/tiny/stsb/{m}/b2/s1/metrics.parquet" for m in ("lora", "fwlora")]
-    smk(work, *targets)
+    # two one-thread GPU-rule jobs at a time (the default profile's gpu=1 would serialise them): the
+    # two studies, then the two final runs, side by side on the test machine's two cores
+    smk(work, *targets, "--resources", "gpu=2", "--set-threads", "tune=1", "train=1")
     return work, targets
 
 
