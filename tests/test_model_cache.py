@@ -6,6 +6,7 @@ identical. A missing or incomplete cache fails naming the file and the fix."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def test_cli_writes_safetensors_and_a_manifest(tiny_model_dir, tmp_path):
     assert man["spec"] == str(tiny_model_dir) and man["how"] == "copied" and man["gguf_file"] is None
     assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= set(man["files"])
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.gguf"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.stat().st_mode & 0o777 for f in folder.iterdir()} == {0o666 & ~mask}  # not transformers' 0600
     assert (folder / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
     from peftbench.outputs import model_provenance
 

@@ -113,6 +113,7 @@ def write_cache(spec: str, out: str | Path) -> dict:
                **model_provenance(spec),
                "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}}
         (tmp / MODEL_CACHE_MANIFEST).write_text(json.dumps(man, indent=1) + "\n")
+        _readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -122,6 +123,18 @@ def write_cache(spec: str, out: str | Path) -> dict:
     log.info("model cache %s of %s (%s, %d files, %.1f MB) in %.1f s", out, spec, how, len(man["files"]),
              sum(man["files"].values()) / 1e6, time.perf_counter() - t0)
     return man
+
+
+def _readable(folder: Path) -> None:
+    """Give every file of ``folder`` the mode a new file gets under the umask (transformers writes
+    its weights through a private temporary file, mode 0600: unreadable to the group on a cluster)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~mask)
 
 
 def _local_folder(path: str) -> Path:
@@ -201,6 +214,16 @@ def _save_through_transformers(spec: str, dst: Path, gguf: str | None = None) ->
     path = model_source(spec)[0]
     kw = {"gguf_file": gguf} if gguf else {}
     model = load_causal_lm(spec)
+    not_dense = [k for k, v in model.state_dict().items() if not v.is_floating_point()]
+    if not_dense:
+        raise ModelError(f"model cache of {spec}: transformers left {len(not_dense)} tensors packed (e.g. "
+                         f"{not_dense[:3]}); the cache stores dense weights only")
+    # transformers keeps the GGUF quantizer on the model, which refuses save_pretrained; the
+    # weights it left are the dequantised fp32 tensors (checked above), so drop it, as its own
+    # dequantize() does (HfQuantizer.remove_quantization_config)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     model.save_pretrained(dst)
     tok = AutoTokenizer.from_pretrained(path, use_fast=True, **kw)
     tok.save_pretrained(dst)

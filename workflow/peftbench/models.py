@@ -13,6 +13,11 @@
   GGUF and dequantises it to fp32 (``from_pretrained(dir, gguf_file=...)``, needs the ``gguf``
   package); the package is located without importing it.
 
+Every loader (:func:`load_tokenizer`, :func:`load_causal_lm`, :func:`load_classifier`) also takes
+``cache``, the spec's model cache folder (:mod:`peftbench.modelcache`, rule ``cache_model``:
+``results/models/{model}``), and then loads that folder instead of resolving the spec
+(:func:`load_source`); the workflow's stages do, so a GGUF model is dequantised once per DAG.
+
 The target matrices are the attention query/key/value/output projections and the feed-forward
 matrices of every layer (the set the AdaLoRA GLUE experiments adapt): BERT/RoBERTa/DeBERTa
 encoder names (``….layer.N.attention.self.query`` …) and LLaMA-style decoder names
