@@ -101,7 +101,9 @@ def model_spec(wildcards):
 def model_cache_file(model):
     """The cache manifest of a models: key (rule cache_model), an input of every job that loads
     the model. ancient: the cache is a function of the spec, which each job tracks as its own
-    `spec` param, so a rebuilt cache (same spec, bit-identical loads) reruns nothing."""
+    `spec` param, so a cache rebuilt on its own (same spec, bit-identical loads) marks no finished
+    job outdated (one rebuilt in the same invocation still reruns its consumers: Snakemake's
+    "Input files updated by another job")."""
     return ancient(
         os.path.join(MODEL_CACHE_DIR.format(model=model), MODEL_CACHE_MANIFEST)
     )
