@@ -124,7 +124,7 @@ def glue_dir_arg():
 
 
 def train_inputs(w):
-    """Tokenised train and dev splits, plus the SVD factors for methods that use them."""
+    """The model cache, tokenised train and dev splits, plus the SVD factors for methods that use them."""
     inputs = {
         "model": model_cache_file(w.model),
         "train": f"results/data/{w.model}/{w.task}/train.parquet",
@@ -193,7 +193,7 @@ def tune_settings(w):
 
 
 def tune_inputs(w):
-    """The tokenised training split (the held-out rows are carved from it), plus the SVD factors."""
+    """The model cache, the tokenised training split (the held-out rows are carved from it), plus the SVD factors."""
     inputs = {
         "model": model_cache_file(w.model),
         "train": f"results/data/{w.model}/{w.task}/train.parquet",
@@ -242,7 +242,7 @@ def ood_files():
 
 
 def ood_inputs(w):
-    """The trained run (adapter, method state, metrics), plus the SVD factors for methods that use them."""
+    """The model cache, the trained run (adapter, method state, metrics), plus the SVD factors for methods that use them."""
     run = wildcard_key(w).run_dir()
     inputs = {
         "model": model_cache_file(w.model),
@@ -318,7 +318,7 @@ def generator_data_files():
 
 
 def generator_eval_inputs(w):
-    """A split's evaluation inputs: dataset, generator, the runs' adapters and metrics, dev splits."""
+    """A split's evaluation inputs: dataset, backbone cache, generator, the runs' adapters and metrics, dev splits."""
     s = generator_settings()
     return {
         **generator_data_files(),
