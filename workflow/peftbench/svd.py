@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from .io import save_tensors, write_table
+from .modelcache import check_cache
 from .models import find_targets, load_causal_lm, load_classifier, model_source
 from .vocab import get_task
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def compute_svd(model_spec: str, model_name: str, top_k: int, factors_out: str | Path, spectrum_out: str | Path,
-                device: str | None = None) -> dict:
+                device: str | None = None, model_cache: str | Path | None = None) -> dict:
     """Compute and write the truncated SVD of every target matrix of ``model_spec``.
 
     Args:
@@ -37,14 +38,17 @@ def compute_svd(model_spec: str, model_name: str, top_k: int, factors_out: str |
         factors_out: ``factors.safetensors`` path.
         spectrum_out: ``spectrum.parquet`` path.
         device: ``cuda``/``cpu``; default: CUDA when available.
+        model_cache: the spec's model cache folder (:mod:`peftbench.modelcache`) to load from;
+            ``None``: the spec.
 
     Returns:
         ``{"matrices": n, "seconds": t, "device": str}``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # the head is irrelevant here; a GGUF decoder (SmolLM2) has no config.json for a classifier
-    model = (load_causal_lm(model_spec) if model_source(model_spec)[1] is not None
-             else load_classifier(model_spec, get_task("sst2")))
+    gguf = check_cache(model_cache, model_spec)["gguf_file"] if model_cache else model_source(model_spec)[1]
+    model = (load_causal_lm(model_spec, model_cache) if gguf is not None
+             else load_classifier(model_spec, get_task("sst2"), model_cache))
     modules = dict(model.named_modules())
     tensors, rows = {}, []
     t0 = time.perf_counter()

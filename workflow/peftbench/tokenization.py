@@ -142,7 +142,7 @@ def encode_causal(tok, frame, task: TaskSpec, max_length: int):
 
 
 def tokenize_split(model_spec: str, task_name: str, split: str, out: str | Path, max_length: int,
-                   glue_dir: str | None = None, batch_size: int = 32768) -> dict:
+                   glue_dir: str | None = None, batch_size: int = 32768, model_cache: str | Path | None = None) -> dict:
     """Tokenise one GLUE split with the model's fast tokenizer and write it to ``out``.
 
     Args:
@@ -153,6 +153,8 @@ def tokenize_split(model_spec: str, task_name: str, split: str, out: str | Path,
         max_length: truncation length in tokens.
         glue_dir: local GLUE mirror, or ``None`` for the hub.
         batch_size: examples per tokenizer call.
+        model_cache: the spec's model cache folder (:mod:`peftbench.modelcache`): the tokenizer
+            is read from it (the same tokens); the metadata still names the spec.
 
     Returns:
         ``{"rows", "read_s", "seconds", "cpu_s", "examples_per_s", "examples_per_cpu_s", "mean_length",
@@ -167,7 +169,7 @@ def tokenize_split(model_spec: str, task_name: str, split: str, out: str | Path,
     t_read = time.perf_counter()
     df = load_causal_split(task, split, glue_dir) if task.is_causal else load_split(task, split, glue_dir)
     read_s = time.perf_counter() - t_read
-    tok = load_tokenizer(model_spec)
+    tok = load_tokenizer(model_spec, model_cache)
     t0, c0 = time.perf_counter(), time.process_time()
     if task.is_causal:
         table, lengths = encode_causal(tok, df, task, max_length)

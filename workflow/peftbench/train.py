@@ -73,7 +73,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         out_dir: str | Path, recipe: Recipe, runtime: Runtime | None = None, svd_path: str | Path | None = None,
         device: str | None = None, checkpoint_dir: str | Path | None = None,
         budget_denominator: str | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
-        extra_columns: dict[str, Any] | None = None, import_s: float | None = None) -> dict[str, Any]:
+        extra_columns: dict[str, Any] | None = None, import_s: float | None = None,
+        model_cache: str | Path | None = None) -> dict[str, Any]:
     """Train one (model, task, method, budget, seed) and write its outputs to ``out_dir``.
 
     With ``checkpoint_dir``, the run saves a checkpoint every ``runtime.checkpoint_every`` steps
@@ -84,7 +85,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
 
     Args:
         key: the run (model short name, task, method, budget — a percentage or ``r<N>`` —, seed).
-        model_spec: what ``models:`` maps the model to (hub id, directory, ``package:NAME``).
+        model_spec: what ``models:`` maps the model to (hub id, directory, ``package:NAME``); what
+            the run records (provenance, checkpoint fingerprint), also when loaded from ``model_cache``.
         train_path: tokenised train split.
         dev_paths: ``{split: tokenised path}`` for every dev split of the task.
         out_dir: run directory.
@@ -102,6 +104,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
             ``tuning_s`` of a tuned run).
         import_s: seconds from process start to this call (the CLI measures it,
             :func:`peftbench.outputs.process_age_s`); ``None`` (an in-process caller): NaN.
+        model_cache: the spec's model cache folder (:mod:`peftbench.modelcache`, rule
+            ``cache_model``): the model and tokenizer are loaded from it; ``None``: from the spec.
 
     With ``runtime.tracking.backend`` other than ``none`` the finished run is also mirrored to the
     tracker (:mod:`peftbench.tracking`; a tracker failure is logged, the outputs stay).
@@ -151,7 +155,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
 
     # model: backbone wrapped by the method, the module the training steps call
     model, method, backbone = build_model(model_spec, task, key, recipe, steps_per_epoch, total_steps, dev,
-                                          svd_path, budget_denominator)
+                                          svd_path, budget_denominator, model_cache)
     model = model.to(dev)
     model.train()
     forward, compile_note = compile_for_training(model, type(method), dev, runtime)
@@ -183,7 +187,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
              dev, precision)
 
     # the epochs
-    tokenizer = load_tokenizer(model_spec) if task.is_causal else None  # decodes the generated answers
+    tokenizer = load_tokenizer(model_spec, model_cache) if task.is_causal else None  # decodes the generated answers
     loop = Loop(model=model, forward=forward, method=method, task=task, train=train, devs=devs, recipe=recipe,
                 runtime=runtime, state=state, gen=gen, device=dev, ckpt=ckpt, label=str(key), on_eval=on_eval,
                 precision=precision, tokenizer=tokenizer,
@@ -202,7 +206,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     row = run_row(key, task, method, model, backbone, recipe, progress, error, train, devs, dev,
                   compiled=forward is not model, compile_note=compile_note, precision=precision)
     row.update(phases)
-    row.update(provenance(model_spec, train_path, dev_paths, dev))
+    row.update(provenance(model_spec, train_path, dev_paths, dev, model_cache))
     row.update(extra_columns or {})
     preds = prediction_table(task, devs, progress, error)
     row = write_run(out_dir, key, row, adapter=method.state_to_save(model), curve=progress.curve,
@@ -302,9 +306,10 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
 
 def build_model(model_spec: str, task: TaskSpec, key: RunKey, recipe: Recipe, steps_per_epoch: int,
                 total_steps: int, dev: torch.device, svd_path: str | Path | None = None,
-                budget_denominator: str | None = None):
-    """Load the pretrained classifier (a causal task: the decoder, no head) and wrap it with the
-    run's method (still on the CPU).
+                budget_denominator: str | None = None, model_cache: str | Path | None = None):
+    """Load the pretrained classifier (a causal task: the decoder, no head) — from the model cache
+    ``model_cache`` when given (:func:`peftbench.models.load_source`) — and wrap it with the run's
+    method (still on the CPU).
 
     The method is sized by the budget's parameter count (:attr:`BuildContext.budget_params`:
     ``key.budget`` on this model, a percentage of ``budget_denominator``, default the schema's).
@@ -318,7 +323,8 @@ def build_model(model_spec: str, task: TaskSpec, key: RunKey, recipe: Recipe, st
     why = method_info(key.method).encoder_only
     if task.is_causal and why:
         raise ValueError(f"method {key.method} cannot run on the causal-LM task {task.name}: {why}")
-    model = load_causal_lm(model_spec) if task.is_causal else load_classifier(model_spec, task)
+    model = (load_causal_lm(model_spec, model_cache) if task.is_causal
+             else load_classifier(model_spec, task, model_cache))
     backbone = backbone_param_count(model)
     ctx = BuildContext(task=task, budget=key.budget, backbone_params=backbone, targets=find_targets(model),
                        head_modules=[] if task.is_causal else head_module_names(model), total_steps=total_steps,

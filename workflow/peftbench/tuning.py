@@ -337,7 +337,8 @@ def counts_as_finished(trial) -> bool:
 def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, train_path: str | Path,
          out_dir: str | Path, storage: str | Path, recipe, settings: Settings, space: dict[str, Param],
          runtime=None, svd_path: str | Path | None = None, device: str | None = None,
-         budget_denominator: str | None = None, trials: int | None = None) -> dict[str, Any]:
+         budget_denominator: str | None = None, trials: int | None = None,
+         model_cache: str | Path | None = None) -> dict[str, Any]:
     """Run trials of one study until it holds ``trials`` (default ``settings.trials``) finished
     trials, at most ``settings.trials_per_job`` in this call; write ``trials.parquet`` and, once
     the study is complete, ``best.yaml`` in ``out_dir``.
@@ -354,6 +355,9 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
 
     Trials left RUNNING in the journal by a killed job are told FAIL (``outcome = killed``) and
     do not count; their points are drawn again by the sampler's next draws.
+
+    ``model_cache``: the spec's model cache folder (:mod:`peftbench.modelcache`), what every
+    trial loads the model from (``None``: the spec).
 
     Returns:
         ``{"finished": n, "target": trials, "complete": bool, "best": best.yaml dict or None}``.
@@ -407,7 +411,7 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
             row = train_run(key=key, model_spec=model_spec, train_path=fit, dev_paths=dev_paths,
                             out_dir=trial_dir, recipe=trial_recipe,
                             runtime=runtime, svd_path=svd_path, device=device, checkpoint_dir=None,
-                            budget_denominator=budget_denominator, on_eval=report)
+                            budget_denominator=budget_denominator, on_eval=report, model_cache=model_cache)
         except optuna.TrialPruned:
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("outcome", "pruned")

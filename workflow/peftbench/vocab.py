@@ -524,6 +524,15 @@ PLOTS: dict[str, PlotKind] = {p.name: p for p in (
     PlotKind("evp", ("trials",)),
     PlotKind("ood", ("runs", "ood", "significance", "ood_significance")),
 )}
+#: The local model cache of one ``models:`` key (rule ``cache_model``, :mod:`peftbench.modelcache`):
+#: a ``save_pretrained`` folder (``config.json``, safetensors weights — a GGUF model's dequantised
+#: fp32 —, tokenizer files) that every stage loads instead of resolving the model spec again.
+MODEL_CACHE_DIR = "results/models/{model}"
+#: The cache's manifest (written last: its presence marks a complete cache): the spec it was made
+#: from, how, every file with its size, and the source's provenance (``model_revision``,
+#: ``model_sha256``).
+MODEL_CACHE_MANIFEST = "peftbench-cache.json"
+
 #: The parameter generator's (seed 004) directory, one per ``generator.name``: ``data/`` (rule
 #: ``tokenize_params``: :data:`GENERATOR_DATA_FILES`), ``{split}/`` (``train_generator`` and
 #: ``evaluate_generator``: :data:`GENERATOR_SPLIT_FILES`), the summary (:data:`GENERATOR_SUMMARY`)

@@ -25,6 +25,8 @@ from peftbench.vocab import (
     GENERATOR_PLOTS,
     GENERATOR_SPLIT_FILES,
     GENERATOR_SUMMARY,
+    MODEL_CACHE_DIR,
+    MODEL_CACHE_MANIFEST,
     OOD_FILE,
     OOD_PLOTS,
     RUN_FILES,
@@ -93,6 +95,25 @@ def model_spec(wildcards):
     return config["models"][wildcards.model]
 
 
+# -- model cache (rules/models.smk) ------------------------------------------------------
+
+
+def model_cache_file(model):
+    """The cache manifest of a models: key (rule cache_model), an input of every job that loads
+    the model. ancient: the cache is a function of the spec, which each job tracks as its own
+    `spec` param, so a cache rebuilt on its own (same spec, bit-identical loads) marks no finished
+    job outdated (one rebuilt in the same invocation still reruns its consumers: Snakemake's
+    "Input files updated by another job")."""
+    return ancient(
+        os.path.join(MODEL_CACHE_DIR.format(model=model), MODEL_CACHE_MANIFEST)
+    )
+
+
+def model_cache_dir(model):
+    """`--model-cache` of a job: the cache folder of a models: key, untracked (the spec is tracked)."""
+    return Untracked(MODEL_CACHE_DIR.format(model=model))
+
+
 def eval_splits(task):
     return list(get_task(task).eval_splits)
 
@@ -103,8 +124,9 @@ def glue_dir_arg():
 
 
 def train_inputs(w):
-    """Tokenised train and dev splits, plus the SVD factors for methods that use them."""
+    """The model cache, tokenised train and dev splits, plus the SVD factors for methods that use them."""
     inputs = {
+        "model": model_cache_file(w.model),
         "train": f"results/data/{w.model}/{w.task}/train.parquet",
         **{
             s: f"results/data/{w.model}/{w.task}/{s}.parquet"
@@ -171,8 +193,11 @@ def tune_settings(w):
 
 
 def tune_inputs(w):
-    """The tokenised training split (the held-out rows are carved from it), plus the SVD factors."""
-    inputs = {"train": f"results/data/{w.model}/{w.task}/train.parquet"}
+    """The model cache, the tokenised training split (the held-out rows are carved from it), plus the SVD factors."""
+    inputs = {
+        "model": model_cache_file(w.model),
+        "train": f"results/data/{w.model}/{w.task}/train.parquet",
+    }
     if method_info(w.method).uses_svd:
         inputs["svd"] = f"results/svd/{w.model}/factors.safetensors"
     return inputs
@@ -217,9 +242,10 @@ def ood_files():
 
 
 def ood_inputs(w):
-    """The trained run (adapter, method state, metrics), plus the SVD factors for methods that use them."""
+    """The model cache, the trained run (adapter, method state, metrics), plus the SVD factors for methods that use them."""
     run = wildcard_key(w).run_dir()
     inputs = {
+        "model": model_cache_file(w.model),
         "adapter": f"{run}/{RUN_FILES['adapter']}",
         "method_state": f"{run}/{RUN_FILES['method_state']}",
         "metrics": f"{run}/{RUN_FILES['metrics']}",
@@ -292,10 +318,11 @@ def generator_data_files():
 
 
 def generator_eval_inputs(w):
-    """A split's evaluation inputs: dataset, generator, the runs' adapters and metrics, dev splits."""
+    """A split's evaluation inputs: dataset, backbone cache, generator, the runs' adapters and metrics, dev splits."""
     s = generator_settings()
     return {
         **generator_data_files(),
+        "model": model_cache_file(s.model),
         "generator": os.path.join(
             generator_dir(), w.split, GENERATOR_SPLIT_FILES["weights"]
         ),

@@ -88,6 +88,7 @@ rule evaluate_generator:
         gpu=1,
     params:
         args=generator_eval_args,
+        cache=lambda w: model_cache_dir(generator_settings().model),
         runtime=lambda w: Untracked(
             pbconfig.runtime_for(
                 config, generator_settings().tasks[0], generator_settings().method
@@ -97,7 +98,7 @@ rule evaluate_generator:
         out=lambda w: os.path.join(generator_dir(), w.split),
     shell:
         "python -m peftbench evaluate-generator --data {params.data} --generator {input.generator}"
-        " {params.args} --runtime {params.runtime:q} --out {params.out} > {log} 2>&1"
+        " {params.args} --model-cache {params.cache} --runtime {params.runtime:q} --out {params.out} > {log} 2>&1"
 
 
 rule generator_report:

@@ -20,6 +20,7 @@ rule evaluate_ood:
         gpu=1,
     params:
         spec=model_spec,
+        cache=lambda w: model_cache_dir(w.model),
         key=lambda w: " ".join(wildcard_key(w).cli_args()),
         recipe=train_recipe,
         runtime=train_runtime,
@@ -27,7 +28,7 @@ rule evaluate_ood:
         run=lambda w: wildcard_key(w).run_dir(),
         max_length=lambda w: pbconfig.max_length(config, w.task),
     shell:
-        "python -m peftbench evaluate-ood {params.key} --model {params.spec:q} --run-dir {params.run}"
+        "python -m peftbench evaluate-ood {params.key} --model {params.spec:q} --model-cache {params.cache} --run-dir {params.run}"
         " --dev {input.dev} --max-length {params.max_length} {params.args}"
         " --recipe {params.recipe:q} --runtime {params.runtime:q} --out {output} > {log} 2>&1"
 

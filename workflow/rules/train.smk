@@ -15,6 +15,7 @@ rule train:
         gpu=1,
     params:
         spec=model_spec,
+        cache=lambda w: model_cache_dir(w.model),
         key=lambda w: " ".join(wildcard_key(w).cli_args()),
         recipe=train_recipe,
         runtime=train_runtime,
@@ -23,6 +24,6 @@ rule train:
         # Outside the outputs: Snakemake deletes a failed job's outputs, never this directory.
         checkpoints=lambda w: wildcard_key(w).checkpoint_dir(),
     shell:
-        "python -m peftbench train {params.key} --model {params.spec:q} --train {input.train} {params.args}"
+        "python -m peftbench train {params.key} --model {params.spec:q} --model-cache {params.cache} --train {input.train} {params.args}"
         " --recipe {params.recipe:q} --runtime {params.runtime:q}"
         " --checkpoint-dir {params.checkpoints} --out {params.out} > {log} 2>&1"

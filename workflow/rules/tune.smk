@@ -45,6 +45,7 @@ rule tune:
         gpu=1,
     params:
         spec=model_spec,
+        cache=lambda w: model_cache_dir(w.model),
         recipe=train_recipe,
         runtime=train_runtime,
         space=lambda w: space_json(space_for(config, w.method)),
@@ -53,7 +54,7 @@ rule tune:
         out=lambda w: TUNE_DIR.format(**tune_wildcards(w)),
     shell:
         "python -m peftbench tune --model-name {wildcards.model} --model {params.spec:q}"
-        " --task {wildcards.task} --method {wildcards.method} --budget {wildcards.budget}"
+        " --model-cache {params.cache} --task {wildcards.task} --method {wildcards.method} --budget {wildcards.budget}"
         " --train {input.train}{params.args} --recipe {params.recipe:q} --runtime {params.runtime:q}"
         " --space {params.space:q} --settings {params.settings:q}"
         " --storage {params.out}/journal.log --out {params.out} > {log} 2>&1"

@@ -55,7 +55,8 @@ EVAL_FILES = GENERATOR_SPLIT_FILES
 
 def evaluate_generator(*, data_dir: str | Path, generator_path: str | Path, model_spec: str,
                        dev_dir: str | Path, recipes: dict, out_dir: str | Path, runtime=None,
-                       budget_denominator: str | None = None, device: str | None = None) -> pd.DataFrame:
+                       budget_denominator: str | None = None, device: str | None = None,
+                       model_cache: str | Path | None = None) -> pd.DataFrame:
     """Generate adapters for the held-out prompts of the generator's split and score every variant
     (see the module docstring); write :data:`EVAL_FILES` into ``out_dir``.
 
@@ -63,6 +64,8 @@ def evaluate_generator(*, data_dir: str | Path, generator_path: str | Path, mode
         dev_dir: the tokenised cache of the backbone (``{dev_dir}/{task}/{split}.parquet``).
         recipes: ``{task: Recipe or its dict}``: each task's training recipe (method options,
             ``max_eval_samples``), as the train rule got it.
+        model_cache: the backbone's model cache folder (:mod:`peftbench.modelcache`); ``None``:
+            the backbone is loaded from ``model_spec``.
 
     Returns:
         The ``evaluation.parquet`` table.
@@ -99,7 +102,7 @@ def evaluate_generator(*, data_dir: str | Path, generator_path: str | Path, mode
         total, epochs = int(m["steps"]), max(int(m["epochs"]), 1)
         torch.manual_seed(key.seed)
         model, method, _ = build_model(model_spec, task, key, recipe, max(total // epochs, 1), total, dev,
-                                       None, budget_denominator)
+                                       None, budget_denominator, model_cache)
         trained = load_lora_state(run_dir / RUN_FILES["adapter"])
         load_adapter(model, trained, str(run_dir / RUN_FILES["adapter"]))
         model = model.to(dev)
