@@ -60,6 +60,19 @@ def test_bench_prints_both_systems_side_by_side(tiny_model_dir, glue_dir, tmp_pa
     assert format_table(full) in text
 
 
+def test_bench_runs_the_svd_methods_on_factors_it_computes_once(tiny_model_dir, glue_dir, tmp_path):
+    """--methods all includes the methods that read the SVD factors: the bench computes them once, as the DAG's svd stage."""
+    out, work = tmp_path / "bench.parquet", tmp_path / "work"
+    main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
+          "--methods", "spectral_a,gsa", "--precisions", "fp32", "--peak-seconds", "0.01", "--rank", "2",
+          "--batch-size", "16", "--max-length", "32", "--max-train-samples", "32", "--max-eval-samples", "16",
+          "--no-baseline", "--work-dir", str(work), "--out", str(out)])
+    df = pd.read_parquet(out)
+    assert list(df.method) == ["spectral_a", "gsa"] and (df.system == "peftbench").all()
+    assert (df.steps == 2).all() and df.dev.between(0, 1).all()
+    assert (work / "svd" / "factors.safetensors").is_file()
+
+
 def test_model_flops_is_6nt_plus_attention(tiny_model_dir):
     """6·N·T + 12·L·d·T² per example, N without the embedding tables (2 layers, width 32)."""
     from peftbench.bench import model_flops

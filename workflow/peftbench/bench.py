@@ -279,7 +279,8 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         precisions: recipe ``precision`` values; every method runs at each (``("fp32", "bf16")``:
             the bf16-vs-fp32 dev metric of the same recipe).
         peak_seconds: measuring time per shape of :func:`matmul_peak`.
-        work_dir: where tokenised splits and run outputs go (default: a temporary directory).
+        work_dir: where tokenised splits, the SVD factors (computed once, with the schema's
+            ``svd.top_k``, when a method reads them) and run outputs go (default: a temporary directory).
 
     Raises:
         ValueError: unknown method, task or precision, bad rank.
@@ -322,6 +323,15 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     del probe
     peak = matmul_peak(linear, batch_size * max(int(round(float(lengths.mean()))), 1), dev, seconds=peak_seconds)
     log.info("matmul peak at the model's linear shapes: %s", ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peak.items()))
+    svd_path = None
+    if any(METHODS[m].uses_svd for m in methods):
+        # the svd stage's factors, once for every method that reads them (as the DAG does)
+        from .config import schema_defaults
+        from .svd import compute_svd
+
+        svd_path = work / "svd" / "factors.safetensors"
+        compute_svd(model_spec, "bench", schema_defaults("svd")["top_k"], svd_path, work / "svd" / "spectrum.parquet",
+                    device=str(dev))
     rows = []
     for method in methods:
         for precision in precisions:
@@ -338,7 +348,8 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
             log.info("%s (%s): peftbench", method, precision)
             r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
                     train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
-                    out_dir=work / "runs" / f"{method}-{precision}", recipe=recipe, runtime=runtime, device=str(dev))
+                    out_dir=work / "runs" / f"{method}-{precision}", recipe=recipe, runtime=runtime, device=str(dev),
+                    svd_path=svd_path if METHODS[method].uses_svd else None)
             rows.append({"system": "peftbench", "method": method, "requested_precision": precision,
                          "samples_per_s": r["samples_per_s"],
                          "train_s": r["train_s"], "steps": r["steps"], "compile_s": r["compile_s"],
