@@ -28,7 +28,7 @@ def test_bench_prints_both_systems_side_by_side(tiny_model_dir, glue_dir, tmp_pa
     main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
           "--methods", "lora,adalora,glora", "--precisions", "fp32,bf16", "--peak-seconds", "0.01", "--rank", "4", "--batch-size", "16", "--max-length", "32",
           "--max-train-samples", "64", "--max-eval-samples", "32", "--work-dir", str(tmp_path / "work"),
-          "--out", str(out)])
+          "--no-compile", "--out", str(out)])
     df = pd.read_parquet(out)
     assert list(zip(df.system, df.method, df.precision)) == [
         (system, m, p) for m in ("lora", "adalora", "glora") for p in ("fp32", "bf16")
@@ -54,7 +54,7 @@ def test_bench_prints_both_systems_side_by_side(tiny_model_dir, glue_dir, tmp_pa
     assert ours.loc["glora", "vs_lora_time"] == pytest.approx(ours.loc["glora", "s_per_step"] / ours_lora.s_per_step)
     assert (df.steps == 4).all()  # 64 examples, batch 16, one epoch
     assert (df.train_examples == 64).all() and (df["rank"] == 4).all()
-    assert ours_lora.compile_note.startswith("eager (fallback")  # CUDA graphs on a CPU: eager
+    assert ours_lora.compile_note == "eager"
     text = capsys.readouterr().out
     assert "| system | method | precision | samples/s |" in text and "matmul peak" in text and "hf_trainer" in text and "vs HF Trainer" in text
     assert format_table(full) in text

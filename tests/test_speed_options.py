@@ -11,7 +11,7 @@ import torch
 
 from peftbench.batches import TokenizedSplit
 from peftbench.recipe import Runtime
-from peftbench.train import compile_for_training
+from peftbench.train import compile_for_training, graphs_compiled, resolve_compile_mode
 from test_stages import _train
 
 
@@ -73,7 +73,8 @@ def test_compile_falls_back_to_eager_with_a_reason(caplog):
 
     model = torch.nn.Linear(2, 2)
     with caplog.at_level(logging.WARNING, logger="peftbench.train"):
-        m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Runtime.from_dict({"compile": True}))
+        m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"),
+                                       Runtime.from_dict({"compile": True, "compile_mode": "reduce-overhead"}))
     assert m is model and "reduce-overhead uses CUDA graphs and the device is cpu" in note
     assert "falling back to eager" in caplog.text
     m, note = compile_for_training(model, get_method("glora"), torch.device("cpu"),
@@ -81,6 +82,50 @@ def test_compile_falls_back_to_eager_with_a_reason(caplog):
     assert m is model and "glora does not declare compilable" in note
     m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Runtime.from_dict({}))
     assert m is model and note == "eager"
+
+
+def test_compile_mode_auto_compiles_with_inductor_on_a_cpu():
+    """``compile_mode: auto`` (the default) is CUDA graphs on a GPU and inductor's default mode on
+    a CPU, so ``compile: true`` compiles there instead of falling back to eager."""
+    from peftbench.methods import get_method
+
+    assert Runtime.from_dict({}).compile_mode == "auto"
+    assert resolve_compile_mode("auto", torch.device("cpu")) == "default"
+    assert resolve_compile_mode("auto", torch.device("cuda")) == "reduce-overhead"
+    assert resolve_compile_mode("max-autotune", torch.device("cpu")) == "max-autotune"
+    m, note = compile_for_training(torch.nn.Linear(2, 2), get_method("lora"), torch.device("cpu"),
+                                   Runtime.from_dict({"compile": True}))
+    assert note == "compiled (backend inductor, mode default, dynamic shapes)"
+    m, note = compile_for_training(torch.nn.Linear(2, 2), get_method("lora"), torch.device("cpu"),
+                                   Runtime.from_dict({"compile": True, "length_buckets": 4}))
+    assert note == "compiled (backend inductor, mode default, 4 length buckets)"
+
+
+def test_compile_without_buckets_uses_dynamic_shapes(tiny_model_dir, tiny_data, tmp_path):
+    """Per-batch padding under compile: Dynamo's automatic dynamic shapes recompile once for the
+    second batch length, not once per length (with ``dynamic=False`` every length was a new graph
+    until ``recompile_limit``, then eager); only the steps that compiled count as ``compile_s``."""
+    common = dict(task="sst2", epochs=1, max_train_samples=96, batch_size=8)
+    split = TokenizedSplit(tiny_data["sst2"]["train"], max_samples=96)
+    torch._dynamo.reset()
+    g0 = graphs_compiled()
+    static = _train(tiny_model_dir, tiny_data, tmp_path / "one", "lora", compile=True, compile_backend="eager",
+                    length_buckets=1, **common)
+    per_compile = graphs_compiled() - g0  # one static shape: one compilation's graphs
+    torch._dynamo.reset()
+    g0 = graphs_compiled()
+    a = _train(tiny_model_dir, tiny_data, tmp_path / "a", "lora", **common)
+    b = _train(tiny_model_dir, tiny_data, tmp_path / "b", "lora", compile=True, compile_backend="eager", **common)
+    assert 1 <= graphs_compiled() - g0 <= 2 * per_compile
+    ma, mb = (pd.read_parquet(d / "metrics.parquet").iloc[0] for d in (a, b))
+    assert mb["compiled"] and mb["compile_note"] == "compiled (backend eager, mode None, dynamic shapes)"
+    assert 0 < mb["compile_s"] and pd.read_parquet(static / "metrics.parquet").iloc[0]["compiled"]
+    ca, cb = (pd.read_parquet(d / "curve.parquet") for d in (a, b))
+    np.testing.assert_allclose(ca.loc[ca.kind == "train", "loss"], cb.loc[cb.kind == "train", "loss"],
+                               rtol=1e-5, atol=1e-6)
+    gen = torch.Generator().manual_seed(1)
+    lengths = {int(split.lengths[torch.randperm(len(split), generator=gen)[i:i + 8]].max()) for i in range(0, 96, 8)}
+    assert len(lengths) >= 3  # several batch lengths, so a per-length compile would exceed the bound
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])

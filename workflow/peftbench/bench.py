@@ -254,7 +254,7 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
 def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods: list[str], rank: int = 8,
               batch_size: int = 32, epochs: int = 1, max_length: int = 128, lr: float = 5e-4,
               full_lr: float = 5e-5, max_train_samples: int | None = None, max_eval_samples: int | None = None,
-              length_buckets: int | None = None, compile: bool = True, compile_mode: str = "reduce-overhead",
+              length_buckets: int | None = None, compile: bool = True, compile_mode: str = "auto",
               baseline: bool = True, device: str | None = None, seed: int = 1,
               precisions: tuple[str, ...] = ("auto",), peak_seconds: float = 0.3,
               work_dir: str | Path | None = None) -> pd.DataFrame:

@@ -154,7 +154,9 @@ class Runtime:
             Falls back to eager, with a log line saying why, where compilation is not possible: a
             CUDA-graph mode on a CPU, or a method that does not declare ``compilable``.
             Compilation time is measured apart (``compile_s``).
-        compile_mode: ``torch.compile`` mode; ``reduce-overhead`` uses CUDA graphs (GPU only).
+        compile_mode: ``torch.compile`` mode; ``auto`` is ``reduce-overhead`` on a GPU and
+            ``default`` on a CPU (:func:`peftbench.train.resolve_compile_mode`); ``reduce-overhead``
+            and ``max-autotune`` use CUDA graphs (GPU only).
         compile_backend: ``torch.compile`` backend (``inductor``; ``eager`` traces with Dynamo and
             runs eagerly, for checking the wiring on a CPU).
         tracking: mirror the run to an experiment tracker (:class:`Tracking`, the config's

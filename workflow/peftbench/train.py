@@ -413,6 +413,13 @@ class Loop:
         return self.precision == "bf16"
 
     @property
+    def cuda_graphs(self) -> bool:
+        """The compiled forward records CUDA graphs (a CUDA-graph mode on a GPU)."""
+        return self.forward is not self.model and self.device.type == "cuda" and \
+            self.runtime.compile_backend == "inductor" and \
+            resolve_compile_mode(self.runtime.compile_mode, self.device) in CUDA_GRAPH_MODES
+
+    @property
     def log_gradnorms(self) -> bool:
         """The recipe's ``log_gradnorms``; unset: the method's default, and always on for a causal-LM
         task (seed 003's gradient analysis covers every causal run)."""
@@ -423,8 +430,9 @@ class Loop:
     def run(self, p: Progress) -> None:
         """Run the epochs from ``p``'s position (a fresh :class:`Progress` or a resumed one).
 
-        The first :data:`COMPILE_WARM_CALLS` steps of each batch shape of a compiled forward are
-        timed apart as compilation (``p.compile_s``), not training.
+        Steps of a compiled forward during which Dynamo compiled a graph (and, with CUDA graphs,
+        the first :data:`COMPILE_WARM_CALLS` steps of each batch shape) are timed apart as
+        compilation (``p.compile_s``), not training.
 
         Raises:
             TrainingDiverged: the mean training loss of a logged interval is NaN/inf.
@@ -447,7 +455,8 @@ class Loop:
                 warm = compiled and self._count_shape(p, tuple(batch["input_ids"].shape))
                 if warm:
                     self._sync()
-                    tw = time.perf_counter()
+                if compiled:
+                    graphs, tw = graphs_compiled(), time.perf_counter()
                 loss, grads = train_step(self.model, self.method, batch, state, self.recipe.max_grad_norm,
                                          forward=self.forward, autocast=self.autocast,
                                          record_gradnorms=self.log_gradnorms and (state.step % rt.log_every == 0))
@@ -458,7 +467,7 @@ class Loop:
                 p.n_acc += 1
                 p.seen += len(idx)
                 p.steps = state.step
-                if warm:
+                if compiled and (warm or graphs_compiled() != graphs):
                     self._sync()
                     dt = time.perf_counter() - tw
                     excluded += dt
@@ -484,10 +493,11 @@ class Loop:
                 self.ckpt.save(self.model, self.method, state, p)
 
     def _count_shape(self, p: Progress, shape: tuple) -> bool:
-        """Count a compiled call of ``shape``; True while it is still compilation / warm-up."""
+        """Count a compiled call of ``shape``; True while it is still CUDA-graph warm-up (always
+        False without CUDA graphs: compilation is then seen by :func:`graphs_compiled`)."""
         calls = p.shape_calls.get(shape, 0)
         p.shape_calls[shape] = calls + 1
-        return calls < COMPILE_WARM_CALLS
+        return self.cuda_graphs and calls < COMPILE_WARM_CALLS
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -723,8 +733,27 @@ def gradient_norms(model, params=None) -> list[tuple[str, int, float]]:
 
 
 COMPILE_WARM_CALLS = 2
-"""Calls of a compiled step per batch shape that count as compilation / warm-up: the first
-compiles (and runs once eagerly), the second records the CUDA graph; later calls replay it."""
+"""Calls of a CUDA-graph compiled step (modes ``reduce-overhead``/``max-autotune``) per batch shape
+that count as compilation / warm-up: the first compiles (and runs once eagerly), the second
+records the CUDA graph; later calls replay it. Without CUDA graphs a step counts as compilation
+exactly when Dynamo compiled a graph during it (:func:`graphs_compiled`)."""
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def resolve_compile_mode(mode: str, dev: torch.device) -> str:
+    """The ``torch.compile`` mode a recipe's ``compile_mode`` means on ``dev``: ``auto`` is
+    ``reduce-overhead`` (CUDA graphs) on a GPU and ``default`` elsewhere; others are themselves."""
+    if mode == "auto":
+        return "reduce-overhead" if dev.type == "cuda" else "default"
+    return mode
+
+
+def graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process so far (``counters["stats"]["unique_graphs"]``):
+    a step during which it grows compiled (or recompiled) something."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def compile_for_training(model, method_cls, dev: torch.device, runtime: Runtime):
@@ -732,8 +761,12 @@ def compile_for_training(model, method_cls, dev: torch.device, runtime: Runtime)
     for it and compilation is possible, else ``model`` itself.
 
     Falls back to eager, with a log line naming the reason, when the method does not declare
-    ``compilable`` or the mode needs CUDA graphs and the device is a CPU. Evaluation always uses
-    the eager module (other shapes, dropout off).
+    ``compilable`` or the mode needs CUDA graphs and the device is a CPU (``compile_mode: auto``
+    picks ``default`` there, so inductor compiles on a CPU). Shapes: static
+    (``dynamic=False``) with ``length_buckets`` (one graph per bucket length); without buckets
+    Dynamo's automatic dynamic shapes (``dynamic=None``: the first change of batch length
+    recompiles once with a symbolic length, not once per length). Evaluation always uses the
+    eager module (other shapes, dropout off).
 
     Returns:
         ``(module, note)``; ``note`` says what happened (``"eager"``, ``"compiled (...)"`` or the
@@ -742,18 +775,22 @@ def compile_for_training(model, method_cls, dev: torch.device, runtime: Runtime)
     if not runtime.compile:
         return model, "eager"
     reason = None
+    mode = resolve_compile_mode(runtime.compile_mode, dev)
     if not getattr(method_cls, "compilable", False):
         reason = f"method {method_cls.name} does not declare compilable = True"
-    elif dev.type != "cuda" and runtime.compile_backend == "inductor" and \
-            runtime.compile_mode in ("reduce-overhead", "max-autotune"):
-        reason = f"compile_mode {runtime.compile_mode} uses CUDA graphs and the device is {dev.type}"
+    elif dev.type != "cuda" and runtime.compile_backend == "inductor" and mode in CUDA_GRAPH_MODES:
+        reason = f"compile_mode {mode} uses CUDA graphs and the device is {dev.type} (compile_mode: auto or default compiles there)"
     if reason is not None:
         log.warning("compile: falling back to eager: %s", reason)
         return model, f"eager (fallback: {reason})"
-    if not runtime.length_buckets:
-        log.warning("compile without length_buckets: every new batch length recompiles; set "
-                    "training.defaults.length_buckets (e.g. 4) for static shapes")
-    mode = None if runtime.compile_backend != "inductor" else runtime.compile_mode
-    log.info("compile: torch.compile(backend=%s, mode=%s) for training steps", runtime.compile_backend, mode)
-    return torch.compile(model, backend=runtime.compile_backend, mode=mode, dynamic=False), \
-        f"compiled (backend {runtime.compile_backend}, mode {mode})"
+    if runtime.compile_backend != "inductor":
+        mode = None
+    dynamic = False if runtime.length_buckets else None
+    shapes = f"{runtime.length_buckets} length buckets" if runtime.length_buckets else "dynamic shapes"
+    if not runtime.length_buckets and mode in CUDA_GRAPH_MODES:
+        log.warning("compile with CUDA graphs and without length_buckets: one graph is recorded per batch "
+                    "length; set training.defaults.length_buckets (e.g. 4) for static shapes")
+    log.info("compile: torch.compile(backend=%s, mode=%s, %s) for training steps", runtime.compile_backend, mode,
+             shapes)
+    return torch.compile(model, backend=runtime.compile_backend, mode=mode, dynamic=dynamic), \
+        f"compiled (backend {runtime.compile_backend}, mode {mode}, {shapes})"

@@ -170,8 +170,9 @@ def spectral_correction(x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: t
 class DynamicSpectralLinear(nn.Module):
     """A frozen ``nn.Linear`` plus the per-example spectral correction of its gated top-r triplets.
 
-    ``gate`` (``(B, r)``) is set by the encoder-layer pre-hook before the layer runs; with
-    ``gate = None`` (adapter off) the module is the plain linear layer.
+    ``gate`` (``(B, r)``) is set by the encoder-layer pre-hook before the layer runs and cleared
+    by its forward hook after it; with ``gate = None`` (adapter off, or outside the layer's call)
+    the module is the plain linear layer.
 
     Attributes:
         base: the frozen linear layer (weight ``(d_out, d_in)``).
@@ -302,13 +303,14 @@ class DynaCSG(Method):
     ``identity_at_init``: every gate is closed at init (threshold offset ``init_logit``).
 
     ``compilable``: yes. The gates are computed in forward pre-hooks on the encoder layers that
-    store them on the wrapped linears (``lin.gate = …``) and append the logits to a Python list
-    that the penalty reads after the forward; Dynamo traces the whole training forward, hooks
-    included, as one graph (no graph break) and replays those side effects, and the hooks' Python
-    flags (adapter on/off, train/eval, dev-gate collection) become guards. Tested with
-    ``compile_backend: eager``: the compiled run's losses equal the eager run's. Under inductor
-    the Gumbel noise comes from inductor's own RNG, so a compiled run is statistically, not
-    bitwise, the eager one; not yet run under CUDA graphs on a GPU.
+    store them on the wrapped linears (``lin.gate = …``; a forward hook on the layer clears them
+    once it has run) and append the logits to a Python list that the penalty reads after the
+    forward; Dynamo traces the whole training forward, hooks included, as one graph (no graph
+    break) and replays those side effects, and the hooks' Python flags (adapter on/off,
+    train/eval, dev-gate collection) become guards. Tested with ``compile_backend: eager`` (the
+    compiled run's losses equal the eager run's) and with inductor on the CPU (it trains; the
+    Gumbel noise then comes from inductor's own RNG, so a compiled run is statistically, not
+    bitwise, the eager one); not yet run under CUDA graphs on a GPU.
     """
 
     name = "dynacsg"
@@ -373,6 +375,8 @@ class DynaCSG(Method):
         layer_modules = {self.slot[t.name][0]: re.match(r"^(.*\.layer\.\d+)\.", t.name).group(1) for t in targets}
         self._handles = [modules[name].register_forward_pre_hook(self._make_hook(li), with_kwargs=True)
                          for li, name in sorted(layer_modules.items())]
+        self._handles += [modules[name].register_forward_hook(self._make_clear_hook(li))
+                          for li, name in sorted(layer_modules.items())]
         self._handles.append(model.register_forward_pre_hook(self._capture_hook, with_kwargs=True))
         return model
 
@@ -404,6 +408,16 @@ class DynaCSG(Method):
                         self._eval_n += g.shape[0]
             for ki, lin in lins:
                 lin.gate = g[:, ki, :]
+            return None
+        return hook
+
+    def _make_clear_hook(self, li: int):
+        """Forward hook: drop the layer's gates once it has run. A gate left on a module after the
+        forward would be a graph output under ``torch.compile`` that requires grad and gets no
+        gradient, which inductor's backward cannot take (``expected Tensor() for op: input``)."""
+        def hook(module, args, output):
+            for _, lin in self._by_layer[li]:
+                lin.gate = None
             return None
         return hook
 
