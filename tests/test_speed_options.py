@@ -77,9 +77,10 @@ def test_compile_falls_back_to_eager_with_a_reason(caplog):
                                        Runtime.from_dict({"compile": True, "compile_mode": "reduce-overhead"}))
     assert m is model and "reduce-overhead uses CUDA graphs and the device is cpu" in note
     assert "falling back to eager" in caplog.text
-    m, note = compile_for_training(model, get_method("glora"), torch.device("cpu"),
+    not_compilable = type("Plain", (), {"name": "plain", "compilable": False})  # every registered method is
+    m, note = compile_for_training(model, not_compilable, torch.device("cpu"),
                                    Runtime.from_dict({"compile": True, "compile_backend": "eager"}))
-    assert m is model and "glora does not declare compilable" in note
+    assert m is model and "plain does not declare compilable" in note
     m, note = compile_for_training(model, get_method("lora"), torch.device("cpu"), Runtime.from_dict({}))
     assert m is model and note == "eager"
 

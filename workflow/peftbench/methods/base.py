@@ -24,6 +24,7 @@ A hook that changes the set or shapes of trainable parameters calls
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -37,6 +38,27 @@ from ..budget import Budget, BudgetSize, check_denominator, default_denominator
 from ..models import Target, is_head_param
 from .options import MethodOptions
 from ..vocab import TaskSpec
+
+log = logging.getLogger(__name__)
+
+#: Graphs per distinct trainable-parameter pattern that torch.compile may keep per frame (torch's
+#: default ``recompile_limit``, i.e. the headroom plain LoRA gets for its batch shapes).
+RECOMPILES_PER_SET = 8
+
+
+def fit_recompile_limit(method: str, graph_sets: int) -> None:
+    """Let torch.compile keep :data:`RECOMPILES_PER_SET` graphs for each of ``graph_sets``
+    variants of a method's training graph (a ``requires_grad`` pattern or module set that changes
+    during training: Dynamo guards on them and compiles one graph per variant and batch shape).
+    Without it, more variants × shapes than torch's ``recompile_limit`` (8) would silently run the
+    rest eagerly. Raises ``torch._dynamo.config.recompile_limit`` process-wide, never lowers it."""
+    import torch._dynamo
+
+    needed = RECOMPILES_PER_SET * graph_sets
+    if torch._dynamo.config.recompile_limit < needed:
+        log.info("%s: %d graph variants; torch._dynamo.config.recompile_limit %d -> %d", method, graph_sets,
+                 torch._dynamo.config.recompile_limit, needed)
+        torch._dynamo.config.recompile_limit = needed
 
 
 @dataclass

@@ -37,10 +37,10 @@ parameter count, so within ±10 % whenever LoRA is; ``capacity_limited`` is repo
 at the smallest matrix dimension and still below 90 % of the budget.
 
 Hot path: the Fisher EMAs and the penalty stay on the device; the host reads the EMAs once, at the
-end of the warm-up. Not ``compilable``: the base weights' ``requires_grad`` is on around every
-warm-up step and off after it, so a captured training graph would be specialised on it and
-re-captured at the end of the warm-up (a second compilation per batch shape that the loop would
-time as training, not compilation).
+end of the warm-up. ``compilable``: the base weights' ``requires_grad`` is on around every
+warm-up step and off after it; Dynamo guards on it, so a compiled run holds two variants of the
+training graph (warm-up and after it), each compiled once per batch shape and timed as
+compilation (``compile_s``).
 
 Options (``method_options.fwlora``): :class:`FWLoRAOptions`.
 
@@ -104,6 +104,7 @@ class FWLoRA(LoRAWithBaseGradients):
 
     name = "fwlora"
     options_cls = FWLoRAOptions
+    graph_variants = 2  # warm-up (base gradients on) and after it; no module is replaced
 
     def __init__(self, ctx):
         super().__init__(ctx)

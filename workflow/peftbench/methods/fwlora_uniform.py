@@ -7,7 +7,7 @@ importances, ``I_m = 1/M`` for every matrix, so the loss after the warm-up is::
     L + λ (1 − 1/M) Σ_m ‖ΔW_m‖²_F
 
 a uniform L2 penalty on the updates with FW-LoRA's total weight (``Σ_m (1 − I_m) = M − 1`` in both).
-FW-LoRA minus this control is the effect of the Fisher weighting itself. Not ``compilable`` (as
+FW-LoRA minus this control is the effect of the Fisher weighting itself. ``compilable`` (as
 FW-LoRA: the warm-up is kept so that both switch the penalty on at the same step).
 
 Outputs: as FW-LoRA; ``score`` = ``importance`` = 1/M, ``fisher`` the measured ``F_m``.

@@ -75,9 +75,11 @@ Mechanism controls (same options, same warm-up, same re-factorisation): ``glora_
 score equal: LoRA's ranks, every module re-factorised and its AdamW state reset at step ``K``).
 
 Hot path: the EMAs are a device tensor updated in place; the host reads them once, at
-re-allocation (and when a checkpoint is written). Not ``compilable``: the base weights'
-``requires_grad`` flips around every warm-up step and re-allocation replaces the LoRA modules,
-both of which a captured graph would have to be re-traced for.
+re-allocation (and when a checkpoint is written). ``compilable``: the base weights'
+``requires_grad`` is on inside every warm-up step and re-allocation replaces the LoRA modules;
+Dynamo guards on both, so a compiled run holds three variants of the training graph (warm-up,
+after it, after re-allocation), each compiled once per batch shape and timed as compilation
+(``compile_s``); :class:`LoRAWithBaseGradients` raises torch's ``recompile_limit`` to fit them.
 
 Options (``method_options.glora``): :class:`GLoRAOptions`.
 
@@ -96,7 +98,7 @@ from torch import nn
 from ..budget import BUDGET_TOLERANCE, lora_params
 from ..models import Target
 from . import register
-from .base import LoopState, ranks_frame
+from .base import LoopState, fit_recompile_limit, ranks_frame
 from .lora import LoRA, LoRAOptions
 from .options import option
 
@@ -451,14 +453,20 @@ class LoRAWithBaseGradients(LoRA):
     calls :meth:`base_grads_on` in ``on_step_start`` of a warm-up step and :meth:`pop_base_grads` in
     ``after_backward``, so the base weights require gradients only inside that step's
     forward/backward (never in a checkpoint, the parameter count or the optimizer).
-    Not ``compilable``: ``requires_grad`` of the base weights flips around every warm-up step.
+    ``compilable``: Dynamo guards on the base weights' ``requires_grad``, so the warm-up steps and
+    the later ones run two graph variants, and a subclass that replaces modules a third
+    (:attr:`graph_variants`; the recompile limit is raised to fit them, tested with ``aot_eager``).
     """
 
-    compilable = False
+    compilable = True
+    #: variants of the training graph during a run (warm-up with base gradients, after it, and
+    #: after a re-allocation that replaces modules)
+    graph_variants: ClassVar[int] = 3
 
     def build(self, model: nn.Module) -> nn.Module:
         model = super().build(model)
         self.modules = lora_modules(model, self.ctx.targets)
+        fit_recompile_limit(self.name, self.graph_variants)
         return model
 
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ norm. GLoRA beating this control is evidence that *which* matrix gets rank matte
 ranks become unequal.
 
 The permutation comes from its own generator (``torch.Generator().manual_seed(seed)``), so it
-does not touch the run's global random stream. Not ``compilable`` (as GLoRA).
+does not touch the run's global random stream. ``compilable`` (as GLoRA).
 
 Outputs: as GLoRA; ``score`` is the permuted (allocation) score, ``grad_norm_ema`` the measured
 ``g_k`` of the matrix itself.

@@ -9,7 +9,7 @@ basis for ``A``) and its factors start with fresh AdamW state, as GLoRA's re-all
 
 So this control differs from LoRA only by GLoRA's disruption at step ``K`` (basis change and
 optimizer-state reset) and from GLoRA only by the allocation: GLoRA minus this control is the
-effect of re-allocating ranks by gradient norm. Not ``compilable`` (as GLoRA).
+effect of re-allocating ranks by gradient norm. ``compilable`` (as GLoRA).
 
 Outputs: as GLoRA; ``score`` = 1/n, ``grad_norm_ema`` the measured ``g_k``.
 """

@@ -51,10 +51,10 @@ factors frozen at that moment and the phase; resume restores both.
 torch.compile: ``compilable``. Flipping ``requires_grad`` changes the guards of the captured graph,
 so dynamo compiles one graph per (distinct phase set, batch shape) and reuses it when a set comes
 back; :meth:`build` raises ``torch._dynamo.config.recompile_limit`` to
-:data:`RECOMPILES_PER_SET` × (distinct sets) so those graphs fit (with the default limit of 8,
+:data:`~peftbench.methods.base.RECOMPILES_PER_SET` × (distinct sets) so those graphs fit (with the default limit of 8,
 three sets × four length buckets would silently fall back to eager in the last phase). The loop
-times only the first calls of each batch shape as compilation, so the recompiles at the later
-phase starts are timed as training.
+times every step during which Dynamo compiled a graph as compilation, the recompiles at the later
+phase starts included.
 
 Reports: ``state.log["phase"]`` (phase index of each step, a column of ``curve.parquet``);
 ``summary()``: ``rank``, ``lora_scale``, ``capacity_limited``, ``phase_strategy``, ``phase_bounds``
@@ -80,7 +80,7 @@ import torch
 from torch import nn
 
 from . import register
-from .base import LoopState, ranks_frame
+from .base import LoopState, fit_recompile_limit, ranks_frame
 from .lora import LoRA, LoRAOptions
 from .options import OptionsError, option
 from ..vocab import ATTENTION_KINDS, MLP_KINDS
@@ -95,10 +95,6 @@ _CELLS = {("attn", "early"), ("attn", "late"), ("mlp", "early"), ("mlp", "late")
 _SET_CELLS = {"both": _CELLS, "attn": {c for c in _CELLS if c[0] == "attn"},
               "mlp": {c for c in _CELLS if c[0] == "mlp"}, "early": {c for c in _CELLS if c[1] == "early"},
               "late": {c for c in _CELLS if c[1] == "late"}}
-
-#: Graphs per distinct phase set that torch.compile may keep per frame (torch's default
-#: ``recompile_limit``, i.e. the headroom plain LoRA gets for its batch shapes).
-RECOMPILES_PER_SET = 8
 
 
 def parse_strategy(strategy: str) -> list[str]:
@@ -295,7 +291,7 @@ class PhasedLoRA(LoRA):
             m = match[0]
             self._params.append([p for d in (m.lora_A, m.lora_B) for p in d.parameters()])
         self._apply_phase(0)
-        self._fit_compile_cache()
+        fit_recompile_limit(self.name, len({tuple(a) for a in self.active}))
         return model
 
     def _apply_phase(self, phase: int) -> None:
@@ -304,17 +300,6 @@ class PhasedLoRA(LoRA):
             for p in ps:
                 p.requires_grad_(self.active[phase][j])
         self._applied = phase
-
-    def _fit_compile_cache(self) -> None:
-        """Let torch.compile keep one graph per (distinct phase set, batch shape) (see module docstring)."""
-        import torch._dynamo
-
-        n_sets = len({tuple(a) for a in self.active})
-        needed = RECOMPILES_PER_SET * n_sets
-        if torch._dynamo.config.recompile_limit < needed:
-            log.info("phased: %d distinct trainable sets; torch._dynamo.config.recompile_limit %d -> %d",
-                     n_sets, torch._dynamo.config.recompile_limit, needed)
-            torch._dynamo.config.recompile_limit = needed
 
     @contextlib.contextmanager
     def _all_factors_trainable(self) -> Iterator[None]:
