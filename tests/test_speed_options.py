@@ -143,3 +143,39 @@ def test_compiled_training_matches_eager(tiny_model_dir, tiny_data, tmp_path, me
     np.testing.assert_allclose(ca.loc[ca.kind == "train", "loss"], cb.loc[cb.kind == "train", "loss"],
                                rtol=1e-5, atol=1e-6)
     assert ma["dev_main"] == pytest.approx(mb["dev_main"], abs=1e-9)
+
+
+def test_evaluation_batches_longest_first_and_returns_rows_in_split_order(tiny_model_dir, tiny_data):
+    """Dev batches are formed from the length-sorted split (longest first: less padding); the
+    logits come back in the split's row order and equal one-example-at-a-time logits (no padding)."""
+    from peftbench.methods import BuildContext, get_method
+    from peftbench.models import backbone_param_count, find_targets, head_module_names, load_classifier
+    from peftbench.train import evaluate
+    from peftbench.vocab import get_task
+
+    task = get_task("sst2")
+    torch.manual_seed(0)
+    model = load_classifier(str(tiny_model_dir), task)
+    ctx = BuildContext(task=task, budget=2.0, backbone_params=backbone_param_count(model),
+                       targets=find_targets(model), head_modules=head_module_names(model), total_steps=1,
+                       steps_per_epoch=1, options={}, seed=0)
+    method = get_method("lora")(ctx)
+    model = method.build(model)
+    split = TokenizedSplit(tiny_data["sst2"]["validation"], max_samples=40)
+    assert len(set(split.lengths.tolist())) > 3  # lengths differ, so the order matters
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["attention_mask"].sum(1).tolist()), with_kwargs=True)
+    metrics, logits = evaluate(model, method, task, {"validation": split}, torch.device("cpu"), 8, False)
+    hook.remove()
+    assert sum(seen, []) == sorted(split.lengths.tolist(), reverse=True)  # longest first, every example once
+    model.eval()
+    with torch.no_grad():
+        one = []
+        for i in range(len(split)):
+            b = split.batch(torch.tensor([i]), torch.device("cpu"))
+            b.pop("labels")
+            one.append(model(**b).logits)
+    np.testing.assert_allclose(logits["validation"], torch.cat(one).numpy(), rtol=1e-4, atol=1e-5)
+    assert metrics["accuracy"] == pytest.approx(
+        float((torch.cat(one).argmax(1) == split.labels).float().mean()))

@@ -602,6 +602,9 @@ def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], d
     they were computed from; for a causal task :func:`evaluate_generation`.
 
     Logits stay on the device until the split is done; metrics are computed once per split.
+    Batches are formed longest examples first (a stable sort by length), so each is padded to
+    lengths close to its own: fewer padded tokens than file-order batches (padding is masked, so
+    only floating-point rounding changes), and the largest batch, the memory peak, comes first.
 
     Returns:
         ``(metrics, logits)``: ``{metric_name: value}`` over all splits, and ``{split: (n, C)
@@ -616,13 +619,16 @@ def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], d
     logits_by_split: dict[str, np.ndarray] = {}
     for name, split in splits.items():
         logits = []
+        order = torch.argsort(split.lengths, descending=True, stable=True)
         for start in range(0, len(split), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(split)))
-            b = split.batch(idx, device)
+            b = split.batch(order[start:start + batch_size], device)
             b.pop("labels")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits.append(model(**b).logits.float())
-        arr = torch.cat(logits).cpu().numpy().astype(np.float32)
+        by_length = torch.cat(logits)
+        rows = torch.empty_like(by_length)
+        rows[order.to(by_length.device)] = by_length  # back to the split's row order
+        arr = rows.cpu().numpy().astype(np.float32)
         logits_by_split[name] = arr
         out.update(compute_metrics(task, arr, split.labels.numpy(), name))
     method.on_eval_end(model)

@@ -79,7 +79,7 @@ matrices of an encoder layer, averaged over layers), ``gates_per_matrix``, ``hid
 ``model(**batch)`` with gates on over the median with the adapter switched off (the frozen
 backbone: the layer hooks return at once, no hypernetwork, no correction), under
 ``torch.no_grad`` in eval mode, on the first (up to) 2 dev batches of the last evaluation (eval
-batch size), one warm-up pass then 3 timed passes each (interleaved), with CUDA synchronisation
+batch size; evaluation batches the longest examples first, so these are the longest ones), one warm-up pass then 3 timed passes each (interleaved), with CUDA synchronisation
 on a GPU.
 
 Options (``method_options.dynacsg``): :class:`DynaCSGOptions`.
