@@ -756,8 +756,8 @@ def resolve_compile_mode(mode: str, dev: torch.device) -> str:
 
 
 def graphs_compiled() -> int:
-    """Graphs Dynamo has compiled in this process so far (``counters["stats"]["unique_graphs"]``):
-    a step during which it grows compiled (or recompiled) something."""
+    """Graphs Dynamo has compiled in this process so far (``counters["stats"]["unique_graphs"]``);
+    a training step during which the count grows has compiled or recompiled its graph."""
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
 
