@@ -342,6 +342,9 @@ def test_evp_plot_one_line_per_method_from_complete_trials():
     x, y = lines["lora"].get_data()
     assert list(x) == [1, 2, 3]  # the pruned trial has no score
     assert y[-1] == pytest.approx(100 * tuning.expected_max([0.5, 0.55, 0.6], 3))
+    label, title = ax.get_ylabel(), figs[0]._suptitle.get_text()
+    assert label.count("(") == 1 and label.endswith(("(%)", "(×100)")), label  # one unit, not two
+    assert title.count("budget") == 1, title
     empty = plots.plot_evp(make_trials().iloc[0:0])
     assert len(empty) == 1  # placeholder page
 

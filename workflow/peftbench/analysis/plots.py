@@ -1407,12 +1407,12 @@ def plot_evp(trials: pd.DataFrame, out: str | Path | None = None) -> list[Figure
                     ax.plot(n, 100 * expected_max(v, n), marker="o", ms=3, color=colors[m], label=m)
                 ax.set_title(task_label(task), fontsize=9)
                 ax.set_xlabel("tuning trials n", fontsize=8)
-                ax.set_ylabel(f"expected best held-out {_metric_label(_main_metric(task))} (×100)", fontsize=8)
+                ax.set_ylabel(f"expected best held-out {_metric_label(_main_metric(task))}", fontsize=8)
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
             _drop_unused(axes, len(tasks))
             left = trials[(trials["model"] == model) & (trials["budget"] == budget) & (trials["state"] != "COMPLETE")]
-            fig.suptitle(f"{model}, budget {_fmt_budget(budget)}: expected validation performance", fontsize=11,
+            fig.suptitle(f"{model}, {_fmt_budget(budget)}: expected validation performance", fontsize=11,
                          x=0.01, ha="left")
             _footer(fig, "Dodge et al. 2019 (arXiv:1909.03004): expected maximum of n trials drawn from the "
                     "study's complete trials, scored on the held-out part of the training split (never the "
