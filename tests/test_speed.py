@@ -30,6 +30,7 @@ def test_encode_table_matches_the_tokenizer_call(glue_dir, task, columns, max_le
     assert table.column("attention_mask").to_pylist() == ref["attention_mask"]
     assert table.column("token_type_ids").to_pylist() == ref["token_type_ids"]
     assert table.schema.field("attention_mask").type == pa.list_(pa.int8())
+    assert table.schema.field("token_type_ids").type == pa.list_(pa.int8())
     assert lengths.tolist() == [len(x) for x in ref["input_ids"]]
     assert (lengths == max_length).any() and lengths.max() == max_length
     # an Arrow table in, the same tokens out

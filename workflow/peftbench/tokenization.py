@@ -45,7 +45,9 @@ def encode_table(tok, df, text_columns, max_length: int, labels: pa.Array, batch
     and special tokens as ``tok(..., truncation=True, max_length=max_length)``, without building
     the per-token Python lists of a ``BatchEncoding``. The Arrow list columns are assembled from
     one flat id array and the example offsets (``attention_mask`` is all ones before padding, so
-    it is written from the offsets alone). A slow (Python) tokenizer takes the ``tok(...)`` path.
+    it is written from the offsets alone; so are single-sentence ``token_type_ids`` when the
+    tokenizer's template gives the first example only segment 0: the template is the same for every
+    example, so they are all zeros). A slow (Python) tokenizer takes the ``tok(...)`` path.
 
     Args:
         tok: a Hugging Face tokenizer.
@@ -65,6 +67,7 @@ def encode_table(tok, df, text_columns, max_length: int, labels: pa.Array, batch
     wants_types = "token_type_ids" in tok.model_input_names
     ids: list[list[int]] = []
     types: list[list[int]] = []
+    zero_types = False  # single sentences whose template has segment 0 only: written from the offsets
     backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
     if backend is not None:
         from tokenizers import Tokenizer
@@ -79,7 +82,9 @@ def encode_table(tok, df, text_columns, max_length: int, labels: pa.Array, batch
                 list(zip(texts[0][start:start + batch_size], texts[1][start:start + batch_size]))
             encs = encode(chunk, add_special_tokens=True)
             ids.extend(e.ids for e in encs)
-            if wants_types:
+            if wants_types and start == 0 and len(texts) == 1 and encs and not any(encs[0].type_ids):
+                zero_types = True
+            if wants_types and not zero_types:
                 types.extend(e.type_ids for e in encs)
     else:
         for start in range(0, n, batch_size):
@@ -95,7 +100,9 @@ def encode_table(tok, df, text_columns, max_length: int, labels: pa.Array, batch
         "input_ids": input_ids,
         "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(np.ones(int(lengths.sum()), np.int8))),
     }
-    if types:
+    if zero_types:
+        cols["token_type_ids"] = pa.ListArray.from_arrays(offsets, pa.array(np.zeros(int(lengths.sum()), np.int8)))
+    elif types:
         cols["token_type_ids"] = pa.array(types, type=pa.list_(pa.int8()))
     cols["label"] = labels
     log.info("tokenised %d examples", n)
