@@ -66,7 +66,7 @@ def test_bench_runs_the_svd_methods_on_factors_it_computes_once(tiny_model_dir, 
     main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
           "--methods", "spectral_a,gsa", "--precisions", "fp32", "--peak-seconds", "0.01", "--rank", "2",
           "--batch-size", "16", "--max-length", "32", "--max-train-samples", "32", "--max-eval-samples", "16",
-          "--no-baseline", "--work-dir", str(work), "--out", str(out)])
+          "--no-baseline", "--no-compile", "--work-dir", str(work), "--out", str(out)])
     df = pd.read_parquet(out)
     assert list(df.method) == ["spectral_a", "gsa"] and (df.system == "peftbench").all()
     assert (df.steps == 2).all() and df.dev.between(0, 1).all()

@@ -402,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-eval-samples", type=int, default=None)
     s.add_argument("--length-buckets", type=int, default=None,
                    help="padded length buckets (0: pad per batch; default 4 on a GPU, 0 on a CPU)")
-    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the training step (inductor; see --compile-mode)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (inductor; see --compile-mode; default: on a GPU only)")
     s.add_argument("--compile-mode", default="auto", help="torch.compile mode (auto: reduce-overhead on a GPU, default on a CPU)")
     s.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer + peft runs")
     s.add_argument("--device", default=None)
