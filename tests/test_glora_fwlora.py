@@ -191,7 +191,8 @@ def test_defaults_are_the_seeds():
     assert g.min_warmup_steps == f.min_warmup_steps == 20
     for name in ("glora", "glora_shuffled", "glora_uniform", "fwlora", "fwlora_uniform"):
         cls = get_method(name)
-        assert not cls.compilable and cls.identity_at_init
+        assert cls.compilable and cls.identity_at_init
+        assert cls.graph_variants == (2 if name.startswith("fwlora") else 3)  # + GLoRA's re-allocated modules
         assert cls.options_cls is (FWLoRAOptions if name.startswith("fwlora") else GLoRAOptions)
     assert GLoRAOptions.from_dict({"min_rank": 0}).min_rank == 0
     with pytest.raises(OptionsError, match=r"method_options\.glora\.min_rank: -1 — must be ≥ 0"):
