@@ -55,6 +55,7 @@ def test_bench_prints_both_systems_side_by_side(tiny_model_dir, glue_dir, tmp_pa
     assert (df.steps == 4).all()  # 64 examples, batch 16, one epoch
     assert (df.train_examples == 64).all() and (df["rank"] == 4).all()
     assert ours_lora.compile_note == "eager"
+    assert ours_lora.dropout_kernel == "fast" and hf_lora.dropout_kernel == "torch"  # eager on a CPU
     text = capsys.readouterr().out
     assert "| system | method | precision | samples/s |" in text and "matmul peak" in text and "hf_trainer" in text and "vs HF Trainer" in text
     assert format_table(full) in text
@@ -71,6 +72,27 @@ def test_bench_runs_the_svd_methods_on_factors_it_computes_once(tiny_model_dir, 
     assert list(df.method) == ["spectral_a", "gsa"] and (df.system == "peftbench").all()
     assert (df.steps == 2).all() and df.dev.between(0, 1).all()
     assert (work / "svd" / "factors.safetensors").is_file()
+
+
+def test_bench_runs_every_seed_and_prints_the_mean_over_seeds(tiny_model_dir, glue_dir, tmp_path, capsys):
+    out = tmp_path / "bench.parquet"
+    main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
+          "--methods", "lora", "--precisions", "fp32", "--peak-seconds", "0.01", "--rank", "2", "--seeds", "1,2",
+          "--batch-size", "16", "--max-length", "32", "--max-train-samples", "32", "--max-eval-samples", "16",
+          "--no-compile", "--dropout-kernel", "torch", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    df = pd.read_parquet(out)
+    assert list(zip(df.seed, df.system)) == [(1, "hf_trainer"), (1, "peftbench"), (2, "hf_trainer"), (2, "peftbench")]
+    assert set(df.dropout_kernel) == {"torch"}
+    for seed, g in df.groupby("seed"):  # each seed's ratio is to its own Trainer run
+        hf, ours = g.set_index("system").loc["hf_trainer"], g.set_index("system").loc["peftbench"]
+        assert ours.speedup == pytest.approx(ours.samples_per_s / hf.samples_per_s)
+    from peftbench.bench import seed_means
+
+    means = seed_means(df).set_index("system")
+    assert (means.seeds == 2).all()
+    assert means.loc["peftbench", "dev"] == pytest.approx(df[df.system == "peftbench"].dev.mean())
+    text = capsys.readouterr().out
+    assert "| system | method | precision | seed |" in text and "mean over 2 seeds:" in text
 
 
 def test_model_flops_is_6nt_plus_attention(tiny_model_dir):

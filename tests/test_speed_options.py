@@ -106,7 +106,7 @@ def test_compile_without_buckets_uses_dynamic_shapes(tiny_model_dir, tiny_data, 
     """Per-batch padding under compile: Dynamo's automatic dynamic shapes recompile once for the
     second batch length, not once per length (with ``dynamic=False`` every length was a new graph
     until ``recompile_limit``, then eager); only the steps that compiled count as ``compile_s``."""
-    common = dict(task="sst2", epochs=1, max_train_samples=96, batch_size=8)
+    common = dict(task="sst2", epochs=1, max_train_samples=96, batch_size=8, dropout_kernel="torch")
     split = TokenizedSplit(tiny_data["sst2"]["train"], max_samples=96)
     torch._dynamo.reset()
     g0 = graphs_compiled()
@@ -133,7 +133,8 @@ def test_compile_without_buckets_uses_dynamic_shapes(tiny_model_dir, tiny_data, 
 def test_compiled_training_matches_eager(tiny_model_dir, tiny_data, tmp_path, method):
     """Dynamo-traced training (backend ``eager``: the graph capture without code generation) gives
     the eager run's losses and counts the first steps of each batch shape as compilation."""
-    common = dict(task="sst2", epochs=1, length_buckets=2, max_train_samples=64)
+    common = dict(task="sst2", epochs=1, length_buckets=2, max_train_samples=64,
+                  dropout_kernel="torch")  # the compiled run draws with torch's dropout
     a = _train(tiny_model_dir, tiny_data, tmp_path / "a", method, **common)
     b = _train(tiny_model_dir, tiny_data, tmp_path / "b", method, compile=True, compile_backend="eager", **common)
     ma, mb = (pd.read_parquet(d / "metrics.parquet").iloc[0] for d in (a, b))

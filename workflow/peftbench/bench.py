@@ -20,7 +20,8 @@ samples_per_s (training examples per second, compilation excluded), train_s (sec
 compile_s (seconds of compilation / CUDA-graph warm-up, peftbench only), peak_mem_mib (CUDA max
 allocated on a GPU; on a CPU the process's peak RSS, which only grows over the process), metric
 and dev (the task's main dev metric after training), speedup (samples/s over the Trainer's for
-the same method), vs_lora_time (train seconds over peftbench LoRA's, per system), compile_note.
+the same method), vs_lora_time (train seconds over peftbench LoRA's, per system), compile_note,
+dropout_kernel (``torch`` / ``fast``, :mod:`peftbench.dropout`; the Trainer's is always torch's).
 
 Also in the same process (issue 17):
 
@@ -201,7 +202,7 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
 
     Returns:
         ``{"samples_per_s", "train_s", "steps", "compile_s", "peak_mem_mib", "metric", "dev", "precision",
-        "compile_note"}`` (seconds, MiB).
+        "compile_note", "dropout_kernel"}`` (seconds, MiB).
 
     Raises:
         ValueError: a method the baseline cannot run (not in :data:`BASELINE_METHODS`).
@@ -248,14 +249,15 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
     return {"samples_per_s": len(train) * recipe.epochs / out.metrics["train_runtime"],
             "train_s": out.metrics["train_runtime"], "steps": int(out.global_step), "compile_s": 0.0,
             "peak_mem_mib": peak_mem_mib(device), "metric": task.main_metric, "dev": m[task.main_metric],
-            "precision": precision, "compile_note": "eager (Trainer)"}
+            "precision": precision, "compile_note": "eager (Trainer)", "dropout_kernel": "torch"}
 
 
 def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods: list[str], rank: int = 8,
               batch_size: int = 32, epochs: int = 1, max_length: int = 128, lr: float = 5e-4,
               full_lr: float = 5e-5, max_train_samples: int | None = None, max_eval_samples: int | None = None,
               length_buckets: int | None = None, compile: bool | None = None, compile_mode: str = "auto",
-              baseline: bool = True, device: str | None = None, seed: int = 1,
+              dropout_kernel: str = "auto", baseline: bool = True, device: str | None = None,
+              seeds: tuple[int, ...] = (1,),
               precisions: tuple[str, ...] = ("auto",), peak_seconds: float = 0.3,
               work_dir: str | Path | None = None) -> pd.DataFrame:
     """Run the benchmark and return its table (see the module docstring for the columns).
@@ -275,9 +277,14 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
             MiniLM/SST-2, 512 examples, 16.4 samples/s with 4 buckets vs 26.8 without);
             ``compile=None`` compiles on a GPU only (on the 2-core CPU inductor's LoRA step took
             0.625 s against eager's 0.484 s).
+        dropout_kernel: peftbench's ``dropout_kernel`` (:mod:`peftbench.dropout`; ``auto``: the fast
+            kernel for eager training on a CPU). The Trainer keeps torch's ``nn.Dropout``: the
+            kernel is part of what the loop brings, and the column ``dropout_kernel`` says which ran.
         baseline: also run the Trainer + peft baseline.
         device: ``cuda``/``cpu`` (default CUDA when available).
-        seed: the one seed of every run.
+        seeds: every method runs once per seed (column ``seed``; each seed's own training subset
+            order and initialisation, the same for both systems), e.g. ``(1, 2, 3)`` to tell a
+            dev-metric difference between the systems from seed noise (:func:`seed_means`).
         precisions: recipe ``precision`` values; every method runs at each (``("fp32", "bf16")``:
             the bf16-vs-fp32 dev metric of the same recipe).
         peak_seconds: measuring time per shape of :func:`matmul_peak`.
@@ -288,7 +295,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         ValueError: unknown method, task or precision, bad rank.
     """
     from .methods import METHODS
-    from .precision import PRECISIONS, resolve_precision
+    from .precision import PRECISIONS
 
     task = get_task(task_name)
     if list(methods) == ["all"]:
@@ -337,29 +344,13 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         compute_svd(model_spec, "bench", schema_defaults("svd")["top_k"], svd_path, work / "svd" / "spectrum.parquet",
                     device=str(dev))
     rows = []
-    for method in methods:
-        for precision in precisions:
-            recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
-                                       "batch_size": batch_size, "max_train_samples": max_train_samples,
-                                       "max_eval_samples": max_eval_samples, "precision": precision})
-            runtime = Runtime.from_dict({"log_every": 50, "checkpoint_every": 0, "length_buckets": length_buckets,
-                                         "compile": compile, "compile_mode": compile_mode})
-            if baseline and method in BASELINE_METHODS:
-                log.info("%s (%s): HF Trainer + peft", method, precision)
-                hf = run_hf_trainer(model_spec, task_name, method, budget, seed, paths["train"], paths[dev_split],
-                                    recipe, runtime, dev, work)
-                rows.append({"system": "hf_trainer", "method": method, "requested_precision": precision, **hf})
-            log.info("%s (%s): peftbench", method, precision)
-            r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
-                    train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
-                    out_dir=work / "runs" / f"{method}-{precision}", recipe=recipe, runtime=runtime, device=str(dev),
-                    svd_path=svd_path if METHODS[method].uses_svd else None)
-            rows.append({"system": "peftbench", "method": method, "requested_precision": precision,
-                         "samples_per_s": r["samples_per_s"],
-                         "train_s": r["train_s"], "steps": r["steps"], "compile_s": r["compile_s"],
-                         "peak_mem_mib": r["peak_mem_mib"], "metric": r["metric"], "dev": r["dev_main"],
-                         "precision": r["precision"], "compile_note": r["compile_note"]})
-            assert r["precision"] == resolve_precision(precision, dev)
+    for seed in seeds:
+        for method in methods:
+            for precision in precisions:
+                rows.extend(_bench_one(model_spec, task_name, method, precision, seed, budget, paths, dev_split, lr,
+                                       full_lr, epochs, batch_size, max_train_samples, max_eval_samples,
+                                       length_buckets, compile, compile_mode, dropout_kernel, baseline, dev, work,
+                                       svd_path if METHODS[method].uses_svd else None))
     df = pd.DataFrame(rows)
     df["s_per_step"] = df["train_s"] / df["steps"].clip(lower=1)
     n_train = len(lengths)
@@ -369,11 +360,11 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     df["peak_tflops"] = df["precision"].map(peak)
     df["frac_of_peak"] = df["model_tflops"] / df["peak_tflops"]
     df["peak_fp32_tflops"], df["peak_bf16_tflops"] = peak.get("fp32", np.nan), peak.get("bf16", np.nan)
-    base = df[df.system == "hf_trainer"].set_index(["method", "precision"])["samples_per_s"]
-    df["speedup"] = [base.get((row.method, row.precision), float("nan")) for row in df.itertuples()]
+    base = df[df.system == "hf_trainer"].set_index(["method", "precision", "seed"])["samples_per_s"]
+    df["speedup"] = [base.get((row.method, row.precision, row.seed), float("nan")) for row in df.itertuples()]
     df["speedup"] = df["samples_per_s"] / df["speedup"]
-    lora = df[df.method == "lora"].set_index(["system", "precision"])["s_per_step"]
-    df["vs_lora_time"] = [row.s_per_step / lora.get((row.system, row.precision), float("nan"))
+    lora = df[df.method == "lora"].set_index(["system", "precision", "seed"])["s_per_step"]
+    df["vs_lora_time"] = [row.s_per_step / lora.get((row.system, row.precision, row.seed), float("nan"))
                           for row in df.itertuples()]
     meta = {"model": model_spec, "task": task_name, "rank": rank, "budget_pct": budget, "batch_size": batch_size,
             "epochs": epochs, "max_length": max_length, "train_examples": n_train,
@@ -391,6 +382,49 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     return df
 
 
+def _bench_one(model_spec, task_name, method, precision, seed, budget, paths, dev_split, lr, full_lr, epochs,
+               batch_size, max_train_samples, max_eval_samples, length_buckets, compile, compile_mode,
+               dropout_kernel, baseline, dev, work, svd_path) -> list[dict[str, Any]]:
+    """The rows of one (method, precision, seed): the Trainer's (for :data:`BASELINE_METHODS`) and ours."""
+    from .precision import resolve_precision
+
+    recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
+                               "batch_size": batch_size, "max_train_samples": max_train_samples,
+                               "max_eval_samples": max_eval_samples, "precision": precision})
+    runtime = Runtime.from_dict({"log_every": 50, "checkpoint_every": 0, "length_buckets": length_buckets,
+                                 "compile": compile, "compile_mode": compile_mode, "dropout_kernel": dropout_kernel})
+    rows = []
+    if baseline and method in BASELINE_METHODS:
+        log.info("%s (%s, seed %d): HF Trainer + peft", method, precision, seed)
+        hf = run_hf_trainer(model_spec, task_name, method, budget, seed, paths["train"], paths[dev_split],
+                            recipe, runtime, dev, work)
+        rows.append({"system": "hf_trainer", "method": method, "requested_precision": precision, "seed": seed, **hf})
+    log.info("%s (%s, seed %d): peftbench", method, precision, seed)
+    r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
+            train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
+            out_dir=work / "runs" / f"{method}-{precision}-s{seed}", recipe=recipe, runtime=runtime, device=str(dev),
+            svd_path=svd_path)
+    rows.append({"system": "peftbench", "method": method, "requested_precision": precision, "seed": seed,
+                 "samples_per_s": r["samples_per_s"],
+                 "train_s": r["train_s"], "steps": r["steps"], "compile_s": r["compile_s"],
+                 "peak_mem_mib": r["peak_mem_mib"], "metric": r["metric"], "dev": r["dev_main"],
+                 "precision": r["precision"], "compile_note": r["compile_note"],
+                 "dropout_kernel": r["dropout_kernel"]})
+    assert r["precision"] == resolve_precision(precision, dev)
+    return rows
+
+
+def seed_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (system, method, precision): the mean over seeds of samples/s, s/step, the dev metric
+    and the ratio to the Trainer, with the dev metric's standard deviation and the seed count
+    (the summary of a ``--seeds`` bench)."""
+    g = df.groupby(["system", "method", "precision"], sort=False)
+    out = g.agg(seeds=("seed", "nunique"), samples_per_s=("samples_per_s", "mean"), s_per_step=("s_per_step", "mean"),
+                dev=("dev", "mean"), dev_sd=("dev", "std"), speedup=("speedup", "mean"),
+                frac_of_peak=("frac_of_peak", "mean"))
+    return out.reset_index()
+
+
 def _load_avg() -> float:
     """The 1-minute load average (NaN where unknown): how shared the machine was."""
     import os
@@ -404,11 +438,13 @@ def _load_avg() -> float:
 def format_table(df: pd.DataFrame) -> str:
     """The benchmark table as Markdown (one row per system, method and precision), the matmul
     peak and the recipe under it."""
-    cols = [("system", "{}"), ("method", "{}"), ("precision", "{}"), ("samples_per_s", "{:.1f}"),
+    several = "seed" in df and df["seed"].nunique() > 1
+    cols = [("system", "{}"), ("method", "{}"), ("precision", "{}")] + ([("seed", "{}")] if several else []) + [
+            ("samples_per_s", "{:.1f}"),
             ("train_s", "{:.2f}"), ("s_per_step", "{:.3f}"), ("compile_s", "{:.2f}"), ("peak_mem_mib", "{:.0f}"),
             ("dev", "{:.4f}"), ("model_tflops", "{:.3f}"), ("frac_of_peak", "{:.0%}"), ("speedup", "{:.2f}x"),
             ("vs_lora_time", "{:.2f}x")]
-    head = ["system", "method", "precision", "samples/s", "train s", "s/step", "compile s", "peak MiB",
+    head = ["system", "method", "precision"] + (["seed"] if several else []) + ["samples/s", "train s", "s/step", "compile s", "peak MiB",
             f"dev {df['metric'].iloc[0]}", "model TFLOP/s", "of matmul peak", "vs HF Trainer", "step time vs LoRA"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in df.itertuples():
@@ -417,6 +453,15 @@ def format_table(df: pd.DataFrame) -> str:
             v = getattr(row, c)
             cells.append("—" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
+    if several:
+        means = seed_means(df)
+        lines += ["", f"mean over {df['seed'].nunique()} seeds:", "",
+                  "| system | method | precision | samples/s | s/step | dev (± sd) | of matmul peak | vs HF Trainer |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in means.itertuples():
+            sp = "—" if math.isnan(r.speedup) else f"{r.speedup:.2f}x"
+            lines.append(f"| {r.system} | {r.method} | {r.precision} | {r.samples_per_s:.1f} | {r.s_per_step:.3f} | "
+                         f"{r.dev:.4f} ± {r.dev_sd:.4f} | {r.frac_of_peak:.0%} | {sp} |")
     first = df.iloc[0]
     lines.append("")
     lines.append(f"matmul peak at the model's linear shapes (M = batch × mean tokens): fp32 "
@@ -429,8 +474,11 @@ def format_table(df: pd.DataFrame) -> str:
                  f"({first['threads']} threads, load average {first['load_avg_1min']:.1f}), torch {first['torch_version']}; "
                  f"tokenisation of {first['tokenize_rows']} train rows: {first['tokenize_examples_per_s']:.0f} "
                  f"examples/s ({first['tokenize_examples_per_cpu_s']:.0f} per CPU second).")
-    notes = sorted(set(df.loc[df.system == "peftbench", "compile_note"]))
-    lines.append("peftbench: " + "; ".join(notes))
+    ours = df[df.system == "peftbench"]
+    notes = sorted(set(ours["compile_note"]))
+    kernels = sorted(set(ours["dropout_kernel"])) if "dropout_kernel" in ours else []
+    lines.append("peftbench: " + "; ".join(notes) + (f"; dropout kernel {', '.join(kernels)}" if kernels else "")
+                 + " (the Trainer: torch's dropout)")
     return "\n".join(lines)
 
 

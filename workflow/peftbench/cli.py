@@ -191,7 +191,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
                    rank=a.rank, batch_size=a.batch_size, epochs=a.epochs, max_length=a.max_length, lr=a.lr,
                    full_lr=a.full_lr, max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples,
                    length_buckets=a.length_buckets, compile=a.compile, compile_mode=a.compile_mode,
-                   baseline=not a.no_baseline, device=a.device, seed=a.seed,
+                   dropout_kernel=a.dropout_kernel, baseline=not a.no_baseline, device=a.device,
+                   seeds=tuple(int(x) for x in str(a.seeds).split(",")),
                    precisions=tuple(a.precisions.split(",")), peak_seconds=a.peak_seconds, work_dir=a.work_dir)
     if a.out:
         write(df, a.out)
@@ -405,9 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (inductor; see --compile-mode; default: on a GPU only)")
     s.add_argument("--compile-mode", default="auto", help="torch.compile mode (auto: reduce-overhead on a GPU, default on a CPU)")
+    s.add_argument("--dropout-kernel", default="auto", choices=["auto", "torch", "fast"],
+                   help="how peftbench's loop draws dropout masks (auto: fast for eager training on a CPU; "
+                        "the Trainer always uses torch's)")
     s.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer + peft runs")
     s.add_argument("--device", default=None)
-    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--seeds", default="1", help="comma-separated seeds; every method runs once per seed "
+                   "(several: the table adds the mean over seeds)")
     s.add_argument("--work-dir", default=None, help="keep tokenised data and run outputs here (default: temporary)")
     s.add_argument("--out", default=None, help="write the table as Parquet")
     s.set_defaults(func=cmd_bench)

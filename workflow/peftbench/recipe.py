@@ -159,6 +159,12 @@ class Runtime:
             and ``max-autotune`` use CUDA graphs (GPU only).
         compile_backend: ``torch.compile`` backend (``inductor``; ``eager`` traces with Dynamo and
             runs eagerly, for checking the wiring on a CPU).
+        dropout_kernel: how training draws dropout masks (:mod:`peftbench.dropout`): ``fast``
+            (16-bit integers cut from 64-bit random words, about 3× faster than torch's Bernoulli
+            on a CPU; ``p`` rounded to a multiple of 2**-16), ``torch`` (``nn.Dropout``) or
+            ``auto`` (``fast`` for eager training on a CPU, ``torch`` on CUDA and when compiled;
+            :func:`peftbench.dropout.resolve_dropout_kernel`). The same distribution, another
+            random draw: not tracked, like ``length_buckets``.
         tracking: mirror the run to an experiment tracker (:class:`Tracking`, the config's
             top-level ``tracking:`` section, not a ``training.*`` layer key).
     """
@@ -172,6 +178,7 @@ class Runtime:
     compile: bool
     compile_mode: str
     compile_backend: str
+    dropout_kernel: str
     tracking: Tracking
 
     @classmethod

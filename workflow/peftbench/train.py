@@ -44,6 +44,7 @@ import torch
 
 from .batches import TokenizedSplit
 from .checkpoint import Checkpointer, Progress, fingerprint
+from .dropout import DROPOUT_KERNELS, resolve_dropout_kernel, use_dropout_kernel
 from .methods import BuildContext, LoopState, get_method, method_info
 from .generation import greedy_generate
 from .metrics import compute_generation_metrics, compute_metrics, require_metric_data
@@ -120,7 +121,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         parameters the method counts against the budget: AdaLoRA's final allocation, all adapter
         parameters otherwise),
         the phase timings of :data:`peftbench.vocab.RUN_PHASES` (import_s, load_data_s,
-        load_model_s, compile_s, train_s, eval_s, write_s; seconds), samples_per_s, compiled, compile_note, precision (resolved: fp32/bf16), length_buckets,
+        load_model_s, compile_s, train_s, eval_s, write_s; seconds), samples_per_s, compiled, compile_note, precision (resolved: fp32/bf16), length_buckets, dropout_kernel (resolved: torch/fast),
         peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr, protocol,
         method columns (e.g. rank), the provenance columns of :data:`peftbench.vocab.PROVENANCE`
         (commit, dirty flag, model and data sha256, package versions, device, host; see
@@ -137,6 +138,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     if method_info(key.method).uses_svd and svd_path is None:
         raise ValueError(f"method {key.method} needs the SVD factors (--svd results/svd/{key.model}/factors.safetensors)")
     require_metric_data(task)  # before training: METEOR's WordNet corpus
+    if runtime.dropout_kernel not in DROPOUT_KERNELS:
+        raise ValueError(f"dropout_kernel must be one of {list(DROPOUT_KERNELS)}, got {runtime.dropout_kernel!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(recipe.precision, dev)
     torch.manual_seed(key.seed)
@@ -159,6 +162,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     model = model.to(dev)
     model.train()
     forward, compile_note = compile_for_training(model, type(method), dev, runtime)
+    dropout_kernel = resolve_dropout_kernel(runtime.dropout_kernel, dev, compiled=forward is not model)
+    log.info("dropout kernel %s on %d dropout modules", dropout_kernel, use_dropout_kernel(model, dropout_kernel))
     phases = {"import_s": float("nan") if import_s is None else float(import_s),
               "load_data_s": t_model - t_data, "load_model_s": time.perf_counter() - t_model}
 
@@ -168,8 +173,12 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     optimizer, scheduler = new_optimizer()
     state = LoopState(step=0, epoch=0, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                       optimizer=optimizer, scheduler=scheduler)
-    state.rebuild = lambda transfer=None: rebuild_optimizer(state, method, model, recipe.lr, recipe.weight_decay,
-                                                            warmup, total_steps, dev, transfer)
+
+    def rebuild(transfer=None):  # a method replaced modules (GLoRA's re-allocation): new optimizer, same dropout kernel
+        rebuild_optimizer(state, method, model, recipe.lr, recipe.weight_decay, warmup, total_steps, dev, transfer)
+        use_dropout_kernel(model, dropout_kernel)
+
+    state.rebuild = rebuild
 
     # resume from a checkpoint of this very configuration
     gen = torch.Generator().manual_seed(key.seed)
@@ -182,6 +191,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
             if checkpoint_dir else None)
     if ckpt is not None and ckpt.exists() and ckpt.load(model, method, state, gen, progress, new_optimizer):
         log.info("resumed from %s at step %d (epoch %d)", ckpt.path, state.step, progress.epoch)
+        use_dropout_kernel(model, dropout_kernel)  # a resumed re-allocation rebuilt modules
     log.info("%s: %d train examples, %d steps (%d per epoch), %d trainable parameters, device %s, %s", key,
              len(train), total_steps, steps_per_epoch, sum(q.numel() for q in model.parameters() if q.requires_grad),
              dev, precision)
@@ -204,7 +214,8 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     # outputs (metrics.parquet last)
     t_write = time.perf_counter()
     row = run_row(key, task, method, model, backbone, recipe, progress, error, train, devs, dev,
-                  compiled=forward is not model, compile_note=compile_note, precision=precision)
+                  compiled=forward is not model, compile_note=compile_note, precision=precision,
+                  dropout_kernel=dropout_kernel)
     row.update(phases)
     row.update(provenance(model_spec, train_path, dev_paths, dev, model_cache))
     row.update(extra_columns or {})
@@ -282,7 +293,7 @@ def prediction_table(task: TaskSpec, devs: dict[str, TokenizedSplit], p: Progres
 
 def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: Recipe, p: Progress,
             error: str | None, train: TokenizedSplit, devs: dict[str, TokenizedSplit], dev: torch.device, *,
-            compiled: bool, compile_note: str, precision: str = "fp32") -> dict[str, Any]:
+            compiled: bool, compile_note: str, precision: str = "fp32", dropout_kernel: str = "torch") -> dict[str, Any]:
     """The ``metrics.parquet`` row of a run (without the key columns; see :func:`run`)."""
     counts = method.param_counts(model)
     budget_count = method.budget_count(model)
@@ -295,7 +306,7 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
         **size.columns(), "budget_used_params": budget_count,
         "train_s": p.train_s, "samples_per_s": (p.seen - p.compile_seen) / max(p.train_s, 1e-9), "eval_s": p.eval_s,
         "compile_s": p.compile_s, "compiled": compiled, "compile_note": compile_note, "precision": precision,
-        "length_buckets": ",".join(map(str, train.buckets)),
+        "length_buckets": ",".join(map(str, train.buckets)), "dropout_kernel": dropout_kernel,
         "peak_mem_mib": peak_mem_mib(dev), "steps": int(p.steps), "epochs": recipe.epochs,
         "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),
         "batch_size": recipe.batch_size, "lr": float(recipe.lr), "protocol": PROTOCOL, **method.summary(model),
