@@ -292,10 +292,11 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
             ``svd.top_k``, when a method reads them) and run outputs go (default: a temporary directory).
 
     Raises:
-        ValueError: unknown method, task or precision, bad rank.
+        ValueError: unknown method, task, precision or dropout kernel, bad rank.
     """
     from .methods import METHODS
-    from .precision import PRECISIONS
+    from .dropout import check_dropout_kernel
+    from .precision import PRECISIONS, resolve_precision
 
     task = get_task(task_name)
     if list(methods) == ["all"]:
@@ -305,6 +306,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise ValueError(f"precisions {bad} are not among {PRECISIONS}")
+    check_dropout_kernel(dropout_kernel)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if length_buckets is None:
         length_buckets = 4 if dev.type == "cuda" else 0
@@ -347,10 +349,30 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     for seed in seeds:
         for method in methods:
             for precision in precisions:
-                rows.extend(_bench_one(model_spec, task_name, method, precision, seed, budget, paths, dev_split, lr,
-                                       full_lr, epochs, batch_size, max_train_samples, max_eval_samples,
-                                       length_buckets, compile, compile_mode, dropout_kernel, baseline, dev, work,
-                                       svd_path if METHODS[method].uses_svd else None))
+                recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
+                                           "batch_size": batch_size, "max_train_samples": max_train_samples,
+                                           "max_eval_samples": max_eval_samples, "precision": precision})
+                runtime = Runtime.from_dict({"log_every": 50, "checkpoint_every": 0, "length_buckets": length_buckets,
+                                             "compile": compile, "compile_mode": compile_mode,
+                                             "dropout_kernel": dropout_kernel})
+                if baseline and method in BASELINE_METHODS:
+                    log.info("%s (%s, seed %d): HF Trainer + peft", method, precision, seed)
+                    hf = run_hf_trainer(model_spec, task_name, method, budget, seed, paths["train"],
+                                        paths[dev_split], recipe, runtime, dev, work)
+                    rows.append({"system": "hf_trainer", "method": method, "requested_precision": precision,
+                                 "seed": seed, **hf})
+                log.info("%s (%s, seed %d): peftbench", method, precision, seed)
+                r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
+                        train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
+                        out_dir=work / "runs" / f"{method}-{precision}-s{seed}", recipe=recipe, runtime=runtime,
+                        device=str(dev), svd_path=svd_path if METHODS[method].uses_svd else None)
+                rows.append({"system": "peftbench", "method": method, "requested_precision": precision, "seed": seed,
+                             "samples_per_s": r["samples_per_s"],
+                             "train_s": r["train_s"], "steps": r["steps"], "compile_s": r["compile_s"],
+                             "peak_mem_mib": r["peak_mem_mib"], "metric": r["metric"], "dev": r["dev_main"],
+                             "precision": r["precision"], "compile_note": r["compile_note"],
+                             "dropout_kernel": r["dropout_kernel"]})
+                assert r["precision"] == resolve_precision(precision, dev)
     df = pd.DataFrame(rows)
     df["s_per_step"] = df["train_s"] / df["steps"].clip(lower=1)
     n_train = len(lengths)
@@ -382,38 +404,6 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     return df
 
 
-def _bench_one(model_spec, task_name, method, precision, seed, budget, paths, dev_split, lr, full_lr, epochs,
-               batch_size, max_train_samples, max_eval_samples, length_buckets, compile, compile_mode,
-               dropout_kernel, baseline, dev, work, svd_path) -> list[dict[str, Any]]:
-    """The rows of one (method, precision, seed): the Trainer's (for :data:`BASELINE_METHODS`) and ours."""
-    from .precision import resolve_precision
-
-    recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
-                               "batch_size": batch_size, "max_train_samples": max_train_samples,
-                               "max_eval_samples": max_eval_samples, "precision": precision})
-    runtime = Runtime.from_dict({"log_every": 50, "checkpoint_every": 0, "length_buckets": length_buckets,
-                                 "compile": compile, "compile_mode": compile_mode, "dropout_kernel": dropout_kernel})
-    rows = []
-    if baseline and method in BASELINE_METHODS:
-        log.info("%s (%s, seed %d): HF Trainer + peft", method, precision, seed)
-        hf = run_hf_trainer(model_spec, task_name, method, budget, seed, paths["train"], paths[dev_split],
-                            recipe, runtime, dev, work)
-        rows.append({"system": "hf_trainer", "method": method, "requested_precision": precision, "seed": seed, **hf})
-    log.info("%s (%s, seed %d): peftbench", method, precision, seed)
-    r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
-            train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
-            out_dir=work / "runs" / f"{method}-{precision}-s{seed}", recipe=recipe, runtime=runtime, device=str(dev),
-            svd_path=svd_path)
-    rows.append({"system": "peftbench", "method": method, "requested_precision": precision, "seed": seed,
-                 "samples_per_s": r["samples_per_s"],
-                 "train_s": r["train_s"], "steps": r["steps"], "compile_s": r["compile_s"],
-                 "peak_mem_mib": r["peak_mem_mib"], "metric": r["metric"], "dev": r["dev_main"],
-                 "precision": r["precision"], "compile_note": r["compile_note"],
-                 "dropout_kernel": r["dropout_kernel"]})
-    assert r["precision"] == resolve_precision(precision, dev)
-    return rows
-
-
 def seed_means(df: pd.DataFrame) -> pd.DataFrame:
     """Per (system, method, precision): the mean over seeds of samples/s, s/step, the dev metric
     and the ratio to the Trainer, with the dev metric's standard deviation and the seed count
@@ -438,7 +428,7 @@ def _load_avg() -> float:
 def format_table(df: pd.DataFrame) -> str:
     """The benchmark table as Markdown (one row per system, method and precision), the matmul
     peak and the recipe under it."""
-    several = "seed" in df and df["seed"].nunique() > 1
+    several = df["seed"].nunique() > 1
     cols = [("system", "{}"), ("method", "{}"), ("precision", "{}")] + ([("seed", "{}")] if several else []) + [
             ("samples_per_s", "{:.1f}"),
             ("train_s", "{:.2f}"), ("s_per_step", "{:.3f}"), ("compile_s", "{:.2f}"), ("peak_mem_mib", "{:.0f}"),
@@ -476,9 +466,8 @@ def format_table(df: pd.DataFrame) -> str:
                  f"examples/s ({first['tokenize_examples_per_cpu_s']:.0f} per CPU second).")
     ours = df[df.system == "peftbench"]
     notes = sorted(set(ours["compile_note"]))
-    kernels = sorted(set(ours["dropout_kernel"])) if "dropout_kernel" in ours else []
-    lines.append("peftbench: " + "; ".join(notes) + (f"; dropout kernel {', '.join(kernels)}" if kernels else "")
-                 + " (the Trainer: torch's dropout)")
+    kernels = sorted(set(ours["dropout_kernel"]))
+    lines.append("peftbench: " + "; ".join(notes) + f"; dropout kernel {', '.join(kernels)} (the Trainer: torch's dropout)")
     return "\n".join(lines)
 
 

@@ -192,7 +192,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
                    full_lr=a.full_lr, max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples,
                    length_buckets=a.length_buckets, compile=a.compile, compile_mode=a.compile_mode,
                    dropout_kernel=a.dropout_kernel, baseline=not a.no_baseline, device=a.device,
-                   seeds=tuple(int(x) for x in str(a.seeds).split(",")),
+                   seeds=tuple(int(x) for x in a.seeds.split(",")),
                    precisions=tuple(a.precisions.split(",")), peak_seconds=a.peak_seconds, work_dir=a.work_dir)
     if a.out:
         write(df, a.out)
@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (inductor; see --compile-mode; default: on a GPU only)")
     s.add_argument("--compile-mode", default="auto", help="torch.compile mode (auto: reduce-overhead on a GPU, default on a CPU)")
-    s.add_argument("--dropout-kernel", default="auto", choices=["auto", "torch", "fast"],
-                   help="how peftbench's loop draws dropout masks (auto: fast for eager training on a CPU; "
+    s.add_argument("--dropout-kernel", default="auto",
+                   help="how peftbench's loop draws dropout masks: auto, torch or fast (auto: fast for eager training on a CPU; "
                         "the Trainer always uses torch's)")
     s.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer + peft runs")
     s.add_argument("--device", default=None)

@@ -101,6 +101,16 @@ class FastDropout(nn.Dropout):
         return _MaskedScale.apply(x, keep_mask(x.shape, self.p, x.device), 1.0 / (1.0 - q))
 
 
+def check_dropout_kernel(kernel: str) -> None:
+    """Raise unless ``kernel`` is a ``dropout_kernel`` value (before a run loads anything).
+
+    Raises:
+        ValueError: an unknown ``kernel`` (the message lists :data:`DROPOUT_KERNELS`).
+    """
+    if kernel not in DROPOUT_KERNELS:
+        raise ValueError(f"dropout_kernel must be one of {list(DROPOUT_KERNELS)}, got {kernel!r}")
+
+
 def resolve_dropout_kernel(kernel: str, device: torch.device, compiled: bool) -> str:
     """``torch`` or ``fast``: what ``dropout_kernel`` means for a run on ``device``. ``auto`` is
     ``fast`` for eager training on a CPU and ``torch`` on CUDA; under ``torch.compile`` it is
@@ -111,8 +121,7 @@ def resolve_dropout_kernel(kernel: str, device: torch.device, compiled: bool) ->
     Raises:
         ValueError: an unknown ``kernel`` (the message lists :data:`DROPOUT_KERNELS`).
     """
-    if kernel not in DROPOUT_KERNELS:
-        raise ValueError(f"dropout_kernel must be one of {list(DROPOUT_KERNELS)}, got {kernel!r}")
+    check_dropout_kernel(kernel)
     if compiled:
         if kernel == "fast":
             log.warning("dropout_kernel fast does not trace under torch.compile: the compiled run uses torch's dropout")

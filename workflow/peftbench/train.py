@@ -44,7 +44,7 @@ import torch
 
 from .batches import TokenizedSplit
 from .checkpoint import Checkpointer, Progress, fingerprint
-from .dropout import DROPOUT_KERNELS, resolve_dropout_kernel, use_dropout_kernel
+from .dropout import check_dropout_kernel, resolve_dropout_kernel, use_dropout_kernel
 from .methods import BuildContext, LoopState, get_method, method_info
 from .generation import greedy_generate
 from .metrics import compute_generation_metrics, compute_metrics, require_metric_data
@@ -138,8 +138,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     if method_info(key.method).uses_svd and svd_path is None:
         raise ValueError(f"method {key.method} needs the SVD factors (--svd results/svd/{key.model}/factors.safetensors)")
     require_metric_data(task)  # before training: METEOR's WordNet corpus
-    if runtime.dropout_kernel not in DROPOUT_KERNELS:
-        raise ValueError(f"dropout_kernel must be one of {list(DROPOUT_KERNELS)}, got {runtime.dropout_kernel!r}")
+    check_dropout_kernel(runtime.dropout_kernel)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(recipe.precision, dev)
     torch.manual_seed(key.seed)
