@@ -108,3 +108,66 @@ def test_step_changes_only_method_parameters(name, tiny_model_dir, tiny_svd):
     frozen_backbone = [n for n in before if n not in trainable and not is_head_param(n)]
     if not METHODS[name].budget_free:
         assert frozen_backbone, f"{name}: no frozen backbone weight left"
+
+
+MERGED = sorted(n for n in METHODS if get_method(n).merge_for_eval)
+
+
+def test_the_lora_family_and_adalora_evaluate_merged():
+    """The flag is set where peft's LoRA layers carry the adapter (so the test below is not empty)."""
+    assert {"lora", "adalora", "glora", "fwlora", "phased", "lora_attn", "lora_mlp"} <= set(MERGED)
+    assert not get_method("full").merge_for_eval and not get_method("dynacsg").merge_for_eval
+
+
+@pytest.mark.parametrize("name", MERGED)
+def test_merged_evaluation_is_the_same_function_and_restores_the_weights(name, tiny_model_dir, tiny_svd):
+    """Within ``merged_adapters`` the logits equal the unmerged forward's (fp32 rounding) for adapters
+    moved away from their zero init, and afterwards every weight is the original bit for bit and no
+    layer is left merged."""
+    from peftbench.merging import lora_layers, merged_adapters
+
+    method, model, _, _ = build(name, BUDGETS[1], tiny_model_dir, tiny_svd)
+    torch.manual_seed(2)
+    with torch.no_grad():  # a trained-looking adapter: B (and AdaLoRA's Λ) no longer zero
+        for n, p in model.named_parameters():
+            if p.requires_grad and not is_head_param(n):
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    b = batch()
+    b.pop("labels")
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    n_layers = len(lora_layers(model))
+    assert n_layers > 0
+    with torch.no_grad():
+        unmerged = model(**b).logits
+        with merged_adapters(model) as merged_count:
+            assert merged_count == n_layers and all(m.merged for m in lora_layers_all(model))
+            merged = model(**b).logits
+        again = model(**b).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5, rtol=1e-4), (merged - unmerged).abs().max()
+    assert torch.equal(again, unmerged)
+    after = model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before), [n for n in before if not torch.equal(before[n], after[n])][:3]
+    assert not any(m.merged for m in lora_layers_all(model))
+
+
+def lora_layers_all(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def test_merged_adapters_restores_the_weights_after_an_exception(tiny_model_dir, tiny_svd):
+    from peftbench.merging import merged_adapters
+
+    _, model, _, _ = build("lora", BUDGETS[1], tiny_model_dir, tiny_svd)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with merged_adapters(model):
+            raise RuntimeError("boom")
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert not any(m.merged for m in lora_layers_all(model))

@@ -35,6 +35,7 @@ import logging
 import math
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +48,7 @@ from .checkpoint import Checkpointer, Progress, fingerprint
 from .dropout import check_dropout_kernel, resolve_dropout_kernel, use_dropout_kernel
 from .methods import BuildContext, LoopState, get_method, method_info
 from .generation import greedy_generate
+from .merging import merged_adapters
 from .metrics import compute_generation_metrics, compute_metrics, require_metric_data
 from .models import (backbone_param_count, embedding_param_count, find_targets, head_module_names, is_head_param,
                      load_causal_lm, load_classifier, load_tokenizer)
@@ -615,6 +617,8 @@ def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], d
     Batches are formed longest examples first (a stable sort by length), so each is padded to
     lengths close to its own: fewer padded tokens than file-order batches (padding is masked, so
     only floating-point rounding changes), and the largest batch, the memory peak, comes first.
+    A method with ``merge_for_eval`` (the LoRA family, AdaLoRA) is evaluated with its adapters
+    merged into the frozen weights (:func:`peftbench.merging.merged_adapters`; restored exactly).
 
     Returns:
         ``(metrics, logits)``: ``{metric_name: value}`` over all splits, and ``{split: (n, C)
@@ -627,20 +631,21 @@ def evaluate(model, method, task: TaskSpec, splits: dict[str, TokenizedSplit], d
     method.on_eval_start(model)
     out: dict[str, float] = {}
     logits_by_split: dict[str, np.ndarray] = {}
-    for name, split in splits.items():
-        logits = []
-        order = torch.argsort(split.lengths, descending=True, stable=True)
-        for start in range(0, len(split), batch_size):
-            b = split.batch(order[start:start + batch_size], device)
-            b.pop("labels")
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits.append(model(**b).logits.float())
-        by_length = torch.cat(logits)
-        rows = torch.empty_like(by_length)
-        rows[order.to(by_length.device)] = by_length  # back to the split's row order
-        arr = rows.cpu().numpy().astype(np.float32)
-        logits_by_split[name] = arr
-        out.update(compute_metrics(task, arr, split.labels.numpy(), name))
+    with merged_adapters(model) if method.merge_for_eval else nullcontext():
+        for name, split in splits.items():
+            logits = []
+            order = torch.argsort(split.lengths, descending=True, stable=True)
+            for start in range(0, len(split), batch_size):
+                b = split.batch(order[start:start + batch_size], device)
+                b.pop("labels")
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits.append(model(**b).logits.float())
+            by_length = torch.cat(logits)
+            rows = torch.empty_like(by_length)
+            rows[order.to(by_length.device)] = by_length  # back to the split's row order
+            arr = rows.cpu().numpy().astype(np.float32)
+            logits_by_split[name] = arr
+            out.update(compute_metrics(task, arr, split.labels.numpy(), name))
     method.on_eval_end(model)
     model.train()
     return out, logits_by_split
@@ -667,17 +672,18 @@ def evaluate_generation(model, method, task: TaskSpec, splits: dict[str, Tokeniz
     method.on_eval_start(model)
     out: dict[str, float] = {}
     texts: dict[str, list[str]] = {}
-    for name, split in splits.items():
-        eos = split.eos_token_id if split.eos_token_id is not None else tokenizer.eos_token_id
-        gen: list[str] = []
-        for start in range(0, len(split), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(split)))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                ids = greedy_generate(model, split.prompt_batch(idx, device), task.max_new_tokens, eos,
-                                      split.pad_token_id)
-            gen.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
-        texts[name] = [t.strip() for t in gen]
-        out.update(compute_generation_metrics(task, texts[name], split.references, split.labels.numpy(), name))
+    with merged_adapters(model) if method.merge_for_eval else nullcontext():
+        for name, split in splits.items():
+            eos = split.eos_token_id if split.eos_token_id is not None else tokenizer.eos_token_id
+            gen: list[str] = []
+            for start in range(0, len(split), batch_size):
+                idx = torch.arange(start, min(start + batch_size, len(split)))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    ids = greedy_generate(model, split.prompt_batch(idx, device), task.max_new_tokens, eos,
+                                          split.pad_token_id)
+                gen.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+            texts[name] = [t.strip() for t in gen]
+            out.update(compute_generation_metrics(task, texts[name], split.references, split.labels.numpy(), name))
     method.on_eval_end(model)
     model.train()
     return out, texts

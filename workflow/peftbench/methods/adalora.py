@@ -91,6 +91,7 @@ class AdaLoRA(Method):
     options_cls = AdaLoRAOptions
     identity_at_init = True
     compilable = True
+    merge_for_eval = True  # peft's SVDLinear.merge: W0 + α P Λ Q / ranknum (the masked Λ as trained)
 
     def schedule(self) -> dict[str, int]:
         """``target_r``, ``init_r``, ``tinit``, ``tfinal``, ``deltaT``, ``total_step`` for peft.

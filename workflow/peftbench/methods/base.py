@@ -180,6 +180,10 @@ class Method:
         compilable: the training forward/backward may run under ``torch.compile`` (recipe key
             ``compile``); methods that change their modules or read Python-side state inside the
             forward during training leave it False and run eagerly.
+        merge_for_eval: the method's adapters are peft LoRA layers whose evaluation forward is
+            peft's own, so the dev evaluation runs with them merged into the frozen weights
+            (:func:`peftbench.merging.merged_adapters`: the same function, one matmul per matrix,
+            the weights restored bit-exactly afterwards).
 
     Raises (from ``__init__``):
         OptionsError: an unknown option or a bad option value (names ``method_options.<name>.<key>``).
@@ -190,6 +194,7 @@ class Method:
     log_gradnorms: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
     compilable: ClassVar[bool] = False
+    merge_for_eval: ClassVar[bool] = False
 
     def __init__(self, ctx: BuildContext):
         self.ctx = ctx

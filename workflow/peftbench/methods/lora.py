@@ -26,6 +26,8 @@ than 90 % of the budget, ``capacity_limited`` is True (the run is reported at it
 classifier and pooler are trained in full (``modules_to_save``).
 
 torch.compile: ``compilable`` (a static module set and no Python-side state in the forward).
+Evaluation: ``merge_for_eval`` (peft's forward, merged into the base weights while evaluating:
+:mod:`peftbench.merging`); every member of the family inherits it.
 
 Options (``method_options.lora``): :class:`LoRAOptions`. Its learning rate is the adapter layer's
 (``training.adapters.lr``), as for every adapter method.
@@ -88,6 +90,7 @@ class LoRA(Method):
     options_cls = LoRAOptions
     identity_at_init = True
     compilable = True
+    merge_for_eval = True
     target_kinds: ClassVar[tuple[str, ...] | None] = None
 
     def adapted_targets(self) -> list[Target]:
