@@ -52,6 +52,9 @@ rule significance:
         "results/logs/significance.log",
     benchmark:
         "results/benchmarks/significance.tsv"
+    # the analysis stage's longest job, which summary, explorer and four figures wait for: it
+    # starts before the figures that do not need it (they fill the other cores meanwhile)
+    priority: 10
     conda:
         "../../envs/analysis.yaml"
     params:
