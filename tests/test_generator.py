@@ -151,6 +151,7 @@ def _config(work: Path, tiny_model_dir, glue_dir, **generator) -> None:
     cfg["data"].update(glue_dir=str(glue_dir), max_train_samples=32, max_eval_samples=32)
     cfg["grid"].update(models=["tiny"], tasks=["cola", "sst2"], methods=["lora_attn"], budgets=["r2"], seeds=[1])
     cfg["training"]["defaults"].update(epochs=2, batch_size=8, max_length=32, log_every=2, snapshots=3)
+    cfg["training"].pop("tasks", None)  # the quickstart's per-task epochs: every task trains the defaults here
     cfg["generator"] = {"enabled": True, "name": "tiny", "encoder": str(tiny_model_dir), "token_width": 32,
                         "max_tokens": 64, "samples_per_prompt": 2, "train_prompts": 4, "validation_prompts": 2,
                         "latent": [2, 4, 16], "blocks": [{"shape": [2, 8, 16], "kernel": 3},

@@ -180,3 +180,28 @@ def test_evaluation_batches_longest_first_and_returns_rows_in_split_order(tiny_m
     np.testing.assert_allclose(logits["validation"], torch.cat(one).numpy(), rtol=1e-4, atol=1e-5)
     assert metrics["accuracy"] == pytest.approx(
         float((torch.cat(one).argmax(1) == split.labels).float().mean()))
+
+
+@pytest.mark.parametrize("outcome", ["ok", "exit"])
+def test_console_main_freezes_the_gc_after_the_command_also_on_exit(monkeypatch, outcome):
+    """``python -m peftbench`` / ``peftbench``: the command runs first, then ``gc.freeze()`` (the
+    process's exit skips collecting every object), also when the command exits with an error."""
+    import gc
+
+    from peftbench import cli
+
+    calls = []
+
+    def fake_main():
+        calls.append("main")
+        if outcome == "exit":
+            raise SystemExit(1)
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    if outcome == "exit":
+        with pytest.raises(SystemExit):
+            cli.console_main()
+    else:
+        cli.console_main()
+    assert calls == ["main", "freeze"]
