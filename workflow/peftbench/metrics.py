@@ -15,6 +15,12 @@ import numpy as np
 from .vocab import TaskSpec, split_suffix
 
 
+def accuracy(gold: np.ndarray, pred: np.ndarray) -> float:
+    """The fraction of ``(n,)`` predictions equal to their ``(n,)`` gold labels (what
+    ``sklearn.metrics.accuracy_score`` returns, without importing scikit-learn)."""
+    return float(np.mean(np.asarray(pred) == np.asarray(gold)))
+
+
 def compute_metrics(task: TaskSpec, logits: np.ndarray, labels: np.ndarray, split: str) -> dict[str, float]:
     """Score one evaluation split.
 
@@ -48,8 +54,8 @@ def compute_metrics(task: TaskSpec, logits: np.ndarray, labels: np.ndarray, spli
         pred = logits.argmax(axis=-1)
         gold = labels.astype(np.int64)
         for name in task.metrics:
-            if name == "accuracy":  # the fraction correct (sklearn's accuracy_score without its import)
-                out[name] = float(np.mean(pred == gold))
+            if name == "accuracy":
+                out[name] = accuracy(gold, pred)
             elif name == "f1":
                 from sklearn.metrics import f1_score
 
@@ -178,7 +184,7 @@ def compute_generation_metrics(task: TaskSpec, predictions: list[str], reference
     want = set(task.metrics)
     if task.verbaliser is not None:
         pred = np.array([verbalise(p, task.verbaliser) for p in predictions])
-        out["accuracy"] = float(accuracy_score(np.asarray(labels, dtype=np.int64), pred))
+        out["accuracy"] = accuracy(np.asarray(labels, dtype=np.int64), pred)
     else:
         for n in (1, 2, 3, 4):
             if f"bleu{n}" in want:
