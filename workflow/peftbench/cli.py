@@ -446,8 +446,8 @@ def console_main() -> None:
     left (``gc.freeze()``; the OS frees the memory). A process that imported torch and
     transformers spent 1.25–1.3 s of its exit there, 0.17 s with the freeze (2-core CPU, measured
     around ``import torch, transformers, peft, pandas``): about a second per Snakemake job.
-    ``atexit`` handlers and buffered output still run and flush. In-process callers (tests, the
-    tuning stage) call :func:`main`, whose objects stay collectable."""
+    ``atexit`` handlers and buffered output still run and flush. In-process callers (the tests)
+    call :func:`main`, whose objects stay collectable."""
     import gc
 
     try:
