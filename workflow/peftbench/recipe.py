@@ -53,6 +53,10 @@ class Recipe:
             device and the resolved value is recorded per run).
         log_gradnorms: log per-group gradient norms (``gradnorms.parquet``); ``None`` = the
             method's default.
+        group_by_length: length-grouped batching (:meth:`peftbench.batches.TokenizedSplit.epoch_batches`,
+            as Hugging Face's ``train_sampling_strategy="group_by_length"``): batches of examples of
+            similar length, padded far less than uniformly random ones; tracked, because it changes
+            which examples share a batch.
         max_train_samples: cap on training examples (a fixed subset, the same for every seed and
             method unless ``resample_per_seed``); ``None`` uses all.
         max_eval_samples: cap on examples per dev split (fixed subset); ``None`` uses all.
@@ -71,6 +75,7 @@ class Recipe:
     max_grad_norm: float
     precision: str
     log_gradnorms: bool | None
+    group_by_length: bool
     max_train_samples: int | None
     max_eval_samples: int | None
     resample_per_seed: bool

@@ -17,7 +17,8 @@ generated text of every dev example (:func:`peftbench.outputs.generation_frame`)
 
 Precision: the recipe's ``precision`` (:mod:`peftbench.precision`; ``auto``: bf16 autocast on a GPU and on
 a CPU with native bf16 matmul, fp32 otherwise), resolved once per run and recorded. Batches come from the tokenised Parquet cache
-(:mod:`peftbench.batches`), shuffled by the run's seed and padded per batch (or to length buckets).
+(:mod:`peftbench.batches`), shuffled by the run's seed (or grouped by length, recipe key
+``group_by_length``) and padded per batch (or to length buckets).
 
 Outputs of one run (all written atomically) in ``out_dir``: :data:`peftbench.vocab.RUN_FILES`
 (``metrics.parquet``: one row, see :func:`run`; ``curve.parquet``: step, epoch, kind (train/eval),
@@ -458,11 +459,11 @@ class Loop:
                 p.gen_state = self.gen.get_state()
             else:
                 self.gen.set_state(p.gen_state)
-            perm = torch.randperm(len(self.train), generator=self.gen)
+            batches = self.train.epoch_batches(self.recipe.batch_size, self.gen, self.recipe.group_by_length)
             t0, excluded = time.perf_counter(), 0.0
             loss_acc = torch.full((), p.loss_sum, device=dev)
             for b in range(p.b_next, state.steps_per_epoch):
-                idx = perm[b * self.recipe.batch_size:(b + 1) * self.recipe.batch_size]
+                idx = batches[b]
                 batch = self.train.batch(idx, dev)
                 warm = compiled and self._count_shape(p, tuple(batch["input_ids"].shape))
                 if warm:
