@@ -33,9 +33,11 @@ class Interrupt(BaseException):
     pass
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora", "full", "glora", "fwlora"])
-def test_interrupted_run_resumes_to_identical_metrics(method, tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    main(_args(tiny_model_dir, tiny_data, method, tmp_path / "a", tmp_path / "ca"))
+@pytest.mark.parametrize("method,recipe", [("lora", {}), ("adalora", {}), ("full", {}), ("glora", {}), ("fwlora", {}),
+                                           ("lora", {"group_by_length": True})],
+                         ids=["lora", "adalora", "full", "glora", "fwlora", "lora-grouped"])
+def test_interrupted_run_resumes_to_identical_metrics(method, recipe, tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    main(_args(tiny_model_dir, tiny_data, method, tmp_path / "a", tmp_path / "ca", **recipe))
     assert not (tmp_path / "ca" / "checkpoint.pt").exists()  # removed once outputs are complete
 
     real_save = train_mod.Checkpointer.save
@@ -49,10 +51,10 @@ def test_interrupted_run_resumes_to_identical_metrics(method, tiny_model_dir, ti
 
     monkeypatch.setattr(train_mod.Checkpointer, "save", save_then_die)
     with pytest.raises(Interrupt):
-        main(_args(tiny_model_dir, tiny_data, method, tmp_path / "b", tmp_path / "cb"))
+        main(_args(tiny_model_dir, tiny_data, method, tmp_path / "b", tmp_path / "cb", **recipe))
     assert (tmp_path / "cb" / "checkpoint.pt").is_file() and not (tmp_path / "b" / "metrics.parquet").exists()
     monkeypatch.setattr(train_mod.Checkpointer, "save", real_save)
-    main(_args(tiny_model_dir, tiny_data, method, tmp_path / "b", tmp_path / "cb"))
+    main(_args(tiny_model_dir, tiny_data, method, tmp_path / "b", tmp_path / "cb", **recipe))
 
     a = pd.read_parquet(tmp_path / "a" / "metrics.parquet").iloc[0]
     b = pd.read_parquet(tmp_path / "b" / "metrics.parquet").iloc[0]
