@@ -455,7 +455,9 @@ RUN_PHASES: dict[str, str] = {
     "import_s": "process start to the training function (interpreter, torch/transformers imports); "
                 "NaN when the run is not a process of its own (bench, tuning trials)",
     "load_data_s": "reading the tokenised train and dev splits into padded tensors",
-    "load_model_s": "loading the pretrained weights, wrapping them with the method, moving them to the device",
+    "load_model_s": ("loading the model: transformers importing the architecture's modules on first use (for a "
+                     "small model most of this phase), reading the pretrained weights, wrapping them with the "
+                     "method, moving them to the device"),
     "compile_s": "torch.compile compilation and warm-up steps (kept out of train_s)",
     "train_s": "optimizer steps (compilation excluded, evaluation excluded)",
     "eval_s": "dev-set evaluations, all epochs",
