@@ -114,3 +114,39 @@ def test_matmul_peak_measures_each_dtype():
 
     peak = matmul_peak([(64, 32), (64, 32), (32, 64)], tokens=16, device=torch.device("cpu"), seconds=0.01)
     assert set(peak) == {"fp32", "bf16"} and all(v > 0 for v in peak.values())
+
+
+def test_trainer_dev_metric_follows_its_grouped_prediction_order(tiny_model_dir, tiny_data, tmp_path):
+    # transformers 5 length-groups (and shuffles) the Trainer's evaluation order too when
+    # train_sampling_strategy="group_by_length": its predictions must be scored against the labels
+    # it returns with them, not against the dev split in file order.
+    import numpy as np
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from peftbench.batches import TokenizedSplit
+    from peftbench.bench import _Examples, trainer_dev_metrics
+    from peftbench.metrics import compute_metrics
+    from peftbench.models import load_classifier, load_tokenizer
+    from peftbench.vocab import get_task
+
+    task = get_task("stsb")  # a regression: Pearson changes with any misalignment
+    dev = TokenizedSplit(tiny_data["stsb"]["validation"], 96)
+    model = load_classifier(str(tiny_model_dir), task)
+
+    def trainer(strategy):
+        args = TrainingArguments(output_dir=str(tmp_path / strategy), per_device_eval_batch_size=8, use_cpu=True,
+                                 train_sampling_strategy=strategy, report_to="none", disable_tqdm=True,
+                                 remove_unused_columns=False, seed=3)
+        return Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(load_tokenizer(str(tiny_model_dir))))
+
+    in_order = trainer("random").predict(_Examples(dev))  # sequential evaluation sampler
+    np.testing.assert_array_equal(in_order.label_ids, dev.labels.numpy())
+    expected = compute_metrics(task, in_order.predictions, dev.labels.numpy(), "validation")
+    grouped = trainer("group_by_length")
+    shuffled = grouped.predict(_Examples(dev))
+    assert not np.array_equal(shuffled.label_ids, dev.labels.numpy())  # the order really changed
+    naive = compute_metrics(task, shuffled.predictions, dev.labels.numpy(), "validation")
+    assert abs(naive["pearson"] - expected["pearson"]) > 1e-3
+    got = trainer_dev_metrics(grouped, dev, task, "validation")
+    assert got["pearson"] == pytest.approx(expected["pearson"], abs=1e-4)
+    assert got["spearman"] == pytest.approx(expected["spearman"], abs=1e-4)

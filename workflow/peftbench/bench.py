@@ -195,6 +195,38 @@ class _Examples(torch.utils.data.Dataset):
         return row
 
 
+def trainer_dev_metrics(trainer, dev: TokenizedSplit, task, split: str) -> dict[str, float]:
+    """Score a ``transformers.Trainer``'s predictions on ``dev`` against the labels it returns with
+    them, in its own prediction order.
+
+    The Trainer's evaluation sampler follows ``train_sampling_strategy`` (transformers 5's
+    ``Trainer._get_eval_sampler``): with ``group_by_length`` it predicts the dev split in a
+    length-grouped, shuffled order, so its predictions do not line up with ``dev.labels``. Scoring
+    them against ``dev.labels`` (what the bench did before 2026-12-04) put every grouped Trainer row
+    at chance: SST-2 0.50 after 8,192 examples, where the same model's own order gives 0.8+.
+
+    Args:
+        trainer: a trained ``transformers.Trainer`` whose rows carry ``labels`` (:class:`_Examples`).
+        dev: the dev split. task: its :class:`peftbench.vocab.TaskSpec`. split: the split's name.
+
+    Returns:
+        :func:`peftbench.metrics.compute_metrics` of the predictions (``(n, num_labels)`` logits)
+        and the returned ``label_ids`` ``(n,)``.
+
+    Raises:
+        RuntimeError: the returned labels are not the dev split's labels in some order (a sampler
+            that dropped or repeated examples).
+    """
+    pred = trainer.predict(_Examples(dev))
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    labels = np.asarray(pred.label_ids)
+    gold = dev.labels.numpy()
+    if labels.shape != gold.shape or not np.array_equal(np.sort(labels), np.sort(gold)):
+        raise RuntimeError(f"{task.name}/{split}: the Trainer predicted {len(labels)} examples whose labels are not "
+                           f"the {len(gold)} dev labels in some order; its evaluation sampler dropped or repeated rows")
+    return compute_metrics(task, np.asarray(logits, dtype=np.float32), labels, split)
+
+
 def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: float, seed: int,
                    train_path: Path, dev_path: Path, recipe: Recipe, runtime: Runtime, device: torch.device,
                    work_dir: Path) -> dict[str, Any]:
@@ -248,9 +280,7 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     out = trainer.train()
-    pred = trainer.predict(_Examples(dev))
-    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    m = compute_metrics(task, np.asarray(logits, dtype=np.float32), dev.labels.numpy(), dev_path.stem)
+    m = trainer_dev_metrics(trainer, dev, task, dev_path.stem)
     return {"samples_per_s": len(train) * recipe.epochs / out.metrics["train_runtime"],
             "train_s": out.metrics["train_runtime"], "steps": int(out.global_step), "compile_s": 0.0,
             "peak_mem_mib": peak_mem_mib(device), "metric": task.main_metric, "dev": m[task.main_metric],
