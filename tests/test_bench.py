@@ -28,7 +28,7 @@ def test_bench_prints_both_systems_side_by_side(tiny_model_dir, glue_dir, tmp_pa
     main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
           "--methods", "lora,adalora,glora", "--precisions", "fp32,bf16", "--peak-seconds", "0.01", "--rank", "4", "--batch-size", "16", "--max-length", "32",
           "--max-train-samples", "64", "--max-eval-samples", "32", "--work-dir", str(tmp_path / "work"),
-          "--no-compile", "--out", str(out)])
+          "--no-compile", "--no-isolate", "--out", str(out)])
     df = pd.read_parquet(out)
     assert list(zip(df.system, df.method, df.precision)) == [
         (system, m, p) for m in ("lora", "adalora", "glora") for p in ("fp32", "bf16")
@@ -67,7 +67,7 @@ def test_bench_runs_the_svd_methods_on_factors_it_computes_once(tiny_model_dir, 
     main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
           "--methods", "spectral_a,gsa", "--precisions", "fp32", "--peak-seconds", "0.01", "--rank", "2",
           "--batch-size", "16", "--max-length", "32", "--max-train-samples", "32", "--max-eval-samples", "16",
-          "--no-baseline", "--no-compile", "--work-dir", str(work), "--out", str(out)])
+          "--no-baseline", "--no-compile", "--no-isolate", "--work-dir", str(work), "--out", str(out)])
     df = pd.read_parquet(out)
     assert list(df.method) == ["spectral_a", "gsa"] and (df.system == "peftbench").all()
     assert (df.steps == 2).all() and df.dev.between(0, 1).all()
@@ -79,7 +79,8 @@ def test_bench_runs_every_seed_and_prints_the_mean_over_seeds(tiny_model_dir, gl
     main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
           "--methods", "lora", "--precisions", "fp32", "--peak-seconds", "0.01", "--rank", "2", "--seeds", "1,2",
           "--batch-size", "16", "--max-length", "32", "--max-train-samples", "32", "--max-eval-samples", "16",
-          "--no-compile", "--dropout-kernel", "torch", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+          "--no-compile", "--no-isolate", "--dropout-kernel", "torch", "--work-dir", str(tmp_path / "work"),
+          "--out", str(out)])
     df = pd.read_parquet(out)
     assert list(zip(df.seed, df.system)) == [(1, "hf_trainer"), (1, "peftbench"), (2, "hf_trainer"), (2, "peftbench")]
     assert set(df.dropout_kernel) == {"torch"}
@@ -93,6 +94,32 @@ def test_bench_runs_every_seed_and_prints_the_mean_over_seeds(tiny_model_dir, gl
     assert means.loc["peftbench", "dev"] == pytest.approx(df[df.system == "peftbench"].dev.mean())
     text = capsys.readouterr().out
     assert "| system | method | precision | seed |" in text and "mean over 2 seeds:" in text
+
+
+def test_isolated_cases_run_in_fresh_processes_and_reproduce_the_in_process_ones(tiny_model_dir, glue_dir, tmp_path):
+    """The default bench runs every case in its own process, alternates the method order between
+    seeds, keeps the table in the given order, and trains exactly what the one-process bench trains."""
+    import os
+
+    common = ["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
+              "--methods", "lora,full", "--precisions", "fp32", "--peak-seconds", "0.01", "--rank", "2",
+              "--seeds", "1,2", "--batch-size", "16", "--max-length", "32", "--max-train-samples", "32",
+              "--max-eval-samples", "16", "--no-compile"]
+    main(common + ["--work-dir", str(tmp_path / "a"), "--out", str(tmp_path / "isolated.parquet")])
+    main(common + ["--no-isolate", "--work-dir", str(tmp_path / "b"), "--out", str(tmp_path / "one.parquet")])
+    iso, one = pd.read_parquet(tmp_path / "isolated.parquet"), pd.read_parquet(tmp_path / "one.parquet")
+    cases = [(seed, m, system) for seed in (1, 2) for m in ("lora", "full") for system in ("hf_trainer", "peftbench")]
+    for df in (iso, one):
+        assert list(zip(df.seed, df.method, df.system)) == cases  # the table in the given order
+        # seed 2 ran full before lora (its run_order), the Trainer before our loop within a method
+        assert list(df.run_order) == [0, 1, 2, 3, 6, 7, 4, 5]
+    assert iso.isolated.all() and not one.isolated.any()
+    assert iso.pid.nunique() == len(iso) and os.getpid() not in set(iso.pid)  # a fresh process per case
+    assert set(one.pid) == {os.getpid()}
+    # the same training in either mode: each case's steps and dev metric, to the bit
+    assert list(iso.steps) == list(one.steps) and (iso.steps == 2).all()
+    assert iso.dev.tolist() == one.dev.tolist()
+    assert (iso.peak_mem_mib > 0).all()
 
 
 def test_model_flops_is_6nt_plus_attention(tiny_model_dir):

@@ -1,6 +1,6 @@
 """Side-by-side training benchmark: Hugging Face ``Trainer`` + peft against peftbench's own loop.
 
-One command, one process, one device: for each method it trains the same model on the same
+One command, one device: for each method it trains the same model on the same
 tokenised examples with the same recipe (rank, batch size, epochs, learning rate and schedule,
 weight decay, gradient clipping, seed), once through ``transformers.Trainer`` (the usual way to
 train a peft model) and once through :func:`peftbench.train.run`, and prints one table::
@@ -22,12 +22,14 @@ shuffled in peftbench's).
 Columns of the table (and of ``--out``): system (``hf_trainer`` / ``peftbench``), method,
 samples_per_s (training examples per second, compilation excluded), train_s (seconds),
 compile_s (seconds of compilation / CUDA-graph warm-up, peftbench only), peak_mem_mib (CUDA max
-allocated on a GPU; on a CPU the process's peak RSS, which only grows over the process), metric
+allocated on a GPU; on a CPU the peak RSS of the case's own process, or with ``isolate`` off of the
+one process so far, which only grows down the table), metric
 and dev (the task's main dev metric after training), speedup (samples/s over the Trainer's for
 the same method), vs_lora_time (train seconds over peftbench LoRA's, per system), compile_note,
-dropout_kernel (``torch`` / ``fast``, :mod:`peftbench.dropout`; the Trainer's is always torch's).
+dropout_kernel (``torch`` / ``fast``, :mod:`peftbench.dropout`; the Trainer's is always torch's),
+run_order (0-based position in the order the cases ran) and pid (the process that ran the case).
 
-Also in the same process (issue 17):
+Also (issue 17):
 
 - **Arithmetic limit** (:func:`matmul_peak`): the machine's dense matmul throughput, fp32 and bf16,
   at the shapes of the model's linear layers (``M`` = tokens of one batch); columns
@@ -46,6 +48,13 @@ Also in the same process (issue 17):
   Trainer at the same precision (``bf16=True`` turns on its autocast, on a CPU too).
 - **Tokenisation** rate of the task's whole train split (``tokenize_examples_per_s``, and per CPU
   second: on a shared machine the wall-clock rate falls, the CPU-time rate does not).
+
+Each training run (a case: system, method, precision, seed) runs in a fresh Python process by
+default (``isolate``, :func:`run_isolated`): in one long process the same LoRA run measured 17–33 %
+slower after another method had run (README "Performance"), more than the differences the table is
+read for. With several seeds the method order is reversed on every other seed, so a slow drift of
+the machine's speed falls on every method alike in the mean over seeds. Tokenisation, the matmul
+peak and the SVD factors are computed once, in the parent process.
 
 Throughput targets are checked with this command, never by timed tests.
 """
@@ -287,6 +296,43 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
             "precision": precision, "compile_note": "eager (Trainer)", "dropout_kernel": "torch"}
 
 
+def _child_logging(level: int) -> None:
+    """Logging of a spawned case process: the parent's ``peftbench`` level, to stderr."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("peftbench").setLevel(level)
+
+
+def _with_pid(fn, kwargs: dict) -> tuple[int, Any]:
+    """``(pid, fn(**kwargs))``: the result and the process that computed it."""
+    import os
+
+    return os.getpid(), fn(**kwargs)
+
+
+def run_isolated(fn, /, **kwargs):
+    """``fn(**kwargs)`` in a fresh Python process (multiprocessing's ``spawn``), returning its result.
+
+    The child imports peftbench and torch anew, so one case's allocator, caches and thread pools
+    never carry into the next; its peak RSS is that case's alone. ``fn`` must be importable
+    (a module-level function) and its arguments and result picklable.
+
+    Raises:
+        Whatever ``fn`` raises in the child (re-raised here by multiprocessing).
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1, initializer=_child_logging, initargs=(logging.getLogger("peftbench").getEffectiveLevel(),)) as pool:
+        return pool.apply(fn, kwds=kwargs)
+
+
+def case_order(methods: list[str], seed_index: int) -> list[str]:
+    """The order the methods run in for the ``seed_index``-th seed (0-based): as given for even
+    indices, reversed for odd ones (so a linear drift of the machine's speed over the bench
+    cancels in the mean over an even number of seeds)."""
+    return list(methods) if seed_index % 2 == 0 else list(reversed(methods))
+
+
 def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods: list[str], rank: int = 8,
               batch_size: int = 32, epochs: int = 1, max_length: int = 128, lr: float = 5e-4,
               full_lr: float = 5e-5, max_train_samples: int | None = None, max_eval_samples: int | None = None,
@@ -295,7 +341,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
               device: str | None = None,
               seeds: tuple[int, ...] = (1,),
               precisions: tuple[str, ...] = ("auto",), peak_seconds: float = 0.3,
-              work_dir: str | Path | None = None) -> pd.DataFrame:
+              work_dir: str | Path | None = None, isolate: bool = True) -> pd.DataFrame:
     """Run the benchmark and return its table (see the module docstring for the columns).
 
     Args:
@@ -321,12 +367,15 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         device: ``cuda``/``cpu`` (default CUDA when available).
         seeds: every method runs once per seed (column ``seed``; each seed's own training subset
             order and initialisation, the same for both systems), e.g. ``(1, 2, 3)`` to tell a
-            dev-metric difference between the systems from seed noise (:func:`seed_means`).
+            dev-metric difference between the systems from seed noise (:func:`seed_means`); the
+            method order alternates between seeds (:func:`case_order`), the table keeps ``methods``' order.
         precisions: recipe ``precision`` values; every method runs at each (``("fp32", "bf16")``:
             the bf16-vs-fp32 dev metric of the same recipe).
         peak_seconds: measuring time per shape of :func:`matmul_peak`.
         work_dir: where tokenised splits, the SVD factors (computed once, with the schema's
             ``svd.top_k``, when a method reads them) and run outputs go (default: a temporary directory).
+        isolate: run every case in a fresh process (:func:`run_isolated`); False: all in this one
+            (faster to start, but a case's speed then depends on the cases before it).
 
     Raises:
         ValueError: unknown method, task, precision or dropout kernel, bad rank.
@@ -382,9 +431,13 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
         svd_path = work / "svd" / "factors.safetensors"
         compute_svd(model_spec, "bench", schema_defaults("svd")["top_k"], svd_path, work / "svd" / "spectrum.parquet",
                     device=str(dev))
+
+    def call(fn, **kw):  # -> (pid of the process that ran the case, its result)
+        return run_isolated(_with_pid, fn=fn, kwargs=kw) if isolate else _with_pid(fn, kw)
+
     rows = []
-    for seed in seeds:
-        for method in methods:
+    for i, seed in enumerate(seeds):
+        for method in case_order(methods, i):
             for precision in precisions:
                 recipe = Recipe.from_dict({"lr": full_lr if method == "full" else lr, "epochs": epochs,
                                            "batch_size": batch_size, "max_train_samples": max_train_samples,
@@ -395,23 +448,28 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
                                              "dropout_kernel": dropout_kernel})
                 if baseline and method in BASELINE_METHODS:
                     log.info("%s (%s, seed %d): HF Trainer + peft", method, precision, seed)
-                    hf = run_hf_trainer(model_spec, task_name, method, budget, seed, paths["train"],
-                                        paths[dev_split], recipe, runtime, dev, work)
+                    pid, hf = call(run_hf_trainer, model_spec=model_spec, task_name=task_name, method_name=method,
+                                   budget=budget, seed=seed, train_path=paths["train"], dev_path=paths[dev_split],
+                                   recipe=recipe, runtime=runtime, device=dev, work_dir=work)
                     rows.append({"system": "hf_trainer", "method": method, "requested_precision": precision,
-                                 "seed": seed, **hf})
+                                 "seed": seed, "run_order": len(rows), "pid": pid, **hf})
                 log.info("%s (%s, seed %d): peftbench", method, precision, seed)
-                r = run(key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
-                        train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
-                        out_dir=work / "runs" / f"{method}-{precision}-s{seed}", recipe=recipe, runtime=runtime,
-                        device=str(dev), svd_path=svd_path if METHODS[method].uses_svd else None)
+                pid, r = call(run, key=RunKey.of("bench", task_name, method, budget, seed), model_spec=model_spec,
+                              train_path=paths["train"], dev_paths={dev_split: paths[dev_split]},
+                              out_dir=work / "runs" / f"{method}-{precision}-s{seed}", recipe=recipe,
+                              runtime=runtime, device=str(dev), svd_path=svd_path if METHODS[method].uses_svd else None)
                 rows.append({"system": "peftbench", "method": method, "requested_precision": precision, "seed": seed,
+                             "run_order": len(rows), "pid": pid,
                              "samples_per_s": r["samples_per_s"],
                              "train_s": r["train_s"], "steps": r["steps"], "compile_s": r["compile_s"],
                              "peak_mem_mib": r["peak_mem_mib"], "metric": r["metric"], "dev": r["dev_main"],
                              "precision": r["precision"], "compile_note": r["compile_note"],
                              "dropout_kernel": r["dropout_kernel"]})
                 assert r["precision"] == resolve_precision(precision, dev)
+    order = {m: j for j, m in enumerate(methods)}
     df = pd.DataFrame(rows)
+    df = df.iloc[sorted(range(len(df)), key=lambda j: (seeds.index(df.seed.iat[j]), order[df.method.iat[j]]))]
+    df = df.reset_index(drop=True)
     df["s_per_step"] = df["train_s"] / df["steps"].clip(lower=1)
     n_train = len(lengths)
     df["model_flops_per_example"] = flops_per_epoch / n_train
@@ -434,7 +492,7 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
             "tokenize_rows": tok_stats["train"]["rows"],
             "tokenize_examples_per_s": tok_stats["train"]["examples_per_s"],
             "tokenize_examples_per_cpu_s": tok_stats["train"]["examples_per_cpu_s"],
-            "load_avg_1min": _load_avg()}
+            "load_avg_1min": _load_avg(), "isolated": isolate}
     for k, v in meta.items():
         df[k] = v
     if tmp is not None:

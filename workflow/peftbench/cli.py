@@ -194,7 +194,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
                    dropout_kernel=a.dropout_kernel, group_by_length=a.group_by_length, baseline=not a.no_baseline,
                    device=a.device,
                    seeds=tuple(int(x) for x in a.seeds.split(",")),
-                   precisions=tuple(a.precisions.split(",")), peak_seconds=a.peak_seconds, work_dir=a.work_dir)
+                   precisions=tuple(a.precisions.split(",")), peak_seconds=a.peak_seconds, work_dir=a.work_dir,
+                   isolate=a.isolate)
     if a.out:
         write(df, a.out)
     print(format_table(df))
@@ -417,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--seeds", default="1", help="comma-separated seeds; every method runs once per seed "
                    "(several: the table adds the mean over seeds)")
+    s.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run every case (system, method, precision, seed) in a fresh Python process, so that "
+                        "no case's speed depends on the cases before it (default); --no-isolate: all in this process")
     s.add_argument("--work-dir", default=None, help="keep tokenised data and run outputs here (default: temporary)")
     s.add_argument("--out", default=None, help="write the table as Parquet")
     s.set_defaults(func=cmd_bench)
