@@ -92,6 +92,7 @@ def test_bench_runs_every_seed_and_prints_the_mean_over_seeds(tiny_model_dir, gl
     means = seed_means(df).set_index("system")
     assert (means.seeds == 2).all()
     assert means.loc["peftbench", "dev"] == pytest.approx(df[df.system == "peftbench"].dev.mean())
+    assert means.loc["peftbench", "vs_lora_time"] == 1.0 and means.loc["hf_trainer", "vs_lora_time"] == 1.0
     text = capsys.readouterr().out
     assert "| system | method | precision | seed |" in text and "mean over 2 seeds:" in text
 
@@ -120,6 +121,12 @@ def test_isolated_cases_run_in_fresh_processes_and_reproduce_the_in_process_ones
     assert list(iso.steps) == list(one.steps) and (iso.steps == 2).all()
     assert iso.dev.tolist() == one.dev.tolist()
     assert (iso.peak_mem_mib > 0).all()
+    # an error in a case's process reaches the bench as itself
+    from peftbench.bench import run_isolated
+    from peftbench.dropout import check_dropout_kernel
+
+    with pytest.raises(ValueError, match="dropout_kernel must be one of"):
+        run_isolated(check_dropout_kernel, kernel="bogus")
 
 
 def test_model_flops_is_6nt_plus_attention(tiny_model_dir):

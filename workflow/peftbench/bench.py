@@ -317,13 +317,16 @@ def run_isolated(fn, /, **kwargs):
     (a module-level function) and its arguments and result picklable.
 
     Raises:
-        Whatever ``fn`` raises in the child (re-raised here by multiprocessing).
+        Whatever ``fn`` raises in the child (re-raised here); ``BrokenProcessPool`` when the child
+        died (e.g. killed for memory).
     """
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1, initializer=_child_logging, initargs=(logging.getLogger("peftbench").getEffectiveLevel(),)) as pool:
-        return pool.apply(fn, kwds=kwargs)
+    level = logging.getLogger("peftbench").getEffectiveLevel()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_logging,
+                             initargs=(level,)) as pool:
+        return pool.submit(fn, **kwargs).result()
 
 
 def case_order(methods: list[str], seed_index: int) -> list[str]:
@@ -501,13 +504,15 @@ def run_bench(*, model_spec: str, task_name: str, glue_dir: str | None, methods:
 
 
 def seed_means(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (system, method, precision): the mean over seeds of samples/s, s/step, the dev metric
-    and the ratio to the Trainer, with the dev metric's standard deviation and the seed count
-    (the summary of a ``--seeds`` bench)."""
+    """Per (system, method, precision): the mean over seeds of samples/s, s/step, the dev metric,
+    the ratio to the Trainer and the step time over LoRA's (each seed's ratio to its own LoRA run,
+    then averaged: with the alternating method order of :func:`case_order` a linear drift of the
+    machine cancels over an even number of seeds), with the dev metric's standard deviation and
+    the seed count (the summary of a ``--seeds`` bench)."""
     g = df.groupby(["system", "method", "precision"], sort=False)
     out = g.agg(seeds=("seed", "nunique"), samples_per_s=("samples_per_s", "mean"), s_per_step=("s_per_step", "mean"),
                 dev=("dev", "mean"), dev_sd=("dev", "std"), speedup=("speedup", "mean"),
-                frac_of_peak=("frac_of_peak", "mean"))
+                vs_lora_time=("vs_lora_time", "mean"), frac_of_peak=("frac_of_peak", "mean"))
     return out.reset_index()
 
 
@@ -542,12 +547,14 @@ def format_table(df: pd.DataFrame) -> str:
     if several:
         means = seed_means(df)
         lines += ["", f"mean over {df['seed'].nunique()} seeds:", "",
-                  "| system | method | precision | samples/s | s/step | dev (± sd) | of matmul peak | vs HF Trainer |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+                  "| system | method | precision | samples/s | s/step | dev (± sd) | of matmul peak | vs HF Trainer "
+                  "| step time vs LoRA |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in means.itertuples():
             sp = "—" if math.isnan(r.speedup) else f"{r.speedup:.2f}x"
+            vl = "—" if math.isnan(r.vs_lora_time) else f"{r.vs_lora_time:.2f}x"
             lines.append(f"| {r.system} | {r.method} | {r.precision} | {r.samples_per_s:.1f} | {r.s_per_step:.3f} | "
-                         f"{r.dev:.4f} ± {r.dev_sd:.4f} | {r.frac_of_peak:.0%} | {sp} |")
+                         f"{r.dev:.4f} ± {r.dev_sd:.4f} | {r.frac_of_peak:.0%} | {sp} | {vl} |")
     first = df.iloc[0]
     lines.append("")
     lines.append(f"matmul peak at the model's linear shapes (M = batch × mean tokens): fp32 "
