@@ -144,7 +144,8 @@ def test_bench_passes_grouping_to_both_systems(tiny_model_dir, glue_dir, tmp_pat
     main(["bench", "--model", str(tiny_model_dir), "--task", "sst2", "--glue-dir", str(glue_dir),
           "--methods", "lora", "--precisions", "fp32", "--peak-seconds", "0.01", "--rank", "4", "--batch-size", "16",
           "--max-length", "32", "--max-train-samples", "64", "--max-eval-samples", "32", "--work-dir",
-          str(tmp_path / "work"), "--no-compile", "--group-by-length", "--out", str(out)])
+          str(tmp_path / "work"), "--no-compile", "--group-by-length", "--no-isolate",  # the spy lives in this process
+          "--out", str(out)])
     df = pd.read_parquet(out)
     assert set(df.system) == {"hf_trainer", "peftbench"} and df.group_by_length.all()
     # the Trainer drew length-grouped training batches of the bench's batch size (its evaluation
