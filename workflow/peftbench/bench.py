@@ -50,9 +50,9 @@ Also (issue 17):
   second: on a shared machine the wall-clock rate falls, the CPU-time rate does not).
 
 Each training run (a case: system, method, precision, seed) runs in a fresh Python process by
-default (``isolate``, :func:`run_isolated`): in one long process the same LoRA run measured 17–33 %
-slower after another method had run (README "Performance"), more than the differences the table is
-read for. With several seeds the method order is reversed on every other seed, so a slow drift of
+default (``isolate``, :func:`run_isolated`): in one long process the same LoRA run measured up to
+24 % slower (median 8 %, 10 processes) after GLoRA had run (README "Performance"), as large as the
+differences the table is read for. With several seeds the method order is reversed on every other seed, so a slow drift of
 the machine's speed falls on every method alike in the mean over seeds. Tokenisation, the matmul
 peak and the SVD factors are computed once, in the parent process.
 
