@@ -52,9 +52,9 @@ Also (issue 17):
 Each training run (a case: system, method, precision, seed) runs in a fresh Python process by
 default (``isolate``, :func:`run_isolated`): in one long process the same LoRA run measured up to
 24 % slower (median 8 %, 10 processes) after GLoRA had run (README "Performance"), as large as the
-differences the table is read for. With several seeds the method order is reversed on every other seed, so a slow drift of
-the machine's speed falls on every method alike in the mean over seeds. Tokenisation, the matmul
-peak and the SVD factors are computed once, in the parent process.
+differences the table is read for. With several seeds the method order is reversed on every other
+seed, so a slow drift of the machine's speed falls on every method alike in the mean over seeds.
+Tokenisation, the matmul peak and the SVD factors are computed once, in the parent process.
 
 Throughput targets are checked with this command, never by timed tests.
 """
@@ -296,12 +296,6 @@ def run_hf_trainer(model_spec: str, task_name: str, method_name: str, budget: fl
             "precision": precision, "compile_note": "eager (Trainer)", "dropout_kernel": "torch"}
 
 
-def _child_logging(level: int) -> None:
-    """Logging of a spawned case process: the parent's ``peftbench`` level, to stderr."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("peftbench").setLevel(level)
-
-
 def _with_pid(fn, kwargs: dict) -> tuple[int, Any]:
     """``(pid, fn(**kwargs))``: the result and the process that computed it."""
     import os
@@ -323,9 +317,11 @@ def run_isolated(fn, /, **kwargs):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    level = logging.getLogger("peftbench").getEffectiveLevel()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_logging,
-                             initargs=(level,)) as pool:
+    from .cli import configure_logging
+
+    # the child logs as the command does, at this process's level
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=configure_logging,
+                             initargs=(logging.getLogger().getEffectiveLevel(), True)) as pool:
         return pool.submit(fn, **kwargs).result()
 
 

@@ -464,18 +464,25 @@ def console_main() -> None:
         gc.freeze()
 
 
+def configure_logging(level: int, quiet_transformers: bool = False) -> None:
+    """The command's logging: records at ``level`` and above to stderr, the HTTP and file-lock
+    libraries at WARNING, and with ``quiet_transformers`` transformers' own logging at ERROR (no
+    per-run weight-loading reports). Also run in each bench case's process (:func:`peftbench.bench.run_isolated`)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet_transformers:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``peftbench``. Errors print one clear line and exit with status 1."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("svd", "tokenize", "train", "tune", "bench", "evaluate-ood", "tokenize-params",
-                        "train-generator", "evaluate-generator"):
-        import transformers
-
-        transformers.logging.set_verbosity_error()  # no per-run weight-loading reports in the logs
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO,
+                      quiet_transformers=args.command in ("svd", "tokenize", "train", "tune", "bench", "evaluate-ood",
+                                                          "tokenize-params", "train-generator", "evaluate-generator"))
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
