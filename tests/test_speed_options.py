@@ -68,6 +68,33 @@ def test_training_with_length_buckets(tiny_model_dir, tiny_data, tmp_path):
     assert not row["compiled"] and row["compile_s"] == 0 and row["compile_note"] == "eager"
 
 
+def test_evaluating_only_the_last_epoch_changes_no_trained_weight(tiny_model_dir, tiny_data, tmp_path):
+    """eval_every_epoch: false skips the earlier epochs' evaluations; the model and the final
+    dev metrics are bitwise those of a run that evaluated every epoch."""
+    from safetensors.torch import load_file
+
+    every = _train(tiny_model_dir, tiny_data, tmp_path / "every", "lora", task="stsb", epochs=3)
+    last = _train(tiny_model_dir, tiny_data, tmp_path / "last", "lora", task="stsb", epochs=3,
+                  eval_every_epoch=False)
+    a, b = (pd.read_parquet(d / "metrics.parquet").iloc[0] for d in (every, last))
+    assert bool(a["eval_every_epoch"]) and not bool(b["eval_every_epoch"])
+    for col in ("dev_main", "dev_pearson", "dev_spearman", "steps"):
+        assert a[col] == b[col], col
+    # one evaluation, of the last epoch: the best epoch is the last one
+    assert b["best_epoch"] == 3 and b["best_dev_main"] == b["dev_main"]
+    assert a["eval_s"] > b["eval_s"] > 0
+    ca, cb = (pd.read_parquet(d / "curve.parquet") for d in (every, last))
+    assert list(ca.loc[ca.kind == "eval", "epoch"]) == [1.0, 2.0, 3.0]
+    assert list(cb.loc[cb.kind == "eval", "epoch"]) == [3.0]
+    train_a, train_b = (c.loc[c.kind == "train", "loss"].to_numpy() for c in (ca, cb))
+    np.testing.assert_array_equal(train_a, train_b)
+    wa, wb = load_file(every / "adapter.safetensors"), load_file(last / "adapter.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # predictions: the final epoch only (the best epoch is the same one)
+    pb = pd.read_parquet(last / "predictions.parquet")
+    assert set(pb["epoch"]) == {3}
+
+
 def test_compile_falls_back_to_eager_with_a_reason(caplog):
     from peftbench.methods import get_method
 

@@ -147,9 +147,9 @@ def test_write_holdout_keeps_the_cache_metadata_and_splits_the_rows(tiny_data, t
 # ------------------------------------------------------------------------------------------------
 
 def _tune_args(model_dir, data, out, *, method="lora", trials=2, per_job=None, sampler="random", pruner="none",
-               space=None, task="stsb", options=None, epochs=1):
+               space=None, task="stsb", options=None, epochs=1, **extra):
     rec = {"epochs": epochs, "batch_size": 16, "max_train_samples": 64, "max_eval_samples": 32, "log_every": 2,
-           "method_options": options or {}}
+           "method_options": options or {}, **extra}
     r, rt = recipe_args(rec)[1], recipe_args(rec)[3]
     settings = {"trials": trials, "sampler": sampler, "pruner": pruner, "seed": 0, "holdout_fraction": 0.25,
                 "trials_per_job": per_job}
@@ -220,7 +220,10 @@ def test_killed_job_resumes_without_losing_a_finished_trial(tiny_model_dir, tiny
     assert yaml.safe_load((out / "best.yaml").read_text())["tuning_trials"] == 2
 
 
-def test_median_pruner_prunes_on_the_per_epoch_holdout_score(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_every_epoch", [True, False])
+def test_median_pruner_prunes_on_the_per_epoch_holdout_score(tiny_model_dir, tiny_data, tmp_path, monkeypatch,
+                                                            eval_every_epoch):
+    """The pruner reads every epoch, also where the config evaluates only the last one."""
     import optuna
 
     calls = []
@@ -232,7 +235,8 @@ def test_median_pruner_prunes_on_the_per_epoch_holdout_score(tiny_model_dir, tin
 
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", prune_third)
     out = tmp_path / "study"
-    main(_tune_args(tiny_model_dir, tiny_data, out, trials=3, pruner="median", epochs=2))
+    main(_tune_args(tiny_model_dir, tiny_data, out, trials=3, pruner="median", epochs=2,
+                    eval_every_epoch=eval_every_epoch))
     t = pd.read_parquet(out / "trials.parquet")
     # asked after epoch 1 only (never after the last epoch, which would throw a finished trial away)
     assert list(t["state"]) == ["COMPLETE", "COMPLETE", "PRUNED"] and calls == [0, 1, 2]

@@ -224,7 +224,11 @@ def device_name(device: torch.device) -> str:
 
 def metric_columns(task: TaskSpec, evals: list[dict[str, float]], error: str | None) -> dict[str, Any]:
     """``dev_main``, ``best_dev_main``, ``best_epoch`` and ``dev_<m>`` / ``best_dev_<m>`` per task
-    metric, from the per-epoch evaluations (NaN and ``best_epoch = -1`` for a failed run)."""
+    metric, from the evaluations in epoch order (NaN and ``best_epoch = -1`` for a failed run).
+
+    ``evals``: one ``{metric: value}`` per evaluated epoch; its ``epoch`` key (1-based) is the
+    epoch evaluated (without it, the position in the list: every epoch evaluated), so with
+    ``eval_every_epoch: false`` the single evaluation's epoch is the last one."""
     if error is not None or not evals:
         row: dict[str, Any] = {"dev_main": float("nan"), "best_dev_main": float("nan"), "best_epoch": -1}
         for k in task.metric_names():
@@ -233,7 +237,7 @@ def metric_columns(task: TaskSpec, evals: list[dict[str, float]], error: str | N
     scores = [e[task.main_metric] for e in evals]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # first best epoch
     row = {"dev_main": evals[-1][task.main_metric], "best_dev_main": evals[best][task.main_metric],
-           "best_epoch": best + 1}
+           "best_epoch": int(evals[best].get("epoch", best + 1))}
     for k in task.metric_names():
         row[f"dev_{k}"] = evals[-1][k]
         row[f"best_dev_{k}"] = evals[best][k]

@@ -125,6 +125,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
         parameters otherwise),
         the phase timings of :data:`peftbench.vocab.RUN_PHASES` (import_s, load_data_s,
         load_model_s, compile_s, train_s, eval_s, write_s; seconds), samples_per_s, compiled, compile_note, precision (resolved: fp32/bf16), length_buckets, dropout_kernel (resolved: torch/fast),
+        eval_every_epoch (``runtime.eval_every_epoch``: False when only the last epoch was evaluated),
         peak_mem_mib, steps, epochs, train_examples, eval_examples, batch_size, lr, protocol,
         method columns (e.g. rank), the provenance columns of :data:`peftbench.vocab.PROVENANCE`
         (commit, dirty flag, model and data sha256, package versions, device, host; see
@@ -217,7 +218,7 @@ def run(*, key: RunKey, model_spec: str, train_path: str | Path, dev_paths: dict
     t_write = time.perf_counter()
     row = run_row(key, task, method, model, backbone, recipe, progress, error, train, devs, dev,
                   compiled=forward is not model, compile_note=compile_note, precision=precision,
-                  dropout_kernel=dropout_kernel)
+                  dropout_kernel=dropout_kernel, eval_every_epoch=runtime.eval_every_epoch)
     row.update(phases)
     row.update(provenance(model_spec, train_path, dev_paths, dev, model_cache))
     row.update(extra_columns or {})
@@ -295,7 +296,8 @@ def prediction_table(task: TaskSpec, devs: dict[str, TokenizedSplit], p: Progres
 
 def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: Recipe, p: Progress,
             error: str | None, train: TokenizedSplit, devs: dict[str, TokenizedSplit], dev: torch.device, *,
-            compiled: bool, compile_note: str, precision: str = "fp32", dropout_kernel: str = "torch") -> dict[str, Any]:
+            compiled: bool, compile_note: str, precision: str = "fp32", dropout_kernel: str = "torch",
+            eval_every_epoch: bool = True) -> dict[str, Any]:
     """The ``metrics.parquet`` row of a run (without the key columns; see :func:`run`)."""
     counts = method.param_counts(model)
     budget_count = method.budget_count(model)
@@ -309,6 +311,7 @@ def run_row(key: RunKey, task: TaskSpec, method, model, backbone: int, recipe: R
         "train_s": p.train_s, "samples_per_s": (p.seen - p.compile_seen) / max(p.train_s, 1e-9), "eval_s": p.eval_s,
         "compile_s": p.compile_s, "compiled": compiled, "compile_note": compile_note, "precision": precision,
         "length_buckets": ",".join(map(str, train.buckets)), "dropout_kernel": dropout_kernel,
+        "eval_every_epoch": bool(eval_every_epoch),
         "peak_mem_mib": peak_mem_mib(dev), "steps": int(p.steps), "epochs": recipe.epochs,
         "train_examples": len(train), "eval_examples": sum(len(s) for s in devs.values()),
         "batch_size": recipe.batch_size, "lr": float(recipe.lr), "protocol": PROTOCOL, **method.summary(model),
@@ -499,7 +502,8 @@ class Loop:
                     t0, excluded = time.perf_counter(), 0.0
             self._sync()
             p.train_s += time.perf_counter() - t0 - excluded
-            self._evaluate(p, epoch)
+            if rt.eval_every_epoch or epoch + 1 == self.recipe.epochs:
+                self._evaluate(p, epoch)
             p.epoch, p.b_next, p.loss_sum = epoch + 1, 0, 0.0
             p.gen_state = self.gen.get_state()  # the data order of the next epoch starts here
             if self.ckpt is not None and rt.checkpoint_every and epoch + 1 < self.recipe.epochs:
@@ -542,7 +546,7 @@ class Loop:
         t2 = time.perf_counter()
         p.eval_s += t2 - t1
         self.clock.evaluated(t2 - t1, p.seen)
-        p.evals.append(m)
+        p.evals.append({**m, "epoch": epoch + 1})  # the epoch, for best_epoch (not every epoch is evaluated)
         main = self.task.main_metric
         # logits of the final epoch (so far: this one) and of the first best epoch (dev_* / best_dev_*)
         p.logits_last = (epoch + 1, logits)
@@ -562,7 +566,9 @@ class Loop:
         optimizer steps at this process's mean seconds per step (evaluations excluded) plus the
         remaining evaluations at the mean duration of those run so far; ``evaluated`` is the
         number of epochs whose evaluation is done."""
-        left = self.clock.eta_s(self.state.step, self.state.total_steps, self.recipe.epochs - evaluated,
+        evals_left = (self.recipe.epochs - evaluated if self.runtime.eval_every_epoch
+                      else int(evaluated < self.recipe.epochs))  # the last epoch's only
+        left = self.clock.eta_s(self.state.step, self.state.total_steps, evals_left,
                                 p.eval_s / len(p.evals) if p.evals else 0.0)
         return "n/a" if left is None else f"{left:.0f} s" if left >= 10 else f"{left:.1f} s"
 

@@ -389,7 +389,8 @@ def tune(*, model: str, model_spec: str, task: str, method: str, budget: str, tr
     dev_paths = {s: hold for s in tspec.eval_splits}  # MNLI: the held-out rows under both split names
     key = RunKey.of(model, task, method, budget, settings.seed)
     runtime = runtime or Runtime.from_dict({})
-    runtime = dataclasses.replace(runtime, checkpoint_every=0, snapshots=0)
+    # the pruner reads every epoch's held-out metric
+    runtime = dataclasses.replace(runtime, checkpoint_every=0, snapshots=0, eval_every_epoch=True)
     ran = 0
     while sum(map(counts_as_finished, study.trials)) < target and \
             (settings.trials_per_job is None or ran < settings.trials_per_job):
