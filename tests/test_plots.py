@@ -264,15 +264,17 @@ def test_cost_requires_columns(runs):
 # curves / ranks / spectrum / gradnorms
 # ------------------------------------------------------------------------------------------
 
-def make_curves(runs):
+def make_curves(runs, eval_steps=(0, 50, 100)):
     rows = []
     for r in runs.itertuples():
-        for step in (0, 50, 100):
+        for step in eval_steps:
             rows.append(dict(model=r.model, task=r.task, method=r.method, budget=r.budget, seed=r.seed,
                              step=step, epoch=step / 50, kind="eval", loss=np.nan, lr=1e-4,
                              dev_main=0.5 + step / 1000 + 0.01 * r.seed))
+        for step in (0, 50, 100):
             rows.append(dict(model=r.model, task=r.task, method=r.method, budget=r.budget, seed=r.seed,
-                             step=step, epoch=step / 50, kind="train", loss=0.7, lr=1e-4, dev_main=np.nan))
+                             step=step, epoch=step / 50, kind="train", loss=0.7 - step / 1000 + 0.01 * r.seed,
+                             lr=1e-4, dev_main=np.nan))
     return pd.DataFrame(rows)
 
 
@@ -280,11 +282,32 @@ def test_curves_mean_and_band(runs):
     figs = plots.plot_curves(make_curves(runs))
     assert len(figs) == 1
     axes = panels(figs[0])
-    assert [ax.get_title() for ax in axes] == ["CoLA", "RTE"]
+    assert [ax.get_title() for ax in axes] == ["CoLA", "RTE", "CoLA: training loss", "RTE: training loss"]
     line = [ln for ln in axes[0].lines if ln.get_label() == "lora (n=3)"][0]
-    np.testing.assert_allclose(line.get_ydata(), 100 * (0.5 + np.array([0, 50, 100]) / 1000 + 0.01))
+    seeds = runs.loc[(runs.method == "lora") & (runs.task == "cola"), "seed"].unique()
+    np.testing.assert_allclose(line.get_ydata(), 100 * (0.5 + np.array([0, 50, 100]) / 1000 + 0.01 * np.mean(seeds)))
     assert any(isinstance(c, PolyCollection) for c in axes[0].collections)
     assert axes[0].get_xlabel() == "training step"
+    # the training loss below the dev panel: the mean over seeds at each logged step
+    loss = [ln for ln in axes[2].lines if ln.get_label() == "lora (n=3)"][0]
+    np.testing.assert_allclose(loss.get_ydata(), 0.7 - np.array([0, 50, 100]) / 1000 + 0.01 * np.mean(seeds))
+    assert axes[2].get_ylabel() == "training loss"
+    assert not any("One evaluation per run" in t for t in texts(figs[0]))
+
+
+def test_curves_of_runs_evaluated_once_say_so_and_keep_the_loss(runs):
+    """eval_every_epoch: false leaves one dev point per run; the loss row still shows training."""
+    fig = plots.plot_curves(make_curves(runs, eval_steps=(100,)))[0]
+    axes = panels(fig)
+    assert len(axes) == 4 and all(len(ln.get_xdata()) == 1 for ln in axes[0].lines)
+    assert all(len(ln.get_xdata()) == 3 for ln in axes[2].lines)
+    assert any("One evaluation per run" in t for t in texts(fig))
+
+
+def test_curves_without_loss_rows_have_one_row_of_panels(runs):
+    c = make_curves(runs)
+    fig = plots.plot_curves(c[c["kind"] == "eval"])[0]
+    assert [ax.get_title() for ax in panels(fig)] == ["CoLA", "RTE"]
 
 
 def test_curves_one_seed_has_no_band():

@@ -977,11 +977,15 @@ def plot_cost(runs: pd.DataFrame, out: str | Path | None = None) -> list[Figure]
 # --------------------------------------------------------------------------------------------
 
 def plot_curves(curves: pd.DataFrame, out: str | Path | None = None, reference: str | None = None) -> list[Figure]:
-    """Dev main metric (×100) vs training step, mean over seeds with a ±1 SD band, per task.
+    """Dev main metric (×100) and training loss vs training step, mean over seeds with a ±1 SD
+    band, per task.
 
     One page per ``(model, budget)`` (``full``, budget 100, appears on every budget page), one
-    panel per task, one line per method. Uses the ``kind == "eval"`` rows with a finite
-    ``dev_main``; with one seed there is no band.
+    panel per task for the dev metric (the ``kind == "eval"`` rows with a finite ``dev_main``) and,
+    below it, one for the training loss (the ``kind == "train"`` rows with a finite ``loss``: each
+    logged interval's mean loss; no loss row when no run logged one), one line per method; with
+    one seed there is no band. Runs evaluated after their last epoch only (``eval_every_epoch:
+    false``) give one dev point each, which the footer says.
 
     Raises:
         ValueError: missing columns, or no eval rows with a finite ``dev_main``.
@@ -991,46 +995,72 @@ def plot_curves(curves: pd.DataFrame, out: str | Path | None = None, reference: 
     ev = curves[(curves["kind"] == "eval") & np.isfinite(curves["dev_main"].astype(float))]
     if ev.empty:
         raise ValueError("curves table: no eval rows with a finite dev_main; were the runs evaluated?")
-    ev = budget_families(ev)
+    tr = (curves[(curves["kind"] == "train") & np.isfinite(curves["loss"].astype(float))]
+          if "loss" in curves.columns else curves.iloc[:0])
+    both = budget_families(pd.concat([ev, tr], ignore_index=True))
+    ev, tr = both[both["kind"] == "eval"], both[both["kind"] == "train"]
     colors = method_colors(ev["method"].unique())
     figs = []
     models, budgets = list(ev["model"].unique()), order_budgets(ev["budget"].unique())
     pages = ev.groupby(["model", "budget"], sort=False)
     for model, budget in sorted(pages.groups, key=lambda k: (models.index(k[0]), budgets.index(k[1]))):
         g = pages.get_group((model, budget))
+        gl = tr[(tr["model"] == model) & (tr["budget"] == budget)]
         tasks = order_tasks(g["task"].unique())
         nrows, ncols = _grid(len(tasks), 3)
-        fig, axes = _page(nrows, ncols, height_per_row=3.3)
-        for ax, task in zip(_drop_unused(axes, len(tasks)), tasks):
+        fig, axes = _page(2 * nrows if len(gl) else nrows, ncols, height_per_row=3.3)
+        dev_axes = _drop_unused(axes[0::2] if len(gl) else axes, len(tasks))
+        loss_axes = _drop_unused(axes[1::2], len(tasks)) if len(gl) else [None] * len(tasks)
+        for ax, lax, task in zip(dev_axes, loss_axes, tasks):
             gt = g[g["task"] == task]
             for m in order_methods(gt["method"].unique(), reference):
-                a = gt[gt["method"] == m].groupby("step")["dev_main"].agg(["mean", "std", "count"]).sort_index()
-                x, y = a.index.to_numpy(), 100 * a["mean"].to_numpy()
                 n = int(gt.loc[gt["method"] == m, "seed"].nunique())
-                ax.plot(x, y, "-", marker="." if len(x) < 30 else None, color=colors[m], lw=1.3,
-                        label=f"{m} (n={n})")
-                ax.annotate(f"{y[-1]:.1f}", (x[-1], y[-1]), xytext=(3, 0), textcoords="offset points",
-                            fontsize=6.5, color=colors[m], va="center")
-                sd = 100 * a["std"].to_numpy()
-                band = (a["count"].to_numpy() >= 2) & np.isfinite(sd)
-                if band.any():
-                    ax.fill_between(x, y - np.where(band, sd, 0), y + np.where(band, sd, 0),
-                                    color=colors[m], alpha=0.18, lw=0, where=band)
-            ax.margins(x=0.08)
-            ax.set_title(task_label(task), fontsize=9)
-            ax.set_xlabel("training step", fontsize=8)
+                _mean_line(ax, gt[gt["method"] == m], "dev_main", 100.0, colors[m], f"{m} (n={n})",
+                           annotate=True)
+                if lax is not None:
+                    _mean_line(lax, gl[(gl["task"] == task) & (gl["method"] == m)], "loss", 1.0, colors[m],
+                               f"{m} (n={n})", annotate=False)
             ax.set_ylabel("dev " + _metric_label(_main_metric(task)), fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6.5, loc="lower right")
-        fig.suptitle(f"{model}: dev learning curves, {_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
-        _footer(fig, "Lines: mean over seeds of the dev main metric at each evaluation (×100), last value "
-                     "annotated; band: ±1 standard deviation over seeds (none with one seed); n: seeds.")
+            ax.set_title(task_label(task), fontsize=9)
+            for a in (ax, lax):
+                if a is None:
+                    continue
+                a.margins(x=0.08)
+                a.set_xlabel("training step", fontsize=8)
+                a.tick_params(labelsize=7)
+                a.grid(alpha=0.3)
+                a.legend(fontsize=6.5, loc="lower right" if a is ax else "upper right")
+            if lax is not None:
+                lax.set_ylabel("training loss", fontsize=8)
+                lax.set_title(f"{task_label(task)}: training loss", fontsize=9)
+        one_eval = bool((g.groupby(["task", "method", "seed"])["step"].nunique() == 1).all())
+        fig.suptitle(f"{model}: learning curves, {_fmt_budget(budget)}", fontsize=11, x=0.01, ha="left")
+        _footer(fig, "Lines: mean over seeds of the dev main metric at each evaluation (×100, last value "
+                     "annotated)" + (" and of the training loss of each logged interval" if len(gl) else "")
+                + "; band: ±1 standard deviation over seeds (none with one seed); n: seeds."
+                + (" One evaluation per run, after its last epoch (eval_every_epoch: false)." if one_eval else ""))
         figs.append(fig)
     figs += _open_gate_pages(curves, reference)
     if out is not None:
         save_figures(figs, out)
     return figs
+
+
+def _mean_line(ax, rows: pd.DataFrame, column: str, scale: float, color, label: str, *, annotate: bool) -> None:
+    """Draw ``scale`` × the mean over seeds of ``column`` per step, with a ±1 SD band where at
+    least two seeds share a step (a marker per point below 30 points; the last value annotated
+    with ``annotate``)."""
+    a = rows.groupby("step")[column].agg(["mean", "std", "count"]).sort_index()
+    x, y = a.index.to_numpy(), scale * a["mean"].to_numpy()
+    ax.plot(x, y, "-", marker="." if len(x) < 30 else None, color=color, lw=1.3, label=label)
+    if annotate:
+        ax.annotate(f"{y[-1]:.1f}", (x[-1], y[-1]), xytext=(3, 0), textcoords="offset points",
+                    fontsize=6.5, color=color, va="center")
+    sd = scale * a["std"].to_numpy()
+    band = (a["count"].to_numpy() >= 2) & np.isfinite(sd)
+    if band.any():
+        ax.fill_between(x, y - np.where(band, sd, 0), y + np.where(band, sd, 0),
+                        color=color, alpha=0.18, lw=0, where=band)
 
 
 def _open_gate_pages(curves: pd.DataFrame, reference: str | None) -> list[Figure]:
