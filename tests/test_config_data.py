@@ -141,13 +141,13 @@ def test_every_adapter_method_inherits_the_adapter_layer(cfg):
     """A method needs no line of its own to train at the PEFT learning rate (per task too)."""
     from peftbench.methods import METHODS
 
-    cfg["training"]["tasks"] = {"cola": {"adapters": {"lr": 7e-4}, "methods": {"full": {"epochs": 3}}}}
+    cfg["training"]["tasks"] = {"cola": {"adapters": {"lr": 7e-4}, "methods": {"full": {"epochs": 5}}}}
     c = pbconfig.validate(cfg)
     for name, info in METHODS.items():
         want = (5e-5, 5e-5) if info.budget_free else (2e-3, 7e-4)
         assert (pbconfig.recipe_for(c, "stsb", name).lr, pbconfig.recipe_for(c, "cola", name).lr) == want, name
-    # config.yaml trains 1 epoch; the per-task, per-method line sets full's epochs on CoLA only
-    assert pbconfig.recipe_for(c, "cola", "full").epochs == 3 and pbconfig.recipe_for(c, "cola", "lora").epochs == 1
+    # config.yaml trains 3 epochs; the per-task, per-method line sets full's epochs on CoLA only
+    assert pbconfig.recipe_for(c, "cola", "full").epochs == 5 and pbconfig.recipe_for(c, "cola", "lora").epochs == 3
 
 
 def test_options_are_typed_and_filled_at_planning(cfg):
@@ -163,12 +163,13 @@ def test_options_are_typed_and_filled_at_planning(cfg):
 def test_speed_knobs_are_runtime_not_recipe(cfg):
     from peftbench.recipe import RUNTIME_KEYS
 
-    cfg["training"]["defaults"].update(compile=True, length_buckets=4, eval_batch_size=64)
+    cfg["training"]["defaults"].update(compile=True, length_buckets=4, eval_batch_size=96, eval_every_epoch=True)
     c = pbconfig.validate(cfg)
     recipe = json.loads(pbconfig.recipe_for(c, "cola", "lora").to_json())
     runtime = json.loads(pbconfig.runtime_for(c, "cola", "lora").to_json())
     assert not set(recipe) & set(RUNTIME_KEYS) and set(runtime) == set(RUNTIME_KEYS)
-    assert runtime["compile"] is True and runtime["length_buckets"] == 4 and runtime["eval_batch_size"] == 64
+    assert runtime["compile"] is True and runtime["length_buckets"] == 4 and runtime["eval_batch_size"] == 96
+    assert runtime["eval_every_epoch"] is True  # config.yaml: false
 
 
 def test_snakemake_style_string_overrides_are_coerced(cfg):
