@@ -34,8 +34,8 @@ class Interrupt(BaseException):
 
 
 @pytest.mark.parametrize("method,recipe", [("lora", {}), ("adalora", {}), ("full", {}), ("glora", {}), ("fwlora", {}),
-                                           ("lora", {"group_by_length": True})],
-                         ids=["lora", "adalora", "full", "glora", "fwlora", "lora-grouped"])
+                                           ("lora", {"group_by_length": True}), ("lora", {"eval_every_epoch": False})],
+                         ids=["lora", "adalora", "full", "glora", "fwlora", "lora-grouped", "lora-last-epoch-eval"])
 def test_interrupted_run_resumes_to_identical_metrics(method, recipe, tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     main(_args(tiny_model_dir, tiny_data, method, tmp_path / "a", tmp_path / "ca", **recipe))
     assert not (tmp_path / "ca" / "checkpoint.pt").exists()  # removed once outputs are complete
@@ -58,7 +58,7 @@ def test_interrupted_run_resumes_to_identical_metrics(method, recipe, tiny_model
 
     a = pd.read_parquet(tmp_path / "a" / "metrics.parquet").iloc[0]
     b = pd.read_parquet(tmp_path / "b" / "metrics.parquet").iloc[0]
-    for col in ("dev_pearson", "dev_spearman", "best_dev_pearson", "steps"):
+    for col in ("dev_pearson", "dev_spearman", "best_dev_pearson", "best_epoch", "steps"):
         assert a[col] == b[col], col
     ca = pd.read_parquet(tmp_path / "a" / "curve.parquet")
     cb = pd.read_parquet(tmp_path / "b" / "curve.parquet")
