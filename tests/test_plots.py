@@ -478,7 +478,12 @@ def test_summary_markdown(tmp_path):
                                      + run_rows("gsa", "cola", {0: 0.5, 1: 0.51, 2: 0.52}))])
     sig = compare_methods(df, opts=OPTS)
     md = summary_markdown(df, sig, OPTS)
-    assert "**Protocol:** mean over seeds, last epoch" in md
+    assert "**Protocol:** mean over seeds, last epoch" in md and "evaluated after the last epoch only" not in md
+    once = df.assign(eval_every_epoch=[i % 2 == 0 for i in range(len(df))])
+    assert (f"dev splits evaluated after the last epoch only in {len(df) // 2} of {len(df)} runs"
+            in summary_markdown(once, sig, OPTS))
+    assert "evaluated after the last epoch only in every run" in summary_markdown(
+        df.assign(eval_every_epoch=False), sig, OPTS)
     header = [ln for ln in md.splitlines() if ln.startswith("| method | CoLA")][0]
     assert header == "| method | CoLA (MCC) | RTE (acc) | GLUE avg (2 tasks) |"
     ada = [ln for ln in md.splitlines() if ln.startswith("| adalora |")][0]

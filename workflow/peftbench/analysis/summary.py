@@ -243,6 +243,19 @@ def provenance_lines(runs: pd.DataFrame) -> list[str]:
     return out
 
 
+def _eval_cadence(runs: pd.DataFrame) -> str:
+    """``"; dev splits evaluated after the last epoch only in k of n runs ..."`` where runs were
+    trained with ``eval_every_epoch: false`` (column ``eval_every_epoch``), else ``""``."""
+    if "eval_every_epoch" not in runs.columns:
+        return ""
+    flags = runs["eval_every_epoch"].dropna().astype(bool)
+    last = int((~flags).sum())
+    if not last:
+        return ""
+    which = "every run" if last == len(flags) else f"{last} of {len(flags)} runs"
+    return f"; dev splits evaluated after the last epoch only in {which}, whose best epoch is the last"
+
+
 def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = None,
                      opts: StatsOptions = StatsOptions(), reference: str | None = None) -> str:
     """Render the benchmark summary as Markdown.
@@ -283,7 +296,8 @@ def summary_markdown(runs: pd.DataFrame, significance: pd.DataFrame | None = Non
     seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
     value = "final-epoch" if opts.value == "dev_main" else opts.value
     out = ["# peftbench results", "",
-           f"**Protocol:** {_esc(protocol or 'not recorded')} (values: {value} dev main metric, `{opts.value}`); "
+           f"**Protocol:** {_esc(protocol or 'not recorded')} (values: {value} dev main metric, `{opts.value}`"
+           f"{_eval_cadence(runs)}); "
            f"seeds {seeds}; device {_esc(devices or 'not recorded')}; {len(runs)} runs, {n_failed} failed, "
            f"{n_missing} missing. "
            f"Significance: seed-paired t-test vs `{reference}`, Holm–Bonferroni within each model × task × "
