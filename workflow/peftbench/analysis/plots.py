@@ -1046,17 +1046,18 @@ def plot_curves(curves: pd.DataFrame, out: str | Path | None = None, reference: 
     return figs
 
 
-def _mean_line(ax, rows: pd.DataFrame, column: str, scale: float, color, label: str, *, annotate: bool) -> None:
+def _mean_line(ax, rows: pd.DataFrame, column: str, scale: float, color, label: str, *, annotate: bool,
+               markers: bool = True) -> None:
     """Draw ``scale`` × the mean over seeds of ``column`` per step, with a ±1 SD band where at
-    least two seeds share a step (a marker per point below 30 points; the last value annotated
-    with ``annotate``)."""
+    least two seeds share a step (with ``markers``, a marker per point below 30 points; the last
+    value annotated with ``annotate``)."""
     a = rows.groupby("step")[column].agg(["mean", "std", "count"]).sort_index()
-    x, y = a.index.to_numpy(), scale * a["mean"].to_numpy()
-    ax.plot(x, y, "-", marker="." if len(x) < 30 else None, color=color, lw=1.3, label=label)
+    x, y = a.index.to_numpy(), scale * a["mean"].to_numpy(dtype=float)
+    ax.plot(x, y, "-", marker="." if markers and len(x) < 30 else None, color=color, lw=1.3, label=label)
     if annotate:
         ax.annotate(f"{y[-1]:.1f}", (x[-1], y[-1]), xytext=(3, 0), textcoords="offset points",
                     fontsize=6.5, color=color, va="center")
-    sd = scale * a["std"].to_numpy()
+    sd = scale * a["std"].to_numpy(dtype=float)
     band = (a["count"].to_numpy() >= 2) & np.isfinite(sd)
     if band.any():
         ax.fill_between(x, y - np.where(band, sd, 0), y + np.where(band, sd, 0),
@@ -1082,15 +1083,9 @@ def _open_gate_pages(curves: pd.DataFrame, reference: str | None) -> list[Figure
         for ax, task in zip(_drop_unused(axes, len(tasks)), tasks):
             gt = g[g["task"] == task]
             for m in order_methods(gt["method"].unique(), reference):
-                a = gt[gt["method"] == m].groupby("step")["mean_k"].agg(["mean", "std", "count"]).sort_index()
-                x, y = a.index.to_numpy(), a["mean"].to_numpy(dtype=float)
                 n = int(gt.loc[gt["method"] == m, "seed"].nunique())
-                ax.plot(x, y, "-", color=colors[m], lw=1.3, label=f"{m} (n={n})")
-                sd = a["std"].to_numpy(dtype=float)
-                band = (a["count"].to_numpy() >= 2) & np.isfinite(sd)
-                if band.any():
-                    ax.fill_between(x, y - np.where(band, sd, 0), y + np.where(band, sd, 0),
-                                    color=colors[m], alpha=0.18, lw=0, where=band)
+                _mean_line(ax, gt[gt["method"] == m], "mean_k", 1.0, colors[m], f"{m} (n={n})",
+                           annotate=False, markers=False)
             ax.set_title(task_label(task), fontsize=9)
             ax.set_xlabel("training step", fontsize=8)
             ax.set_ylabel("⟨k⟩ open gates per matrix", fontsize=8)
